@@ -1,0 +1,329 @@
+"""The branched model: per-group copies of some stages, shared rest, selective back-propagation.
+
+``BranchedModel`` wraps a trained :class:`~branchadapt.Backbone` without editing its code: every
+branch stage is replaced in place by a :class:`GroupBranches` router holding one copy per group.
+A mixed batch is split by *participation* (live / detached / frozen): live samples run through the
+backbone as is; detached and frozen samples run through ``torch.func.functional_call`` with the
+shared parameters swapped for ``.detach()``-ed views of themselves. Gradients therefore still flow
+through the shared stages into the group's lower branch stages, while the shared parameters get
+nothing from that group's losses -- without copying the shared module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import CheckpointError, UserError
+from .interfaces import Backbone, Participation
+
+BRANCHES = "branches"  # attribute of GroupBranches holding the per-group copies
+
+
+class Router:
+    """Which sample of the current (sub-)batch belongs to which group; shared by all routers."""
+
+    def __init__(self, groups: Sequence[str]) -> None:
+        self.groups = tuple(groups)
+        self.parts: list[tuple[str, Tensor | None]] = []  # (group, positions or None = all)
+
+    def set(self, ids: Tensor, device: torch.device) -> None:
+        present = torch.unique(ids).tolist()
+        if len(present) == 1:
+            self.parts = [(self.groups[present[0]], None)]
+        else:
+            self.parts = [
+                (self.groups[g], torch.nonzero(ids == g).flatten().to(device, non_blocking=True))
+                for g in present
+            ]
+
+
+def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple):
+        return tuple(_map_tensors(t, fn) for t in tree)
+    if isinstance(tree, list):
+        return [_map_tensors(t, fn) for t in tree]
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    return tree
+
+
+def _select(tree: Any, index: Tensor, batch: int) -> Any:
+    """Rows ``index`` of every tensor whose dim 0 is the batch; other leaves pass unchanged."""
+    return _map_tensors(tree, lambda t: t.index_select(0, index) if t.dim() and t.shape[0] == batch else t)
+
+
+def _merge(parts: list[Any], order: Tensor) -> Any:
+    """Concatenate per-part outputs and undo the partition order (``order`` = concatenated positions)."""
+    inverse = torch.argsort(order)
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts, 0).index_select(0, inverse.to(first.device))
+    if isinstance(first, tuple | list):
+        merged = [_merge([p[i] for p in parts], order) for i in range(len(first))]
+        return type(first)(merged)
+    if isinstance(first, dict):
+        return {k: _merge([p[k] for p in parts], order) for k in first}
+    return first  # non-tensor leaves (e.g. None) are the same in every part
+
+
+def _run_split(
+    parts: Sequence[tuple[Any, Tensor | None]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: Callable[..., Any],
+) -> Any:
+    """Run ``call(key, *args, **kwargs)`` on each part's rows and reassemble the batch order."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return call(parts[0][0], *args, **kwargs)
+    batch = _batch_size(args, kwargs)
+    outputs, positions = [], []
+    for key, index in parts:
+        assert index is not None
+        outputs.append(call(key, *_select(args, index, batch), **_select(kwargs, index, batch)))
+        positions.append(index)
+    return _merge(outputs, torch.cat(positions))
+
+
+def _batch_size(args: Any, kwargs: Any) -> int:
+    found: list[int] = []
+    _map_tensors((args, kwargs), lambda t: found.append(t.shape[0]) or t if t.dim() else t)
+    if not found:
+        raise ValueError("a branched stage needs at least one tensor argument with a batch dimension")
+    return found[0]
+
+
+class GroupBranches(nn.Module):
+    """One copy of a stage per group; each sample runs through its own group's copy."""
+
+    def __init__(self, stage: nn.Module, groups: Sequence[str], router: Router) -> None:
+        super().__init__()
+        self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
+        object.__setattr__(self, "_router", router)  # plain attribute: not a sub-module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _run_split(self._router.parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+class BranchedModel(nn.Module):
+    """A backbone with per-group branch stages and per-group participation in the shared stages."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        groups: Sequence[str],
+        branch_stages: Sequence[str] = (),
+        participation: Mapping[str, Participation] | None = None,
+    ) -> None:
+        super().__init__()
+        if not groups:
+            raise UserError("a branched model needs at least one group")
+        stage_names = backbone.stage_names()
+        unknown = [s for s in branch_stages if s not in stage_names]
+        if unknown:
+            raise UserError(
+                f"branch stages {unknown} are not stages of {type(backbone).__name__}: {stage_names}"
+            )
+        self.groups = tuple(groups)
+        self.branch_stages = tuple(s for s in stage_names if s in set(branch_stages))
+        policy = dict(participation or {})
+        self.participation = {g: Participation(policy.get(g, Participation.LIVE)) for g in self.groups}
+        self.router = Router(self.groups)
+        for path in self.branch_stages:
+            _set_submodule(
+                backbone, path, GroupBranches(backbone.get_submodule(path), self.groups, self.router)
+            )
+        self.backbone = backbone
+        prefixes = tuple(f"{s}." for s in self.branch_stages)
+        self._shared_names = [n for n, _ in backbone.named_parameters() if not n.startswith(prefixes)]
+        branch_roots = {id(backbone.get_submodule(s)) for s in self.branch_stages}
+        self._shared_modules = list(_modules_outside(backbone, branch_roots))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, groups: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Any:
+        """Run the backbone; ``groups`` gives each sample's group index (into ``self.groups``)."""
+        ids = self._group_ids(groups, args, kwargs)
+        by_policy: dict[Participation, list[int]] = {}
+        for g in torch.unique(ids).tolist():
+            by_policy.setdefault(self.participation[self.groups[g]], []).append(g)
+        if len(by_policy) == 1:
+            (policy,) = by_policy
+            parts: list[tuple[Participation, Tensor | None]] = [(policy, None)]
+        else:
+            device = _first_device(args, kwargs)
+            parts = [
+                (policy, torch.nonzero(torch.isin(ids, torch.tensor(gs))).flatten().to(device))
+                for policy, gs in by_policy.items()
+            ]
+        index_of = {p: (ix.cpu() if ix is not None else None) for p, ix in parts}
+
+        def call(policy: Participation, *a: Any, **k: Any) -> Any:
+            sub_ids = ids if index_of[policy] is None else ids.index_select(0, index_of[policy])
+            self.router.set(sub_ids, _first_device(a, k))
+            return self._run(policy, a, k)
+
+        return _run_split(parts, args, kwargs, call)
+
+    def _run(self, policy: Participation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if policy is Participation.LIVE:
+            return self.backbone(*args, **kwargs)
+        params = dict(self.backbone.named_parameters())
+        detached = {n: params[n].detach() for n in self._shared_names}
+        if policy is Participation.DETACHED:
+            return functional_call(self.backbone, detached, args, kwargs, strict=False)
+        modes = [m.training for m in self._shared_modules]
+        for m in self._shared_modules:
+            m.training = False
+        try:
+            return functional_call(self.backbone, detached, args, kwargs, strict=False)
+        finally:
+            for m, mode in zip(self._shared_modules, modes, strict=True):
+                m.training = mode
+
+    def _group_ids(self, groups: Tensor | Sequence[int] | None, args: Any, kwargs: Any) -> Tensor:
+        if groups is None:
+            if len(self.groups) == 1 or (
+                not self.branch_stages and len(set(self.participation.values())) == 1
+            ):
+                return torch.zeros(_batch_size(args, kwargs), dtype=torch.long)
+            raise ValueError("this model has per-group branches: pass groups=<group index per sample>")
+        ids = torch.as_tensor(groups, dtype=torch.long).cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.groups)):
+            raise ValueError(f"group ids must be in [0, {len(self.groups)}), got {ids.tolist()}")
+        return ids
+
+    # ------------------------------------------------------------------ parameters
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        params = dict(self.backbone.named_parameters())
+        return (params[n] for n in self._shared_names)
+
+    def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
+        for stage in self.branch_stages:
+            router = self.backbone.get_submodule(stage)
+            assert isinstance(router, GroupBranches)
+            for g, module in router.branches.items():
+                if group is None or g == group:
+                    yield from module.parameters()
+
+    # ------------------------------------------------------------------ state
+    def single_key(self, key: str, group: str) -> str | None:
+        """Map a key of this model to the plain-backbone key for ``group`` (None: other group's)."""
+        for stage in self.branch_stages:
+            head = f"backbone.{stage}.{BRANCHES}."
+            if key.startswith(head):
+                g, _, rest = key[len(head) :].partition(".")
+                return f"backbone.{stage}.{rest}" if g == group else None
+        return key
+
+    def group_state_dict(self, group: str) -> dict[str, Tensor]:
+        """The plain (unbranched) backbone state for ``group``, keys prefixed ``backbone.``."""
+        out = {}
+        for key, value in self.state_dict().items():
+            mapped = self.single_key(key, group)
+            if mapped is not None:
+                out[mapped] = value
+        return out
+
+    def anchor_form(self, state: Mapping[str, Tensor], anchor: str) -> dict[str, Tensor]:
+        """Reduce a state dict of *this* layout to plain form using ``anchor``'s branches."""
+        return {m: v for k, v in state.items() if (m := self.single_key(k, anchor)) is not None}
+
+    def load_flexible(self, state: Mapping[str, Tensor], anchor: str, source: str = "state") -> None:
+        """Load a state of the same layout, or a plain one (every group's branch starts from it)."""
+        own = self.state_dict()
+        if set(state) == set(own):
+            _check_shapes(own, state, source)
+            self.load_state_dict(state)
+            return
+        plain = dict(state)
+        if any(f".{BRANCHES}." in k for k in plain):  # another split depth: go through the anchor
+            plain = _plain_from_any(plain, anchor)
+        wanted = {}
+        for key in own:
+            single = key
+            for stage in self.branch_stages:
+                head = f"backbone.{stage}.{BRANCHES}."
+                if key.startswith(head):
+                    single = f"backbone.{stage}.{key[len(head) :].partition('.')[2]}"
+            wanted[key] = single
+        missing = sorted({s for s in wanted.values() if s not in plain})
+        unexpected = sorted(set(plain) - set(wanted.values()))
+        if missing or unexpected:
+            raise CheckpointError(_diff_message(source, missing, unexpected, []))
+        mapped = {k: plain[s] for k, s in wanted.items()}
+        _check_shapes(own, mapped, source)
+        self.load_state_dict(mapped)
+
+    def extract(self, group: str) -> Backbone:
+        """A plain backbone carrying ``group``'s branches: the group's own single model."""
+        clone = copy.deepcopy(self.backbone)
+        for stage in self.branch_stages:
+            router = clone.get_submodule(stage)
+            assert isinstance(router, GroupBranches)
+            _set_submodule(clone, stage, router.branches[group])
+        return clone
+
+
+def _plain_from_any(state: Mapping[str, Tensor], anchor: str) -> dict[str, Tensor]:
+    """Strip ``<stage>.branches.<anchor>.`` from keys of any split depth; drop other groups."""
+    out = {}
+    marker = f".{BRANCHES}."
+    for key, value in state.items():
+        if marker in key:
+            head, _, rest = key.partition(marker)
+            group, _, tail = rest.partition(".")
+            if group != anchor:
+                continue
+            key = f"{head}.{tail}"
+        out[key] = value
+    return out
+
+
+def _modules_outside(root: nn.Module, stop: set[int]) -> Iterator[nn.Module]:
+    if id(root) in stop:
+        return
+    yield root
+    for child in root.children():
+        yield from _modules_outside(child, stop)
+
+
+def _first_device(args: Any, kwargs: Any) -> torch.device:
+    found: list[torch.device] = []
+    _map_tensors((args, kwargs), lambda t: found.append(t.device) or t)
+    return found[0] if found else torch.device("cpu")
+
+
+def _check_shapes(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(_diff_message(source, [], [], bad))
+
+
+def _diff_message(
+    source: str, missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple, tuple]]
+) -> str:
+    def few(items: list[Any]) -> str:
+        shown = ", ".join(str(i) for i in items[:6])
+        return shown + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
+
+    lines = [f"{source} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys: {few(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {few(unexpected)}")
+    if shapes:
+        lines.append("  shape mismatch: " + few([f"{k} (file {a} vs model {b})" for k, a, b in shapes]))
+    return "\n".join(lines)

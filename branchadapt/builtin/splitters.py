@@ -1,0 +1,51 @@
+"""Generic splitters: one shared model, or depth-cut branches with per-group participation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from ..interfaces import BranchSplitter, Participation, PluginOptions
+
+
+class SingleSplitter(BranchSplitter):
+    """No branches: one model for every group, all groups update everything."""
+
+    def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
+        return []
+
+    def participation(self, group: str, anchor: str) -> Participation:
+        return Participation.LIVE
+
+
+class DepthOptions(PluginOptions):
+    low: int = Field(1, ge=0, description="lowest (input-side) stages copied per group")
+    top: int = Field(1, ge=0, description="top (output-side) stages copied per group")
+    anchor: Participation = Field(Participation.LIVE, description="how the anchor group uses shared stages")
+    others: Participation = Field(
+        Participation.DETACHED, description="how the other groups use shared stages (detached = selective BP)"
+    )
+    overrides: dict[str, Participation] = Field(default_factory=dict, description="per-group exceptions")
+
+
+class DepthSplitter(BranchSplitter):
+    """Branches for the ``low`` first and ``top`` last stages; the middle is shared.
+
+    ``low + top`` at least the number of stages gives every group its own full copy (per-group
+    fine-tuning); ``others = "live"`` is branching without selective back-propagation.
+    """
+
+    Options = DepthOptions
+    options: DepthOptions
+
+    def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
+        names = list(stage_names)
+        low = names[: self.options.low]
+        top = names[len(names) - self.options.top :] if self.options.top else []
+        return [n for n in names if n in low or n in top]
+
+    def participation(self, group: str, anchor: str) -> Participation:
+        if group in self.options.overrides:
+            return self.options.overrides[group]
+        return self.options.anchor if group == anchor else self.options.others

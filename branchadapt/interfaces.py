@@ -1,0 +1,219 @@
+"""The abstract pieces a plugin implements.
+
+Four concepts carry the method (``Backbone``, ``BranchSplitter``, ``LossTerm``, ``GroupSampler``);
+two more keep the engine domain-free: a ``DataSource`` says where group-keyed samples come from
+and a ``Task`` says what one training step computes. Every implementation declares its options as
+a pydantic model (``Options``) so experiment files are validated down to plugin options.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+#: A step's input: for every stream (e.g. "photo", "cartoon", "train") a dict of batched tensors,
+#: always including ``"group"``, the index of each sample's group in the experiment's group list.
+Batch = dict[str, dict[str, Tensor]]
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's options; unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Participation(StrEnum):
+    """How a group's samples take part in the shared stages of a branched model."""
+
+    LIVE = "live"  #: the group's losses update the shared parameters
+    DETACHED = "detached"  #: selective back-propagation: gradients pass through, shared params get none
+    FROZEN = "frozen"  #: like detached, and the shared stages run in eval mode (buffers untouched)
+
+
+class Backbone(nn.Module, ABC):
+    """A network that can be cut by depth: an ordered list of named stages.
+
+    ``stage_names()`` lists attribute paths of sub-modules, lowest (input side) first. The forward
+    must call each stage through its attribute (``self.enc1(x)``) with tensors whose dim 0 is the
+    batch, so the branched model can swap a stage for a per-group router.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, options: PluginOptions | None = None) -> None:
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def stage_names(self) -> list[str]:
+        """Ordered stage paths (``get_submodule`` paths), input side first."""
+
+
+class BranchSplitter(ABC):
+    """Decides which stages become per-group branches and how each group uses the shared rest."""
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, options: PluginOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
+        """The stages that get one copy per group, a subset of ``stage_names``."""
+
+    @abstractmethod
+    def participation(self, group: str, anchor: str) -> Participation:
+        """How ``group`` takes part in the shared stages (the anchor is the many-sample group)."""
+
+
+class LossOptions(PluginOptions):
+    """Options every loss term has; a loss plugin extends this model with its own fields."""
+
+    weight: float = Field(1.0, ge=0, description="multiplier of the term in its phase's total")
+    phase: str | None = Field(None, description="optimiser phase fed; default: the term's own")
+    enabled: bool = Field(True, description="false removes the term from the stage")
+
+
+class LossTerm(nn.Module, ABC):
+    """A named, weighted loss feeding one optimiser phase.
+
+    It is an ``nn.Module`` so helper networks it owns (e.g. a frozen feature extractor) follow the
+    device; its state is not trained and not checkpointed.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = LossOptions
+    #: the optimiser phase this term feeds unless the config says otherwise
+    default_phase: ClassVar[str] = "main"
+
+    def __init__(self, options: PluginOptions | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        self.name = name or type(self).__name__
+        phase = getattr(self.options, "phase", None)
+        self.weight = float(getattr(self.options, "weight", 1.0))
+        self.phase = phase or self.default_phase
+
+    @abstractmethod
+    def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
+        """The unweighted scalar loss from the task's outputs and the batch."""
+
+
+class GroupSampler(ABC):
+    """Plans which samples of which groups form each step's batch.
+
+    Plans are a pure function of (seed, step), so resuming at step k replays exactly what an
+    uninterrupted run would have seen, and ranks can shard a plan without talking to each other.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(
+        self,
+        options: PluginOptions | None,
+        sizes: Mapping[str, Mapping[str, int]],
+        seed: int,
+    ) -> None:
+        self.options = options if options is not None else self.Options()
+        self.sizes = {g: dict(s) for g, s in sizes.items()}
+        self.seed = seed
+
+    @abstractmethod
+    def plan(self, step: int) -> dict[str, list[tuple[str, int]]]:
+        """For ``step``: stream name -> list of (group, index into that group's stream)."""
+
+
+class DataSource(ABC):
+    """Group-keyed samples: for each group, one or more named streams of items.
+
+    A translation task has two unpaired streams per group (source and target domain), a
+    classifier one. ``get`` receives the RNG to use for augmentation so data is reproducible.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(
+        self,
+        options: PluginOptions | None,
+        groups: Sequence[str],
+        base_dir: Path,
+        split: str = "train",
+    ) -> None:
+        self.options = options if options is not None else self.Options()
+        self.groups = tuple(groups)
+        self.base_dir = base_dir
+        self.split = split
+
+    @abstractmethod
+    def sizes(self) -> dict[str, dict[str, int]]:
+        """group -> stream -> number of items."""
+
+    @abstractmethod
+    def get(self, group: str, stream: str, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        """One item as a dict of tensors/numbers; ``rng`` drives any randomness (augmentation)."""
+
+    def collate(self, stream: str, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Stack items of one stream into a batch (override for ragged data)."""
+        return default_collate(items)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimiser phase of a step: its name and the modules whose parameters it updates."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+@dataclass
+class TaskContext:
+    """What a task needs from the experiment to build its modules."""
+
+    groups: tuple[str, ...]
+    anchor: str
+    build_backbone: Callable[[], Backbone]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """What one training step computes for a domain (the only place that knows the domain).
+
+    The engine owns the loop, optimisers, checkpoints and devices; the task builds the named
+    modules (every ``Backbone`` among them is branched by the engine), lists the optimiser phases
+    and computes, per phase, the outputs the loss terms read.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, options: PluginOptions | None, context: TaskContext) -> None:
+        self.options = options if options is not None else self.Options()
+        self.context = context
+
+    @abstractmethod
+    def build(self) -> dict[str, nn.Module]:
+        """Fresh, untrained modules by name."""
+
+    @abstractmethod
+    def phases(self) -> list[Phase]:
+        """Optimiser phases in the order they run within a step."""
+
+    @abstractmethod
+    def forward(
+        self,
+        phase: str,
+        modules: Mapping[str, nn.Module],
+        batch: Batch,
+        scratch: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Outputs for ``phase``; ``scratch`` persists across the phases of one step."""
+
+    def after_step(self, phase: str, modules: Mapping[str, nn.Module]) -> None:
+        """Hook after a phase's optimiser step (e.g. clamping parameters); default: nothing."""

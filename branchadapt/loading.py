@@ -1,0 +1,289 @@
+"""Experiment files: TOML with ``extends``, ``--set`` overrides, and two-pass validation.
+
+Pass 1 validates the core schema (:class:`~branchadapt.config.Experiment`); pass 2 resolves every
+component's ``type`` in the registry and validates its options with the plugin's own model. Both
+report every problem as ``file: dotted.key.path: what was expected (got value)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from .config import ComponentSpec, Experiment, OptimSpec, StageSpec, deep_merge
+from .errors import ConfigError, RegistryError
+from .interfaces import PluginOptions
+from .plugins import PluginSet, default_plugins
+
+
+@dataclass
+class Component:
+    """A resolved plugin reference: its class and validated options."""
+
+    kind: str
+    type: str
+    cls: type
+    options: PluginOptions
+    where: str
+
+
+@dataclass
+class ResolvedStage:
+    name: str
+    spec: StageSpec
+    groups: tuple[str, ...]
+    splitter: Component
+    sampler: Component
+    losses: dict[str, Component]
+    optim: dict[str, OptimSpec]  # phase name (or "default") -> spec with defaults applied
+
+
+@dataclass
+class ResolvedExperiment:
+    """A validated experiment: the spec, its source, and every component resolved."""
+
+    spec: Experiment
+    source: Path
+    model: Component
+    task: Component
+    data: Component
+    stages: list[ResolvedStage]
+    plugins: PluginSet
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.spec)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+    @property
+    def run_dir(self) -> Path:
+        if self.spec.run_dir:
+            path = Path(self.spec.run_dir)
+            return path if path.is_absolute() else self.base_dir / path
+        return Path("runs") / self.spec.name
+
+    def optim_for(self, stage: ResolvedStage, phase: str) -> OptimSpec:
+        return stage.optim.get(phase) or stage.optim.get("default") or OptimSpec()
+
+
+def config_hash(spec: Experiment) -> str:
+    """Hash of everything that changes the maths (not run_dir, cadence, device or description)."""
+    payload = spec.model_dump(mode="json", exclude={"run_dir", "train", "device", "name"})
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- reading
+def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and the files it ``extends`` (relative to itself), merged child-over-base."""
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
+    if not path.is_file():
+        where = f"{_chain[-1]}: extends: " if _chain else ""
+        raise ConfigError(f"{where}experiment file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc})") from exc
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file path string, got {parent!r}")
+    base = read_toml(path.parent / parent, (*_chain, path))
+    return deep_merge(base, data)
+
+
+_KEY = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``dotted.key[0].path=value``; the value is parsed as TOML, else taken as a string."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    parts: list[str | int] = []
+    for name, index in _KEY.findall(key.strip()):
+        parts.append(int(index) if index else name)
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        try:
+            if isinstance(node, dict) and part not in node:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ConfigError(f"--set {assignment!r}: {key} does not exist ({exc})") from exc
+    try:
+        node[parts[-1]] = value
+    except (IndexError, TypeError) as exc:
+        raise ConfigError(f"--set {assignment!r}: cannot set {key} ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------- errors
+def dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if get_origin(tp) in (Union, UnionType) and len(args) == 1 else tp
+
+
+def _known_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """Field names of the model found at ``loc`` (dict keys and list indices step into values)."""
+    tp: Any = model
+    for part in loc:
+        tp = _strip_optional(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            found = tp.model_fields.get(part) if isinstance(part, str) else None
+            if found is None:
+                return []
+            tp = found.annotation
+        elif get_origin(tp) in (dict, list):
+            tp = get_args(tp)[-1]
+        else:
+            return []
+    tp = _strip_optional(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def describe(error: dict[str, Any], model: type[BaseModel], prefix: Sequence[str | int] = ()) -> str:
+    loc = [*prefix, *error["loc"]]
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(model, error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"{dotted(loc)}: unknown key{hint} Expected one of: {', '.join(known) or '(no keys)'}"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict | list) or error["type"] == "missing" else f" (got {got!r})"
+    return f"{dotted(loc) if error['loc'] else dotted(prefix)}: {error['msg']}{shown}"
+
+
+# ---------------------------------------------------------------------------- loading
+def load_experiment(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    plugins: PluginSet | None = None,
+) -> ResolvedExperiment:
+    """Read, merge, override and fully validate an experiment file."""
+    source = Path(path)
+    raw = read_toml(source)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        spec = Experiment.model_validate(raw)
+    except ValidationError as exc:
+        lines = sorted({describe(e, Experiment) for e in exc.errors()})
+        raise ConfigError(_report(source, [_inherited(line, raw) for line in lines])) from None
+    plugins = plugins or default_plugins()
+    try:
+        plugins.load_modules(spec.plugins, search_dir=source.resolve().parent, where=f"{source}: plugins")
+    except RegistryError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return resolve(spec, source, plugins, raw)
+
+
+def _inherited(line: str, raw: dict[str, Any]) -> str:
+    """Point an error in an inherited stage value at the top-level key it came from."""
+    m = re.match(r"stages\.([^.]+)\.(splitter|sampler|losses|optim)\.([^:]*)(:.*)", line, re.S)
+    if not m:
+        return line
+    stage, section, rest, tail = m.groups()
+    node: Any = raw.get("stages", {}).get(stage, {}).get(section)
+    for key in rest.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return f"{section}.{rest}{tail}"
+        node = node[key]
+    return line
+
+
+def _report(source: Path, lines: list[str]) -> str:
+    lines = list(dict.fromkeys(lines))
+    head = f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the experiment"
+    return "\n".join([head, *(f"  {line}" for line in lines)])
+
+
+def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, Any]) -> ResolvedExperiment:
+    """Pass 2: resolve every component and validate its options; all problems reported at once."""
+    problems: list[str] = []
+    reg = plugins.registry
+
+    def component(kind: str, comp: ComponentSpec, where: str) -> Component | None:
+        try:
+            cls = reg.get(kind, comp.type)
+        except RegistryError:
+            problems.append(f"{where}.type: {reg.unknown_message(kind, comp.type)}")
+            return None
+        options_model: type[PluginOptions] = getattr(cls, "Options", PluginOptions)
+        try:
+            options = options_model.model_validate(comp.options())
+        except ValidationError as exc:
+            problems.extend(describe(e, options_model, where.split(".")) for e in exc.errors())
+            return None
+        return Component(kind, comp.type, cls, options, where)
+
+    model = component("backbone", spec.model, "model")
+    task = component("task", spec.task, "task")
+    data = component("data", spec.data, "data")
+    stages = []
+    for name, stage in spec.stages.items():
+        if not stage.enabled:
+            continue
+        at = f"stages.{name}"
+        splitter = component("splitter", stage.splitter, f"{at}.splitter")
+        sampler = component("sampler", stage.sampler, f"{at}.sampler")
+        losses = {}
+        for loss_name, loss in stage.losses.items():
+            resolved = component("loss", loss, f"{at}.losses.{loss_name}")
+            if resolved is not None and getattr(resolved.options, "enabled", True):
+                losses[loss_name] = resolved
+        optim = {}
+        default = stage.optim.get("default", OptimSpec())
+        for phase, opt in stage.optim.items():
+            optim[phase] = default.model_copy(update={f: getattr(opt, f) for f in opt.model_fields_set})
+        if splitter and sampler:
+            groups = tuple(stage.groups or spec.groups)
+            stages.append(ResolvedStage(name, stage, groups, splitter, sampler, losses, optim))
+    problems = [_inherited(p, raw) for p in problems]
+    if problems:
+        raise ConfigError(_report(source, problems))
+    assert model and task and data
+    return ResolvedExperiment(spec, source, model, task, data, stages, plugins, raw)
+
+
+def json_schema(plugins: PluginSet | None = None) -> dict[str, Any]:
+    """JSON schema of experiment files, with every registered plugin's options attached."""
+    plugins = plugins or default_plugins()
+    schema = Experiment.model_json_schema()
+    per_kind: dict[str, dict[str, Any]] = {}
+    for entry in plugins.registry:
+        options = getattr(entry.obj, "Options", PluginOptions)
+        per_kind.setdefault(entry.kind, {})[entry.name] = options.model_json_schema()
+    schema["x-branchadapt-plugins"] = per_kind
+    return schema
