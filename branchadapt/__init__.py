@@ -1,0 +1,114 @@
+"""branchadapt: few-shot domain adaptation by group branches.
+
+The pieces a custom training loop needs are importable from here: the interfaces, the registry
+and plugin set, :func:`build` for any registered implementation, :class:`BranchedModel`, the
+trainer's optimiser helpers, and checkpoint save/load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .branched import BranchedModel, GroupBranches
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from .config import Experiment
+from .data import StepData, step_batches, to_device
+from .device import autocast, select_device
+from .errors import CheckpointError, ConfigError, RegistryError, UserError
+from .hookspecs import hookimpl
+from .interfaces import (
+    Backbone,
+    Batch,
+    BranchSplitter,
+    DataSource,
+    GroupSampler,
+    LossOptions,
+    LossTerm,
+    Participation,
+    Phase,
+    PluginOptions,
+    Task,
+    TaskContext,
+)
+from .loading import load_experiment
+from .plugins import PluginSet, default_plugins
+from .registry import Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "Batch",
+    "BranchSplitter",
+    "BranchedModel",
+    "CheckpointError",
+    "ConfigError",
+    "DataSource",
+    "Experiment",
+    "GroupBranches",
+    "GroupSampler",
+    "LossOptions",
+    "LossTerm",
+    "Participation",
+    "Phase",
+    "PluginOptions",
+    "PluginSet",
+    "Registry",
+    "RegistryError",
+    "StepData",
+    "Task",
+    "TaskContext",
+    "UserError",
+    "autocast",
+    "branch",
+    "build",
+    "build_backbone",
+    "default_plugins",
+    "hookimpl",
+    "load_checkpoint",
+    "load_experiment",
+    "load_weights",
+    "registry",
+    "save_checkpoint",
+    "save_weights",
+    "select_device",
+    "step_batches",
+    "to_device",
+]
+
+
+def registry() -> Registry:
+    """The process-wide registry (builtins + installed plugins)."""
+    return default_plugins().registry
+
+
+def build(kind: str, name: str, *args: Any, **options: Any) -> Any:
+    """Instantiate a registered implementation with validated options.
+
+    ``build("loss", "cross_entropy", weight=2.0)``; positional ``args`` follow the options (e.g.
+    the sizes and seed of a sampler, the groups of a data source).
+    """
+    cls = registry().get(kind, name)
+    opts = cls.Options.model_validate(options)
+    if kind == "loss":
+        return cls(opts, name=name)
+    return cls(opts, *args)
+
+
+def build_backbone(name: str, **options: Any) -> Backbone:
+    """A registered backbone by name: ``build_backbone("mlp", hidden=[64])``."""
+    return build("backbone", name, **options)  # type: ignore[no-any-return]
+
+
+def branch(
+    backbone: Backbone,
+    groups: list[str],
+    splitter: str = "branches",
+    anchor: str | None = None,
+    **options: Any,
+) -> BranchedModel:
+    """Branch ``backbone`` for ``groups`` with a registered splitter: ``branch(net, g, low=2, top=1)``."""
+    split: BranchSplitter = build("splitter", splitter, **options)
+    anchor = anchor or groups[0]
+    policy = {g: split.participation(g, anchor) for g in groups}
+    return BranchedModel(backbone, groups, split.branch_stages(backbone.stage_names()), policy)

@@ -1,0 +1,266 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a directory ``<stage>-<step>/`` holding ``model.safetensors`` (every module's
+state, keys prefixed by module name), ``optim.safetensors`` (optimiser state tensors) and
+``meta.json`` (step, stage, config hash, RNG states, optimiser hyper-parameters, scheduler and
+sampler position). It is written to a temporary directory and renamed into place, so a crash
+never leaves a half-written checkpoint where the trainer would look for one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+FORMAT = 1
+
+
+def module_state(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """All modules' state in one flat dict (``<module>.<key>``), detached CPU copies."""
+    return {
+        f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def split_state(state: Mapping[str, Tensor], names: list[str] | None = None) -> dict[str, dict[str, Tensor]]:
+    """Inverse of :func:`module_state`: ``<module>.<key>`` -> {module: {key: tensor}}."""
+    out: dict[str, dict[str, Tensor]] = {n: {} for n in names or []}
+    for key, value in state.items():
+        module, _, rest = key.partition(".")
+        out.setdefault(module, {})[rest] = value
+    return out
+
+
+def save_weights(
+    path: Path, modules: Mapping[str, nn.Module], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomically write every module's state to one safetensors file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(module_state(modules), str(tmp), metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file; a missing or corrupt file is a user error naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_weights(path: Path, modules: Mapping[str, nn.Module]) -> None:
+    """Load a :func:`save_weights` file into ``modules``; any key or shape difference is an error."""
+    state = split_state(read_tensors(path), list(modules))
+    problems = []
+    for name, module in modules.items():
+        problems.extend(state_differences(module.state_dict(), state.get(name, {}), f"{name}."))
+    extra = sorted(set(state) - set(modules))
+    if extra:
+        problems.append(f"modules in the file but not in the model: {extra}")
+    if problems:
+        raise CheckpointError(f"{path} does not match the model:\n  " + "\n  ".join(problems))
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+
+
+def state_differences(own: Mapping[str, Tensor], other: Mapping[str, Tensor], prefix: str = "") -> list[str]:
+    """Human-readable differences in names and shapes between two state dicts."""
+    problems = []
+    missing = sorted(set(own) - set(other))
+    unexpected = sorted(set(other) - set(own))
+
+    def few(keys: list[str]) -> str:
+        shown = ", ".join(prefix + k for k in keys[:5])
+        return shown + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+    if missing:
+        problems.append(f"missing in file: {few(missing)}")
+    if unexpected:
+        problems.append(f"not in model: {few(unexpected)}")
+    shapes = [
+        f"{prefix}{k}: file {tuple(other[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in other and other[k].shape != v.shape
+    ]
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+    return problems
+
+
+# ---------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every RNG the training loop may touch: torch (CPU, CUDA), numpy and python."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = meta["python"]
+    random.setstate((version, tuple(state), py_gauss))
+
+
+# ---------------------------------------------------------------------------- optimisers
+def optimizer_state(
+    optimizers: Mapping[str, torch.optim.Optimizer],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split optimiser state into tensors (safetensors) and plain values (JSON)."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        plain: dict[str, dict[str, Any]] = {}
+        for pid, slots in sd["state"].items():
+            for slot, value in slots.items():
+                if isinstance(value, Tensor):
+                    tensors[f"{name}.{pid}.{slot}"] = value.detach().to("cpu", copy=True).contiguous()
+                else:
+                    plain.setdefault(str(pid), {})[slot] = value
+        meta[name] = {"param_groups": sd["param_groups"], "plain": plain}
+    return tensors, meta
+
+
+def load_optimizer_state(
+    optimizers: Mapping[str, torch.optim.Optimizer], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
+    for name, opt in optimizers.items():
+        if name not in meta:
+            raise CheckpointError(f"checkpoint has no optimiser state for phase {name!r}")
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            owner, pid, slot = key.split(".", 2)
+            if owner == name:
+                state.setdefault(int(pid), {})[slot] = value
+        for pid, slots in meta[name]["plain"].items():
+            state.setdefault(int(pid), {}).update(slots)
+        groups = meta[name]["param_groups"]
+        for group in groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        try:
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        except ValueError as exc:
+            raise CheckpointError(
+                f"optimiser state of phase {name!r} does not match the model: {exc}"
+            ) from exc
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    directory: Path,
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Atomically write a checkpoint directory (weights, optimiser, RNG, ``meta``)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    opt_tensors, opt_meta = optimizer_state(optimizers or {})
+    rng_tensors, rng_meta = rng_state()
+    save_file(module_state(modules), str(tmp / "model.safetensors"))
+    save_file({**opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
+    full_meta = {"format": FORMAT, **dict(meta or {}), "optimizers": opt_meta, "rng": rng_meta}
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found: not a checkpoint directory") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    return meta
+
+
+def load_checkpoint(
+    directory: Path,
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    expect: Mapping[str, Any] | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into ``modules``/``optimizers``; ``expect`` meta values must match."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise CheckpointError(
+                f"{directory}: checkpoint {key} is {meta.get(key)!r}, this run expects {value!r}; "
+                "it was written by a different experiment"
+            )
+    load_weights(directory / "model.safetensors", modules)
+    state = read_tensors(directory / "state.safetensors")
+    if optimizers:
+        load_optimizer_state(
+            optimizers, {k: v for k, v in state.items() if not k.startswith("rng.")}, meta["optimizers"]
+        )
+    if restore_rng:
+        set_rng_state(state, meta["rng"])
+    return meta
+
+
+def stage_checkpoints(run_dir: Path, stage: str) -> list[Path]:
+    """A stage's checkpoint directories, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.rpartition("-")[0] == stage]
+    return sorted(found, key=lambda p: int(p.name.rpartition("-")[2]))
+
+
+def latest_checkpoint(run_dir: Path, stage: str) -> Path | None:
+    found = stage_checkpoints(run_dir, stage)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, stage: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints of a stage."""
+    for old in stage_checkpoints(run_dir, stage)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""The ``branchadapt`` command line: run, validate, plugins, schema (plugins may add more).
+
+User errors print one message and exit 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+from .loading import json_schema, load_experiment
+from .plugins import PluginSet, default_plugins
+
+
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", type=Path, help="experiment TOML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a key, e.g. --set stages.transfer.steps=50 (value parsed as TOML)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    exp = load_experiment(args.experiment, args.overrides)
+    trainer = Trainer(exp, run_dir=args.run_dir, device=args.device)
+    console = Console(stderr=True)
+    console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}", highlight=False)
+    result = trainer.run(max_steps=args.max_steps)
+    if result.paused_at:
+        stage, step = result.paused_at
+        console.print(f"paused in stage {stage} at step {step}; run the same command again to resume")
+    else:
+        console.print(f"done: stages {', '.join(result.completed)} in {result.run_dir}")
+    for line in summaries(exp, trainer, result):
+        print(line)
+    return 0
+
+
+def summaries(exp, trainer, result) -> list[str]:  # type: ignore[no-untyped-def]
+    """Lines plugins add after a run (hook-free for now: last metrics)."""
+    if not result.last_metrics:
+        return []
+    return [f"last metrics: {json.dumps({k: round(v, 5) for k, v in result.last_metrics.items()})}"]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment, args.overrides)
+    spec = exp.spec
+    print(f"{args.experiment}: OK (config hash {exp.config_hash})")
+    print(f"  groups: {', '.join(spec.groups)} (anchor {spec.anchor_group})")
+    print(f"  model: {exp.model.type}  task: {exp.task.type}  data: {exp.data.type}")
+    for stage in exp.stages:
+        losses = ", ".join(f"{n}x{getattr(c.options, 'weight', 1):g}" for n, c in stage.losses.items())
+        init = f", init from {stage.spec.init_from}" if stage.spec.init_from else ""
+        print(
+            f"  stage {stage.name}: {stage.spec.steps} steps, groups {', '.join(stage.groups)}, "
+            f"splitter {stage.splitter.type}, sampler {stage.sampler.type}{init}; losses {losses}"
+        )
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins: PluginSet = args.context
+    table = Table(title="branchadapt plugins")
+    for column in ("kind", "name", "from", "description"):
+        table.add_column(column)
+    for entry in plugins.registry:
+        table.add_row(entry.kind, entry.name, entry.origin, entry.summary)
+    Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(args.context), indent=2))
+    return 0
+
+
+def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="branchadapt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="train an experiment (resumes its run directory)")
+    _experiment_args(run)
+    run.add_argument(
+        "--run-dir", type=Path, default=None, help="default: run_dir of the file, else runs/<name>"
+    )
+    run.add_argument("--device", default=None, help="override the experiment's device (auto, cpu, cuda, mps)")
+    run.add_argument("--max-steps", type=int, default=None, help="pause after N steps (resume by re-running)")
+    run.set_defaults(handler=cmd_run)
+    validate = sub.add_parser("validate", help="check an experiment file without running it")
+    _experiment_args(validate)
+    validate.set_defaults(handler=cmd_validate)
+    sub.add_parser("plugins", help="list every registered plugin name").set_defaults(handler=cmd_plugins)
+    sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(
+        handler=cmd_schema
+    )
+    plugins.commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        plugins = default_plugins()
+        parser = build_parser(plugins)
+        args = parser.parse_args(argv)
+        args.context = plugins
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the latest checkpoint is kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""From a sampler's plan to a batch on the device.
+
+``StepData`` maps a step number to its collated batch, so a plain ``DataLoader`` over the range
+of remaining steps gives worker processes, prefetching and exact resumption for free. Every item
+gets its own RNG derived from (seed, stage, step, stream, slot): augmentation is reproducible
+whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .interfaces import Batch, DataSource, GroupSampler
+
+
+class StepData(Dataset[Batch]):
+    """Indexable by step: the sampler's plan for that step, fetched and collated per stream."""
+
+    def __init__(
+        self, source: DataSource, sampler: GroupSampler, groups: Sequence[str], seed: int, stage: int = 0
+    ) -> None:
+        self.source = source
+        self.sampler = sampler
+        self.group_index = {g: i for i, g in enumerate(groups)}
+        self.seed = seed
+        self.stage = stage
+
+    def __len__(self) -> int:  # steps are unbounded; the loader's sampler bounds them
+        return 2**62
+
+    def __getitem__(self, step: int) -> Batch:
+        batch: Batch = {}
+        for stream, picks in self.sampler.plan(step).items():
+            key = zlib.crc32(stream.encode())
+            items = [
+                self.source.get(
+                    group, stream, index, np.random.default_rng([self.seed, self.stage, step, key, slot])
+                )
+                for slot, (group, index) in enumerate(picks)
+            ]
+            collated = dict(self.source.collate(stream, items))
+            collated["group"] = torch.tensor([self.group_index[g] for g, _ in picks], dtype=torch.long)
+            batch[stream] = collated
+        return batch
+
+
+def step_batches(data: StepData, start: int, stop: int, workers: int = 0) -> Iterator[Batch]:
+    """Batches for steps ``start .. stop-1``, in order, optionally from worker processes."""
+    if workers == 0:
+        return (data[s] for s in range(start, stop))
+    loader = DataLoader(
+        data,
+        batch_size=None,
+        sampler=range(start, stop),
+        num_workers=workers,
+        prefetch_factor=4,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    def move(v: Any) -> Any:
+        return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+
+    return {stream: {k: move(v) for k, v in fields.items()} for stream, fields in batch.items()}

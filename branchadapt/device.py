@@ -1,0 +1,37 @@
+"""Device selection and mixed precision, the only place that knows about cuda/mps/cpu."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is a user error."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f'device: {spec!r} requested but CUDA is not available here; use device = "auto" or "cpu"'
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(
+            f'device: {spec!r} requested but MPS is not available here; use device = "auto" or "cpu"'
+        )
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked for, a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,61 @@
+"""The run directory's identity: the resolved config written once, checked on every re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import UserError
+from .loading import ResolvedExperiment, config_hash
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two config dumps."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
+    """Create ``run_dir`` with the resolved config, or check it holds this same experiment."""
+    dump = exp.spec.model_dump(mode="json", exclude_none=True)
+    record = {"config_hash": config_hash(exp.spec), "source": str(exp.source), "experiment": dump}
+    saved_path = run_dir / "config.json"
+    if saved_path.exists():
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{saved_path}: corrupt run config ({exc}); use another run directory") from exc
+        if saved.get("config_hash") != record["config_hash"]:
+            diffs = config_differences(saved.get("experiment", {}), dump)
+            shown = "\n  ".join(diffs[:10]) or "(hash differs)"
+            raise UserError(
+                f"run directory {run_dir} holds a run of a different experiment; differences:\n  {shown}\n"
+                "Use --run-dir DIR for a new run (nothing in the existing directory was changed)."
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "config.toml", tomli_w.dumps(dump))
+    _write_atomic(saved_path, json.dumps(record, indent=1))

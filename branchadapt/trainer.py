@@ -1,0 +1,326 @@
+"""The training loop: stages, optimiser phases, checkpoints, resume, metrics.
+
+A run directory holds ``config.toml``/``config.json`` (the resolved experiment), ``metrics.jsonl``,
+``checkpoints/<stage>-<step>/`` and ``stages/<stage>/final.safetensors``. Re-running the same
+experiment skips finished stages and resumes the current one from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .branched import BranchedModel
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_tensors,
+    save_checkpoint,
+    save_weights,
+    split_state,
+    state_differences,
+)
+from .config import OptimSpec
+from .data import StepData, step_batches, to_device
+from .device import autocast, select_device
+from .errors import CheckpointError, ConfigError, UserError
+from .interfaces import Backbone, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
+from .loading import ResolvedExperiment, ResolvedStage
+from .progress import ProgressReporter
+from .rundir import prepare_run_dir
+
+
+def build_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam or AdamW from an :class:`OptimSpec`."""
+    cls = torch.optim.AdamW if spec.type == "adamw" else torch.optim.Adam
+    return cls(list(params), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+
+
+def build_scheduler(
+    spec: OptimSpec, optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up, then constant, linear decay to 0 or cosine decay starting at ``start`` of the stage."""
+    sched = spec.schedule
+    begin = int(sched.start * steps)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / sched.warmup) if sched.warmup else 1.0
+        if sched.type == "constant" or step < begin:
+            return warm
+        frac = (step - begin) / max(1, steps - begin)
+        decay = 1.0 - frac if sched.type == "linear_decay" else 0.5 * (1 + math.cos(math.pi * frac))
+        return warm * max(0.0, decay)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def wrap_backbones(
+    modules: dict[str, nn.Module], stage: ResolvedStage, groups: tuple[str, ...], anchor: str
+) -> dict[str, nn.Module]:
+    """Branch every :class:`Backbone` among ``modules`` as the stage's splitter says."""
+    splitter = stage.splitter.cls(stage.splitter.options)
+    out: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if isinstance(module, Backbone):
+            branches = splitter.branch_stages(module.stage_names())
+            policy = {g: splitter.participation(g, anchor) for g in groups}
+            module = BranchedModel(module, groups, branches, policy)
+        out[name] = module
+    return out
+
+
+@dataclass
+class StageRuntime:
+    """Everything a stage's loop needs, built from the resolved experiment."""
+
+    stage: ResolvedStage
+    index: int
+    task: Task
+    modules: dict[str, nn.Module]
+    phases: list[Phase]
+    losses: dict[str, list[LossTerm]]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    data: StepData
+
+    @property
+    def steps(self) -> int:
+        return self.stage.spec.steps
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    completed: list[str] = field(default_factory=list)
+    paused_at: tuple[str, int] | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs a resolved experiment's stages in a run directory."""
+
+    def __init__(
+        self,
+        experiment: ResolvedExperiment,
+        run_dir: Path | None = None,
+        device: str | None = None,
+        progress: ProgressReporter | None = None,
+    ) -> None:
+        self.exp = experiment
+        self.spec = experiment.spec
+        self.run_dir = Path(run_dir) if run_dir is not None else experiment.run_dir
+        self.device = select_device(device or self.spec.device)
+        self.progress = progress or ProgressReporter(self.spec.train.progress)
+        self.groups = tuple(self.spec.groups)
+        self.anchor = self.spec.anchor_group
+
+    # ------------------------------------------------------------------ building
+    def build_source(self, split: str = "train") -> DataSource:
+        data = self.exp.data
+        return data.cls(data.options, self.groups, self.exp.base_dir, split)
+
+    def build_task(self) -> Task:
+        model = self.exp.model
+        context = TaskContext(self.groups, self.anchor, lambda: model.cls(model.options))
+        return self.exp.task.cls(self.exp.task.options, context)
+
+    def build_stage(self, index: int, stage: ResolvedStage, source: DataSource) -> StageRuntime:
+        torch.manual_seed(self.spec.seed + 1000 * index)
+        task = self.build_task()
+        modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
+        if stage.spec.init_from:
+            self.load_stage_weights(stage.spec.init_from, modules)
+        for module in modules.values():
+            module.to(self.device).train()
+        phases = task.phases()
+        losses = self._losses(stage, phases, task)
+        optimizers, schedulers = {}, {}
+        for phase in phases:
+            if not losses.get(phase.name):
+                continue
+            params = _unique(p for m in phase.modules for p in modules[m].parameters() if p.requires_grad)
+            spec = self.exp.optim_for(stage, phase.name)
+            optimizers[phase.name] = build_optimizer(spec, params)
+            schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
+        all_sizes = source.sizes()
+        sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
+        empty = [g for g, s in sizes.items() if not any(s.values())]
+        if empty:
+            raise UserError(
+                f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
+            )
+        sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
+        data = StepData(source, sampler, self.groups, self.spec.seed, index)
+        return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data)
+
+    def _losses(self, stage: ResolvedStage, phases: list[Phase], task: Task) -> dict[str, list[LossTerm]]:
+        names = [p.name for p in phases]
+        out: dict[str, list[LossTerm]] = {}
+        for loss_name, comp in stage.losses.items():
+            term: LossTerm = comp.cls(comp.options, name=loss_name)
+            if term.phase not in names:
+                raise ConfigError(
+                    f"{self.exp.source}: {comp.where}.phase: {term.phase!r} is not a phase of task "
+                    f"{self.exp.task.type!r}; expected one of {names}"
+                )
+            out.setdefault(term.phase, []).append(term.to(self.device))
+        if not out:
+            raise ConfigError(f"{self.exp.source}: stages.{stage.name}.losses: no enabled loss terms")
+        return out
+
+    def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
+        """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""
+        path = self.run_dir / "stages" / stage_name / "final.safetensors"
+        state = split_state(read_tensors(path), list(modules))
+        for name, module in modules.items():
+            own = state.get(name)
+            if own is None:
+                raise CheckpointError(f"{path} has no weights for module {name!r}")
+            if isinstance(module, BranchedModel):
+                module.load_flexible(own, self.anchor, source=f"{path} [{name}]")
+            else:
+                problems = state_differences(module.state_dict(), own, f"{name}.")
+                if problems:
+                    raise CheckpointError(f"{path} does not match the model:\n  " + "\n  ".join(problems))
+                module.load_state_dict(own)
+
+    # ------------------------------------------------------------------ running
+    def run(self, max_steps: int | None = None) -> RunResult:
+        """Run (or resume) every stage; ``max_steps`` pauses after that many steps in this call."""
+        prepare_run_dir(self.run_dir, self.exp)
+        result = RunResult(self.run_dir)
+        source = self.build_source("train")
+        budget = max_steps
+        for index, stage in enumerate(self.exp.stages):
+            final = self.run_dir / "stages" / stage.name / "final.safetensors"
+            if final.exists():
+                result.completed.append(stage.name)
+                continue
+            runtime = self.build_stage(index, stage, source)
+            start = self._resume(runtime)
+            stop = stage.spec.steps if budget is None else min(stage.spec.steps, start + budget)
+            result.last_metrics = self._loop(runtime, start, stop)
+            if stop < stage.spec.steps:
+                result.paused_at = (stage.name, stop)
+                return result
+            if budget is not None:
+                budget -= stop - start
+            save_weights(final, runtime.modules, {"stage": stage.name, "config_hash": self.exp.config_hash})
+            result.completed.append(stage.name)
+            self.progress.message(f"stage {stage.name}: done, weights in {final}")
+            if budget == 0 and index + 1 < len(self.exp.stages):
+                result.paused_at = (self.exp.stages[index + 1].name, 0)
+                return result
+        return result
+
+    def _resume(self, rt: StageRuntime) -> int:
+        ckpt = latest_checkpoint(self.run_dir, rt.stage.name)
+        if ckpt is None:
+            return 0
+        meta = load_checkpoint(
+            ckpt,
+            rt.modules,
+            rt.optimizers,
+            expect={"stage": rt.stage.name, "config_hash": self.exp.config_hash},
+        )
+        for name, sched in rt.schedulers.items():
+            sched.load_state_dict(meta["schedulers"][name])
+        self.progress.message(f"stage {rt.stage.name}: resuming from {ckpt} (step {meta['step']})")
+        return int(meta["step"])
+
+    def _checkpoint(self, rt: StageRuntime, step: int) -> None:
+        directory = self.run_dir / "checkpoints" / f"{rt.stage.name}-{step:08d}"
+        meta = {
+            "stage": rt.stage.name,
+            "step": step,
+            "total_steps": rt.steps,
+            "config_hash": self.exp.config_hash,
+            "schedulers": {n: s.state_dict() for n, s in rt.schedulers.items()},
+            "sampler": {"type": rt.stage.sampler.type, "position": step},
+            "time": time.time(),
+        }
+        save_checkpoint(directory, rt.modules, rt.optimizers, meta)
+        prune_checkpoints(self.run_dir, rt.stage.name, self.spec.train.keep_last)
+
+    def _loop(self, rt: StageRuntime, start: int, stop: int) -> dict[str, float]:
+        train = self.spec.train
+        self.progress.start_stage(rt.stage.name, rt.steps, start)
+        sums: dict[str, Tensor] = {}
+        count = 0
+        last: dict[str, float] = {}
+        try:
+            batches = step_batches(rt.data, start, stop, train.workers)
+            for step, batch in zip(range(start, stop), batches, strict=False):
+                values = self.train_step(rt, to_device(batch, self.device))
+                for k, v in values.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                count += 1
+                done = step + 1
+                if done % train.log_every == 0 or done == stop:
+                    last = {k: float(v) / count for k, v in sums.items()}
+                    self._log(rt, done, last)
+                    sums, count = {}, 0
+                else:
+                    self.progress.update(done)
+                if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == stop:
+                    self._checkpoint(rt, done)
+        finally:
+            self.progress.end_stage()
+        return last
+
+    def train_step(self, rt: StageRuntime, batch: Any) -> dict[str, Tensor]:
+        """One step: every phase's forward, weighted loss, backward and optimiser step."""
+        scratch: dict[str, Any] = {}
+        logged: dict[str, Tensor] = {}
+        for phase in rt.phases:
+            terms = rt.losses.get(phase.name)
+            if not terms:
+                continue
+            with autocast(self.device, self.spec.precision):
+                outputs = rt.task.forward(phase.name, rt.modules, batch, scratch)
+                values = {t.name: t(outputs, batch).float() for t in terms}
+            total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
+            if not torch.isfinite(total):
+                bad = [k for k, v in values.items() if not torch.isfinite(v)]
+                raise FloatingPointError(f"stage {rt.stage.name}: loss {bad} became non-finite")
+            optimizer = rt.optimizers[phase.name]
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            rt.schedulers[phase.name].step()
+            rt.task.after_step(phase.name, rt.modules)
+            logged.update({f"loss/{k}": v.detach() for k, v in values.items()})
+            logged[f"total/{phase.name}"] = total.detach()
+        return logged
+
+    def _log(self, rt: StageRuntime, step: int, metrics: dict[str, float]) -> None:
+        record = {
+            "stage": rt.stage.name,
+            "step": step,
+            "time": round(time.time(), 3),
+            "it_s": round(self.progress.rate(step), 4),
+            "lr": {n: s.get_last_lr()[0] for n, s in rt.schedulers.items()},
+            **metrics,
+        }
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.progress.update(step, metrics)
+
+
+def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

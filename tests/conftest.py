@@ -1,0 +1,82 @@
+"""Shared fixtures: small experiments written to a temp dir, and a fresh plugin set per test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from branchadapt.plugins import reset_default_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = """
+name = "small"
+seed = 3
+groups = ["a", "b", "c"]
+[data]
+type = "clusters"
+features = 6
+classes = 3
+counts = {{ a = 64, b = 8, c = 8 }}
+[task]
+type = "supervised"
+[model]
+type = "mlp"
+in_features = 6
+hidden = [16, 16]
+out_features = 3
+[losses.cross_entropy]
+weight = 1.0
+[optim.default]
+lr = 1e-2
+weight_decay = 1e-4
+betas = [0.5, 0.999]
+[train]
+log_every = 2
+checkpoint_every = {ckpt}
+keep_last = 2
+progress = "plain"
+[stages.basic]
+steps = {steps}
+groups = ["a"]
+sampler = {{ type = "per_group", per_group = 4 }}
+[stages.transfer]
+steps = {steps}
+init_from = "basic"
+splitter = {{ type = "branches", low = 1, top = 1 }}
+sampler = {{ type = "per_group", per_group = 2 }}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    reset_default_plugins()
+    yield
+    reset_default_plugins()
+
+
+@pytest.fixture
+def small_experiment(tmp_path: Path):
+    def write(steps: int = 6, ckpt: int = 2, extra: str = "", name: str = "exp.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(SMALL.format(steps=steps, ckpt=ckpt) + extra)
+        return path
+
+    return write
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI in a subprocess (what a user types)."""
+    return subprocess.run(
+        [sys.executable, "-m", "branchadapt.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )

@@ -1,0 +1,134 @@
+"""Trainer: stages, phases, metrics, checkpoints, bit-identical resume, mismatch refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import branchadapt as ba
+from branchadapt.checkpoint import read_tensors, stage_checkpoints
+from branchadapt.trainer import Trainer, build_optimizer, build_scheduler
+
+
+def train(path: Path, run_dir: Path, overrides=(), max_steps=None):
+    exp = ba.load_experiment(path, overrides)
+    trainer = Trainer(exp, run_dir=run_dir, device="cpu")
+    return trainer, trainer.run(max_steps=max_steps)
+
+
+def final_state(run_dir: Path, stage: str = "transfer") -> dict[str, torch.Tensor]:
+    return read_tensors(run_dir / "stages" / stage / "final.safetensors")
+
+
+def test_two_stage_run_writes_everything(small_experiment, tmp_path):
+    _, result = train(small_experiment(), tmp_path / "run")
+    run = tmp_path / "run"
+    assert result.completed == ["basic", "transfer"] and result.paused_at is None
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["experiment"]["stages"]["transfer"]["splitter"]["low"] == 1
+    assert (run / "config.toml").read_text().startswith("name = ")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("basic", s) for s in (2, 4, 6)] + [
+        ("transfer", s) for s in (2, 4, 6)
+    ]
+    assert all(r["loss/cross_entropy"] > 0 and "it_s" in r and r["lr"]["main"] > 0 for r in records)
+    # keep_last = 2 of the checkpoints at steps 2, 4, 6
+    assert [p.name for p in stage_checkpoints(run, "basic")] == ["basic-00000004", "basic-00000006"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # the transfer model has per-group branches for every group
+    state = final_state(run)
+    assert {k.split(".branches.")[1].split(".")[0] for k in state if ".branches." in k} == {"a", "b", "c"}
+
+
+def test_transfer_stage_starts_from_basic_weights(small_experiment, tmp_path):
+    path = small_experiment()
+    train(path, tmp_path / "run", overrides=["stages.transfer.enabled=false"])
+    basic = final_state(tmp_path / "run", "basic")
+    exp = ba.load_experiment(path)
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    runtime = trainer.build_stage(1, exp.stages[1], trainer.build_source())
+    model = runtime.modules["model"]
+    for group in ("a", "b", "c"):
+        for key, value in model.group_state_dict(group).items():
+            assert torch.equal(value, basic[f"model.{key}"]), key
+
+
+def test_resume_is_bit_identical(small_experiment, tmp_path):
+    path = small_experiment(steps=6, ckpt=3)
+    train(path, tmp_path / "straight")
+    _, first = train(path, tmp_path / "resumed", max_steps=3)
+    assert first.paused_at == ("basic", 3)
+    _, second = train(path, tmp_path / "resumed", max_steps=5)  # finishes basic, 2 steps into transfer
+    assert second.paused_at == ("transfer", 2)
+    train(path, tmp_path / "resumed")
+    for stage in ("basic", "transfer"):
+        a, b = final_state(tmp_path / "straight", stage), final_state(tmp_path / "resumed", stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stage, key)
+
+
+def test_rerun_with_other_config_is_refused_and_changes_nothing(small_experiment, tmp_path):
+    path = small_experiment()
+    train(path, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ba.UserError, match=r"(?s)different experiment.*optim.default.lr: 0.01 -> 0.02"):
+        train(path, tmp_path / "run", overrides=["optim.default.lr=0.02"])
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+
+
+def test_checkpoint_for_another_model_is_refused(small_experiment, tmp_path):
+    path = small_experiment()
+    train(path, tmp_path / "run", max_steps=2)
+    ckpt = stage_checkpoints(tmp_path / "run", "basic")[-1]
+    other = ba.branch(
+        ba.build_backbone("mlp", in_features=6, hidden=[17, 16], out_features=3), ["a"], splitter="single"
+    )
+    with pytest.raises(
+        ba.CheckpointError,
+        match=r"shape mismatch: model\.backbone\.input\.0\.weight: file \(16, 6\) vs model \(17, 6\)",
+    ):
+        ba.load_checkpoint(ckpt, {"model": other})
+    renamed = {"net": other}
+    with pytest.raises(ba.CheckpointError, match="modules in the file but not in the model"):
+        ba.load_checkpoint(ckpt, renamed)
+    same = ba.branch(
+        ba.build_backbone("mlp", in_features=6, hidden=[16, 16], out_features=3), ["a"], splitter="single"
+    )
+    with pytest.raises(ba.CheckpointError, match="config_hash"):
+        ba.load_checkpoint(ckpt, {"model": same}, expect={"config_hash": "0000"})
+
+
+def test_corrupt_checkpoint_is_a_clear_error(small_experiment, tmp_path):
+    path = small_experiment()
+    train(path, tmp_path / "run", max_steps=2)
+    ckpt = stage_checkpoints(tmp_path / "run", "basic")[-1]
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ba.CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        train(path, tmp_path / "run")
+
+
+def test_bf16_autocast_switch_trains(small_experiment, tmp_path):
+    _, result = train(small_experiment(steps=2), tmp_path / "run", overrides=['precision="bf16"'])
+    assert result.completed == ["basic", "transfer"]
+
+
+def test_optimizer_and_schedule_options():
+    p = torch.nn.Parameter(torch.zeros(2))
+    spec = ba.Experiment.model_fields["optim"].annotation  # dict[str, OptimSpec]
+    from branchadapt.config import OptimSpec
+
+    opt = build_optimizer(OptimSpec(type="adamw", lr=0.1, betas=(0.5, 0.9), weight_decay=0.01), [p])
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["betas"] == (0.5, 0.9) and opt.param_groups[0]["weight_decay"] == 0.01
+    sched = build_scheduler(OptimSpec(lr=1.0, schedule={"type": "linear_decay", "start": 0.5}), opt, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0] / 0.1)
+        opt.step()
+        sched.step()
+    assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.2)
+    assert spec is not None
