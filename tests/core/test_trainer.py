@@ -107,7 +107,7 @@ def test_corrupt_checkpoint_is_a_clear_error(small_experiment, tmp_path):
     train(path, tmp_path / "run", max_steps=2)
     ckpt = stage_checkpoints(tmp_path / "run", "basic")[-1]
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ba.CheckpointError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(ba.CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         train(path, tmp_path / "run")
 
 
