@@ -88,7 +88,7 @@ def build(kind: str, name: str, *args: Any, **options: Any) -> Any:
     ``build("loss", "cross_entropy", weight=2.0)``; positional ``args`` follow the options (e.g.
     the sizes and seed of a sampler, the groups of a data source).
     """
-    cls = registry().get(kind, name)
+    cls: Any = registry().get(kind, name)
     opts = cls.Options.model_validate(options)
     if kind == "loss":
         return cls(opts, name=name)
@@ -97,7 +97,8 @@ def build(kind: str, name: str, *args: Any, **options: Any) -> Any:
 
 def build_backbone(name: str, **options: Any) -> Backbone:
     """A registered backbone by name: ``build_backbone("mlp", hidden=[64])``."""
-    return build("backbone", name, **options)  # type: ignore[no-any-return]
+    backbone: Backbone = build("backbone", name, **options)
+    return backbone
 
 
 def branch(

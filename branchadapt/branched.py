@@ -55,6 +55,17 @@ def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return tree
 
 
+def _tensors(tree: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    _map_tensors(tree, keep)
+    return found
+
+
 def _select(tree: Any, index: Tensor, batch: int) -> Any:
     """Rows ``index`` of every tensor whose dim 0 is the batch; other leaves pass unchanged."""
     return _map_tensors(tree, lambda t: t.index_select(0, index) if t.dim() and t.shape[0] == batch else t)
@@ -93,8 +104,7 @@ def _run_split(
 
 
 def _batch_size(args: Any, kwargs: Any) -> int:
-    found: list[int] = []
-    _map_tensors((args, kwargs), lambda t: found.append(t.shape[0]) or t if t.dim() else t)
+    found = [t.shape[0] for t in _tensors((args, kwargs)) if t.dim()]
     if not found:
         raise ValueError("a branched stage needs at least one tensor argument with a batch dimension")
     return found[0]
@@ -106,7 +116,7 @@ class GroupBranches(nn.Module):
     def __init__(self, stage: nn.Module, groups: Sequence[str], router: Router) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
-        object.__setattr__(self, "_router", router)  # plain attribute: not a sub-module
+        self._router: Router = router  # a plain object, not a sub-module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return _run_split(self._router.parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
@@ -171,7 +181,8 @@ class BranchedModel(nn.Module):
         index_of = {p: (ix.cpu() if ix is not None else None) for p, ix in parts}
 
         def call(policy: Participation, *a: Any, **k: Any) -> Any:
-            sub_ids = ids if index_of[policy] is None else ids.index_select(0, index_of[policy])
+            index = index_of[policy]
+            sub_ids = ids if index is None else ids.index_select(0, index)
             self.router.set(sub_ids, _first_device(a, k))
             return self._run(policy, a, k)
 
@@ -301,9 +312,8 @@ def _modules_outside(root: nn.Module, stop: set[int]) -> Iterator[nn.Module]:
 
 
 def _first_device(args: Any, kwargs: Any) -> torch.device:
-    found: list[torch.device] = []
-    _map_tensors((args, kwargs), lambda t: found.append(t.device) or t)
-    return found[0] if found else torch.device("cpu")
+    found = _tensors((args, kwargs))
+    return found[0].device if found else torch.device("cpu")
 
 
 def _check_shapes(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:

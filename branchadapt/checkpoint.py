@@ -112,10 +112,10 @@ def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     py_version, py_state, py_gauss = random.getstate()
     meta = {
-        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
         "python": [py_version, list(py_state), py_gauss],
     }
     return tensors, meta

@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.experiment, args.overrides)
     trainer = Trainer(exp, run_dir=args.run_dir, device=args.device)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}", highlight=False)
     result = trainer.run(max_steps=args.max_steps)
     if result.paused_at:
@@ -44,16 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"paused in stage {stage} at step {step}; run the same command again to resume")
     else:
         console.print(f"done: stages {', '.join(result.completed)} in {result.run_dir}")
-    for line in summaries(exp, trainer, result):
-        print(line)
+    if result.last_metrics:
+        print(f"last metrics: {json.dumps({k: round(v, 5) for k, v in result.last_metrics.items()})}")
     return 0
-
-
-def summaries(exp, trainer, result) -> list[str]:  # type: ignore[no-untyped-def]
-    """Lines plugins add after a run (hook-free for now: last metrics)."""
-    if not result.last_metrics:
-        return []
-    return [f"last metrics: {json.dumps({k: round(v, 5) for k, v in result.last_metrics.items()})}"]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GroupName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$")]
 
 
 class _Strict(BaseModel):
@@ -87,7 +88,7 @@ class Experiment(_Strict):
     losses: dict[str, ComponentSpec] = Field(default_factory=dict)
     optim: dict[str, OptimSpec] = Field(default_factory=dict)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    stages: dict[str, StageSpec] = Field(min_length=1)
+    stages: dict[StageName, StageSpec] = Field(min_length=1)
 
     @field_validator("groups")
     @classmethod
@@ -108,35 +109,7 @@ class Experiment(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _inherit(cls, data: Any) -> Any:
-        """Give every stage the top-level splitter/sampler/losses/optim, overridden by its own."""
-        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
-            return data
-        data = dict(data)
-        defaults = {
-            "splitter": data.get("splitter", {"type": "single"}),
-            "sampler": data.get("sampler", {"type": "per_group"}),
-            "losses": data.get("losses", {}),
-            "optim": data.get("optim", {}),
-        }
-        stages = {}
-        for name, stage in data["stages"].items():
-            if isinstance(stage, dict):
-                stage = dict(stage)
-                for key in ("splitter", "sampler"):
-                    stage[key] = merge_component(defaults[key], stage.get(key))
-                for key in ("losses", "optim"):
-                    own = stage.get(key, {})
-                    if isinstance(own, dict) and isinstance(defaults[key], dict):
-                        merged = {k: merge_component(v, own.get(k)) for k, v in defaults[key].items()}
-                        merged.update({k: v for k, v in own.items() if k not in merged})
-                        stage[key] = merged
-                if isinstance(stage.get("losses"), dict):
-                    stage["losses"] = _typed(stage["losses"])
-            stages[name] = stage
-        data["stages"] = stages
-        if isinstance(data.get("losses"), dict):
-            data["losses"] = _typed(data["losses"])
-        return data
+        return inherit_defaults(data)
 
     @model_validator(mode="after")
     def _check_references(self) -> Experiment:
@@ -162,6 +135,38 @@ class Experiment(_Strict):
     @property
     def anchor_group(self) -> str:
         return self.anchor or self.groups[0]
+
+
+def inherit_defaults(data: Any) -> Any:
+    """Give every stage the top-level splitter/sampler/losses/optim, overridden by its own."""
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        return data
+    data = dict(data)
+    defaults = {
+        "splitter": data.get("splitter", {"type": "single"}),
+        "sampler": data.get("sampler", {"type": "per_group"}),
+        "losses": data.get("losses", {}),
+        "optim": data.get("optim", {}),
+    }
+    stages = {}
+    for name, stage in data["stages"].items():
+        if isinstance(stage, dict):
+            stage = dict(stage)
+            for key in ("splitter", "sampler"):
+                stage[key] = merge_component(defaults[key], stage.get(key))
+            for key in ("losses", "optim"):
+                own = stage.get(key, {})
+                if isinstance(own, dict) and isinstance(defaults[key], dict):
+                    merged = {k: merge_component(v, own.get(k)) for k, v in defaults[key].items()}
+                    merged.update({k: v for k, v in own.items() if k not in merged})
+                    stage[key] = merged
+            if isinstance(stage.get("losses"), dict):
+                stage["losses"] = _typed(stage["losses"])
+        stages[name] = stage
+    data["stages"] = stages
+    if isinstance(data.get("losses"), dict):
+        data["losses"] = _typed(data["losses"])
+    return data
 
 
 def _typed(losses: dict[str, Any]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ report every problem as ``file: dotted.key.path: what was expected (got value)``
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -20,8 +21,8 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from .config import ComponentSpec, Experiment, OptimSpec, StageSpec, deep_merge
-from .errors import ConfigError, RegistryError
+from .config import ComponentSpec, Experiment, OptimSpec, StageSpec, deep_merge, inherit_defaults
+from .errors import ConfigError, RegistryError, UserError
 from .interfaces import PluginOptions
 from .plugins import PluginSet, default_plugins
 
@@ -32,7 +33,7 @@ class Component:
 
     kind: str
     type: str
-    cls: type
+    cls: builtins.type[Any]
     options: PluginOptions
     where: str
 
@@ -173,7 +174,7 @@ def _known_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
 
 
-def describe(error: dict[str, Any], model: type[BaseModel], prefix: Sequence[str | int] = ()) -> str:
+def describe(error: Mapping[str, Any], model: type[BaseModel], prefix: Sequence[str | int] = ()) -> str:
     loc = [*prefix, *error["loc"]]
     if error["type"] == "extra_forbidden":
         known = _known_keys(model, error["loc"][:-1])
@@ -196,17 +197,62 @@ def load_experiment(
     raw = read_toml(source)
     for assignment in overrides:
         apply_override(raw, assignment)
+    plugins = plugins or default_plugins()
+    local = raw.get("plugins", [])
+    if isinstance(local, list) and all(isinstance(m, str) for m in local):
+        try:
+            plugins.load_modules(local, search_dir=source.resolve().parent, where=f"{source}: plugins")
+        except (RegistryError, UserError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     try:
         spec = Experiment.model_validate(raw)
     except ValidationError as exc:
-        lines = sorted({describe(e, Experiment) for e in exc.errors()})
-        raise ConfigError(_report(source, [_inherited(line, raw) for line in lines])) from None
-    plugins = plugins or default_plugins()
-    try:
-        plugins.load_modules(spec.plugins, search_dir=source.resolve().parent, where=f"{source}: plugins")
-    except RegistryError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        lines = [describe(e, Experiment) for e in exc.errors()]
+        lines += _component_problems(inherit_defaults(raw), plugins)  # plugin options too, in one report
+        raise ConfigError(_report(source, sorted({_inherited(line, raw) for line in lines}))) from None
     return resolve(spec, source, plugins, raw)
+
+
+def _component_problems(raw: Any, plugins: PluginSet) -> list[str]:
+    """Best-effort pass 2 on a config that failed pass 1: check every well-formed component."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        return problems
+    places: list[tuple[str, Any, str]] = [
+        (k, raw.get(n), n) for k, n in (("backbone", "model"), ("task", "task"), ("data", "data"))
+    ]
+    stages = raw.get("stages")
+    for name, stage in (stages or {}).items() if isinstance(stages, dict) else []:
+        if not isinstance(stage, dict):
+            continue
+        places += [("splitter", stage.get("splitter"), f"stages.{name}.splitter")]
+        places += [("sampler", stage.get("sampler"), f"stages.{name}.sampler")]
+        losses = stage.get("losses")
+        for loss, spec in (losses or {}).items() if isinstance(losses, dict) else []:
+            places.append(("loss", spec, f"stages.{name}.losses.{loss}"))
+    for kind, value, where in places:
+        if isinstance(value, dict) and isinstance(value.get("type"), str):
+            check_component(plugins, kind, ComponentSpec.model_validate(value), where, problems)
+    return problems
+
+
+def check_component(
+    plugins: PluginSet, kind: str, comp: ComponentSpec, where: str, problems: list[str]
+) -> Component | None:
+    """Resolve ``comp.type`` and validate its options; problems are appended, not raised."""
+    reg = plugins.registry
+    try:
+        cls = reg.get(kind, comp.type)
+    except RegistryError:
+        problems.append(f"{where}.type: {reg.unknown_message(kind, comp.type)}")
+        return None
+    options_model: type[PluginOptions] = getattr(cls, "Options", PluginOptions)
+    try:
+        options = options_model.model_validate(comp.options())
+    except ValidationError as exc:
+        problems.extend(describe(e, options_model, where.split(".")) for e in exc.errors())
+        return None
+    return Component(kind, comp.type, cls, options, where)
 
 
 def _inherited(line: str, raw: dict[str, Any]) -> str:
@@ -232,21 +278,9 @@ def _report(source: Path, lines: list[str]) -> str:
 def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, Any]) -> ResolvedExperiment:
     """Pass 2: resolve every component and validate its options; all problems reported at once."""
     problems: list[str] = []
-    reg = plugins.registry
 
     def component(kind: str, comp: ComponentSpec, where: str) -> Component | None:
-        try:
-            cls = reg.get(kind, comp.type)
-        except RegistryError:
-            problems.append(f"{where}.type: {reg.unknown_message(kind, comp.type)}")
-            return None
-        options_model: type[PluginOptions] = getattr(cls, "Options", PluginOptions)
-        try:
-            options = options_model.model_validate(comp.options())
-        except ValidationError as exc:
-            problems.extend(describe(e, options_model, where.split(".")) for e in exc.errors())
-            return None
-        return Component(kind, comp.type, cls, options, where)
+        return check_component(plugins, kind, comp, where, problems)
 
     model = component("backbone", spec.model, "model")
     task = component("task", spec.task, "task")

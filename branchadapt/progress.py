@@ -30,7 +30,7 @@ class ProgressReporter:
     def __init__(
         self, mode: Literal["auto", "rich", "plain", "none"] = "auto", console: Console | None = None
     ):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         if mode == "auto":
             mode = "rich" if self.console.is_terminal else "plain"
         self.mode = mode

@@ -68,7 +68,13 @@ def small_experiment(tmp_path: Path):
     return write
 
 
-def run_cli(
+@pytest.fixture
+def run_cli():
+    """Run the CLI in a subprocess, as a user would."""
+    return _run_cli
+
+
+def _run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed CLI in a subprocess (what a user types)."""

@@ -1,0 +1,124 @@
+"""Experiment files: validation messages, plugin options, extends, --set, schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import branchadapt as ba
+from branchadapt.loading import apply_override, json_schema
+
+
+def error_of(path, overrides=()):
+    with pytest.raises(ba.ConfigError) as info:
+        ba.load_experiment(path, overrides)
+    return str(info.value)
+
+
+def test_plugin_option_errors_name_file_and_dotted_key(small_experiment):
+    path = small_experiment()
+    msg = error_of(path, ["stages.transfer.losses.cross_entropy.weight=-1"])
+    assert str(path) in msg
+    assert (
+        "stages.transfer.losses.cross_entropy.weight: Input should be greater than or equal to 0 (got -1)"
+        in msg
+    )
+
+
+def test_plugin_specific_option_is_validated(small_experiment):
+    msg = error_of(small_experiment(), ["losses.cross_entropy.label_smoothing=1.5"])
+    # inherited by both stages, reported once at the key the user wrote
+    assert msg.count("label_smoothing") == 1
+    assert "losses.cross_entropy.label_smoothing: Input should be less than 1 (got 1.5)" in msg
+
+
+def test_unknown_keys_suggest_the_right_one(small_experiment):
+    msg = error_of(small_experiment(), ["model.hiden=[4]", "stages.basic.stepz=3"])
+    assert "model.hiden: unknown key; did you mean hidden?" in msg
+    assert "stages.basic.stepz: unknown key; did you mean steps?" in msg
+    assert "2 problems" in msg
+
+
+def test_unknown_plugin_name_lists_closest(small_experiment):
+    msg = error_of(small_experiment(), ['stages.transfer.splitter.type="branchez"'])
+    assert "stages.transfer.splitter.type: unknown splitter 'branchez'; did you mean 'branches'?" in msg
+    assert "Registered splitters: branches, single" in msg
+
+
+def test_references_are_checked(small_experiment):
+    assert "not an earlier enabled stage" in error_of(
+        small_experiment(), ['stages.basic.init_from="transfer"']
+    )
+    assert "'zz' is not one of the groups" in error_of(small_experiment(), ['stages.basic.groups=["zz"]'])
+    assert "anchor 'q'" in error_of(small_experiment(), ['anchor="q"'])
+    assert "unique" in error_of(small_experiment(), ['groups=["a", "a"]'])
+
+
+def test_malformed_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    assert f"{bad.resolve()}: not valid TOML" in error_of(bad)
+    assert "not found" in error_of(tmp_path / "missing.toml")
+
+
+def test_extends_and_override(small_experiment, tmp_path):
+    small_experiment(name="base.toml")
+    child = tmp_path / "variant.toml"
+    child.write_text(
+        'extends = "base.toml"\nname = "variant"\n[stages.transfer.splitter]\nlow = 2\nothers = "live"\n'
+    )
+    exp = ba.load_experiment(child, ["stages.transfer.steps=9"])
+    transfer = exp.stages[1]
+    assert exp.spec.name == "variant"
+    assert transfer.splitter.options.low == 2 and transfer.splitter.options.top == 1
+    assert transfer.splitter.options.others == ba.Participation.LIVE
+    assert transfer.spec.steps == 9
+    assert exp.config_hash != ba.load_experiment(tmp_path / "base.toml").config_hash
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    assert "cycle" in error_of(tmp_path / "a.toml")
+
+
+def test_stage_can_disable_a_loss_and_a_stage(small_experiment):
+    extra = '[losses.smooth]\ntype = "cross_entropy"\nlabel_smoothing = 0.1\n'
+    exp = ba.load_experiment(small_experiment(extra=extra), ["stages.basic.losses.smooth.enabled=false"])
+    assert list(exp.stages[0].losses) == ["cross_entropy"]
+    assert list(exp.stages[1].losses) == ["cross_entropy", "smooth"]
+    assert exp.stages[1].losses["smooth"].options.label_smoothing == 0.1
+    exp = ba.load_experiment(small_experiment(), ["stages.transfer.enabled=false"])
+    assert [s.name for s in exp.stages] == ["basic"]
+
+
+def test_apply_override_paths():
+    data = {"stages": {"s": {"steps": 1}}, "groups": ["a", "b"]}
+    apply_override(data, "stages.s.steps=5")
+    apply_override(data, "groups[1]=c")
+    apply_override(data, 'data.root="x y"')
+    assert data == {"stages": {"s": {"steps": 5}}, "groups": ["a", "c"], "data": {"root": "x y"}}
+    with pytest.raises(ba.ConfigError, match="KEY.PATH=VALUE"):
+        apply_override(data, "nothing")
+
+
+def test_schema_includes_plugin_options():
+    schema = json_schema()
+    assert "stages" in schema["properties"]
+    assert "label_smoothing" in schema["x-branchadapt-plugins"]["loss"]["cross_entropy"]["properties"]
+    assert "low" in schema["x-branchadapt-plugins"]["splitter"]["branches"]["properties"]
+
+
+def test_cli_validate_schema_and_errors(small_experiment, run_cli):
+    path = small_experiment()
+    ok = run_cli("validate", str(path), "--set", "stages.transfer.splitter.low=2")
+    assert ok.returncode == 0, ok.stderr
+    assert "stage transfer: 6 steps" in ok.stdout
+    bad = run_cli("validate", str(path), "--set", "stages.transfer.losses.cross_entropy.weight=-1")
+    assert bad.returncode == 2
+    assert "stages.transfer.losses.cross_entropy.weight" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    schema = run_cli("schema")
+    assert schema.returncode == 0
+    assert json.loads(schema.stdout)["title"] == "Experiment"

@@ -1,0 +1,169 @@
+"""A third-party package, made inside the test, extends branchadapt with no core edit.
+
+The package has its own distribution metadata and ``branchadapt`` entry point; it registers a
+new Backbone and a new LossTerm, and an experiment file uses both.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = '''
+"""A third-party branchadapt plugin."""
+import torch
+from torch import nn
+import branchadapt as ba
+from pydantic import Field
+
+
+class WideOptions(ba.PluginOptions):
+    in_features: int = 6
+    width: int = Field(12, ge=1)
+    out_features: int = 3
+
+
+class Wide(ba.Backbone):
+    """Two-layer net from a third-party package."""
+    Options = WideOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.enc = nn.Linear(self.options.in_features, self.options.width)
+        self.dec = nn.Linear(self.options.width, self.options.out_features)
+
+    def stage_names(self):
+        return ["enc", "dec"]
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+class LogitPenaltyOptions(ba.LossOptions):
+    power: int = 2
+
+
+class LogitPenalty(ba.LossTerm):
+    """Penalises large logits (third-party loss)."""
+    Options = LogitPenaltyOptions
+
+    def forward(self, outputs, batch):
+        return outputs["logits"].abs().pow(self.options.power).mean()
+
+
+@ba.hookimpl
+def register_backbones(register):
+    register(Wide, name="thirdparty_wide")
+
+
+@ba.hookimpl
+def register_losses(register):
+    register(LogitPenalty, name="logit_penalty")
+'''
+
+EXPERIMENT = """
+name = "third"
+groups = ["a", "b"]
+[data]
+type = "clusters"
+features = 6
+classes = 3
+counts = { a = 32, b = 8 }
+[task]
+type = "supervised"
+[model]
+type = "thirdparty_wide"
+width = 10
+[losses.cross_entropy]
+[losses.logit_penalty]
+weight = 0.01
+power = 2
+[train]
+progress = "plain"
+log_every = 1
+[stages.basic]
+steps = 2
+groups = ["a"]
+[stages.transfer]
+steps = 2
+init_from = "basic"
+splitter = { type = "branches", low = 1, top = 0 }
+"""
+
+
+@pytest.fixture
+def third_party(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "site"
+    pkg = site / "ba_thirdparty"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(PACKAGE)
+    dist = site / "ba_thirdparty-0.3.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ba-thirdparty\nVersion: 0.3.1\n")
+    (dist / "entry_points.txt").write_text("[branchadapt]\nthirdparty = ba_thirdparty\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_plugins_command_lists_third_party_names_with_version(third_party, run_cli):
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if "thirdparty_wide" in line or "logit_penalty" in line]
+    assert len(rows) == 2
+    assert all("ba-thirdparty 0.3.1" in row for row in rows)
+    assert any("backbone" in row for row in rows) and any("loss" in row for row in rows)
+
+
+def test_experiment_uses_third_party_backbone_and_loss(third_party, run_cli, tmp_path):
+    exp = tmp_path / "third.toml"
+    exp.write_text(EXPERIMENT)
+    out = run_cli("run", str(exp), "--run-dir", str(tmp_path / "run"), env=third_party)
+    assert out.returncode == 0, out.stderr
+    assert "loss/logit_penalty" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    bad = run_cli("validate", str(exp), "--set", "losses.logit_penalty.power=x", env=third_party)
+    assert bad.returncode == 2
+    assert "losses.logit_penalty.power: Input should be a valid integer" in bad.stderr
+    # without the package installed, the names are unknown and the error says so
+    missing = run_cli("validate", str(exp))
+    assert missing.returncode == 2
+    assert "model.type: unknown backbone 'thirdparty_wide'" in missing.stderr
+
+
+def test_local_plugin_module_from_experiment_file(tmp_path, run_cli):
+    (tmp_path / "my_local_plugin.py").write_text(PACKAGE)
+    exp = tmp_path / "local.toml"
+    exp.write_text('plugins = ["my_local_plugin"]\n' + EXPERIMENT)
+    out = run_cli("run", str(exp), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    exp.write_text('plugins = ["not_a_module_anywhere"]\n' + EXPERIMENT)
+    out = run_cli("validate", str(exp))
+    assert out.returncode == 2 and "plugin module 'not_a_module_anywhere' not found" in out.stderr
+
+
+def test_duplicate_names_name_both_origins(tmp_path, run_cli, third_party):
+    site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
+    dup = site / "ba_dup"
+    dup.mkdir()
+    (dup / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import branchadapt as ba
+            from ba_thirdparty import Wide
+            @ba.hookimpl
+            def register_backbones(register):
+                register(Wide, name="thirdparty_wide")
+            """
+        )
+    )
+    dist = site / "ba_dup-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ba-dup\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[branchadapt]\ndup = ba_dup\n")
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 2
+    assert "duplicate backbone name 'thirdparty_wide'" in out.stderr
+    assert "ba-thirdparty 0.3.1" in out.stderr and "ba-dup 1.0" in out.stderr
