@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .interfaces import Task
 from .loading import json_schema, load_experiment
 from .plugins import PluginSet, default_plugins
 
@@ -46,6 +47,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"done: stages {', '.join(result.completed)} in {result.run_dir}")
     if result.last_metrics:
         print(f"last metrics: {json.dumps({k: round(v, 5) for k, v in result.last_metrics.items()})}")
+    if not result.paused_at and not args.no_eval:
+        from .evaluation import evaluate_run, print_report
+
+        if exp.task.cls.evaluate is not Task.evaluate:
+            report = evaluate_run(trainer.run_dir, device=args.device)
+            print_report(report)
+            console.print(f"metrics written to {report['path']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_run, print_report
+
+    report = evaluate_run(args.run_dir, stage=args.stage, split=args.split, device=args.device)
+    print_report(report)
+    Console(stderr=True, soft_wrap=True).print(f"metrics written to {report['path']}")
     return 0
 
 
@@ -91,7 +108,16 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default=None, help="override the experiment's device (auto, cpu, cuda, mps)")
     run.add_argument("--max-steps", type=int, default=None, help="pause after N steps (resume by re-running)")
+    run.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     run.set_defaults(handler=cmd_run)
+    evaluate = sub.add_parser("evaluate", help="per-group metrics of a finished run on a held-out split")
+    evaluate.add_argument("run_dir", type=Path, help="run directory")
+    evaluate.add_argument(
+        "--stage", default=None, help="stage whose final weights to evaluate (default: last)"
+    )
+    evaluate.add_argument("--split", default="test", help="data split (default: test)")
+    evaluate.add_argument("--device", default=None, help="auto, cpu, cuda, mps")
+    evaluate.set_defaults(handler=cmd_evaluate)
     validate = sub.add_parser("validate", help="check an experiment file without running it")
     _experiment_args(validate)
     validate.set_defaults(handler=cmd_validate)

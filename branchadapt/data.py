@@ -72,3 +72,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
 
     return {stream: {k: move(v) for k, v in fields.items()} for stream, fields in batch.items()}
+
+
+def group_batches(
+    source: DataSource, group: str, stream: str, group_index: int, batch_size: int = 64, seed: int = 0
+) -> Iterator[dict[str, Tensor]]:
+    """Every item of one group's stream, in order, collated in batches (for evaluation)."""
+    n = source.sizes()[group].get(stream, 0)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        items = [source.get(group, stream, i, np.random.default_rng([seed, i])) for i in idx]
+        batch = dict(source.collate(stream, items))
+        batch["group"] = torch.full((len(items),), group_index, dtype=torch.long)
+        yield batch

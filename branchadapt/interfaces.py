@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import default_collate
@@ -217,3 +218,9 @@ class Task(ABC):
 
     def after_step(self, phase: str, modules: Mapping[str, nn.Module]) -> None:
         """Hook after a phase's optimiser step (e.g. clamping parameters); default: nothing."""
+
+    def evaluate(
+        self, modules: Mapping[str, nn.Module], source: DataSource, device: torch.device
+    ) -> dict[str, dict[str, float]] | None:
+        """Per-group metrics on ``source`` (a held-out split); None: the task has no evaluation."""
+        return None

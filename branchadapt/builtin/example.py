@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..data import group_batches
 from ..interfaces import Backbone, Batch, DataSource, LossOptions, LossTerm, Phase, PluginOptions, Task
 
 
@@ -119,6 +120,25 @@ class SupervisedTask(Task):
         data = batch[self.options.stream]
         logits = modules["model"](data[self.options.input_key], groups=data["group"])
         return {"logits": logits, "target": data[self.options.target_key], "group": data["group"]}
+
+    def evaluate(
+        self, modules: Mapping[str, nn.Module], source: DataSource, device: torch.device
+    ) -> dict[str, dict[str, float]]:
+        """Accuracy and mean cross-entropy per group."""
+        model = modules["model"]
+        out = {}
+        with torch.no_grad():
+            for gi, group in enumerate(self.context.groups):
+                correct, loss, n = 0.0, 0.0, 0
+                for b in group_batches(source, group, self.options.stream, gi, batch_size=256):
+                    x, y = b[self.options.input_key].to(device), b[self.options.target_key].to(device)
+                    logits = model(x, groups=b["group"])
+                    correct += float((logits.argmax(1) == y).sum())
+                    loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                    n += len(y)
+                if n:
+                    out[group] = {"accuracy": correct / n, "cross_entropy": loss / n}
+        return out
 
 
 class CrossEntropyOptions(LossOptions):

@@ -123,7 +123,7 @@ def _background(rng: np.random.Generator) -> RGB:
     val = rng.uniform(212.0, 240.0)
     k = np.array([5.0, 3.0, 1.0])
     chan = val * (1.0 - sat * np.clip(np.minimum((k + hue) % 6.0, 4.0 - (k + hue) % 6.0), 0.0, 1.0))
-    return tuple(int(round(c)) for c in chan)  # type: ignore[return-value]
+    return tuple(round(c) for c in chan)  # type: ignore[return-value]
 
 
 def _light(rng: np.random.Generator) -> tuple[float, float, float]:
@@ -135,24 +135,64 @@ def _light(rng: np.random.Generator) -> tuple[float, float, float]:
 # Per-group ranges.  Each entry is (low, high) for a uniform draw.
 _RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "women": dict(
-        fw=(0.190, 0.210), ratio=(0.73, 0.79), eye=(0.25, 0.29), eyey=(-0.02, 0.05),
-        brow=(0.034, 0.044), nose=(0.32, 0.38), nosew=(0.17, 0.21), mouth=(0.30, 0.36),
-        smile=(0.1, 1.0), blush=(0.0, 0.3), wrinkle=(0.0, 0.0), grey=(0.0, 0.0), vol=(0.16, 0.26),
+        fw=(0.190, 0.210),
+        ratio=(0.73, 0.79),
+        eye=(0.25, 0.29),
+        eyey=(-0.02, 0.05),
+        brow=(0.034, 0.044),
+        nose=(0.32, 0.38),
+        nosew=(0.17, 0.21),
+        mouth=(0.30, 0.36),
+        smile=(0.1, 1.0),
+        blush=(0.0, 0.2),
+        wrinkle=(0.0, 0.0),
+        grey=(0.0, 0.0),
+        vol=(0.16, 0.26),
     ),
     "men": dict(
-        fw=(0.200, 0.222), ratio=(0.74, 0.80), eye=(0.20, 0.235), eyey=(-0.02, 0.05),
-        brow=(0.052, 0.068), nose=(0.35, 0.42), nosew=(0.21, 0.26), mouth=(0.32, 0.40),
-        smile=(-0.2, 0.7), blush=(0.0, 0.0), wrinkle=(0.0, 0.0), grey=(0.0, 0.0), vol=(0.08, 0.16),
+        fw=(0.200, 0.222),
+        ratio=(0.74, 0.80),
+        eye=(0.20, 0.235),
+        eyey=(-0.02, 0.05),
+        brow=(0.052, 0.068),
+        nose=(0.35, 0.42),
+        nosew=(0.21, 0.26),
+        mouth=(0.32, 0.40),
+        smile=(-0.2, 0.7),
+        blush=(0.0, 0.0),
+        wrinkle=(0.0, 0.0),
+        grey=(0.0, 0.0),
+        vol=(0.08, 0.16),
     ),
     "kids": dict(
-        fw=(0.205, 0.228), ratio=(0.87, 0.93), eye=(0.28, 0.32), eyey=(0.13, 0.19),
-        brow=(0.032, 0.040), nose=(0.20, 0.25), nosew=(0.13, 0.16), mouth=(0.24, 0.30),
-        smile=(0.3, 1.0), blush=(0.75, 1.0), wrinkle=(0.0, 0.0), grey=(0.0, 0.0), vol=(0.12, 0.22),
+        fw=(0.205, 0.228),
+        ratio=(0.87, 0.93),
+        eye=(0.28, 0.32),
+        eyey=(0.13, 0.19),
+        brow=(0.032, 0.040),
+        nose=(0.20, 0.25),
+        nosew=(0.13, 0.16),
+        mouth=(0.24, 0.30),
+        smile=(0.3, 1.0),
+        blush=(0.75, 1.0),
+        wrinkle=(0.0, 0.0),
+        grey=(0.0, 0.0),
+        vol=(0.12, 0.22),
     ),
     "elderly": dict(
-        fw=(0.195, 0.218), ratio=(0.74, 0.80), eye=(0.20, 0.23), eyey=(0.0, 0.06),
-        brow=(0.042, 0.058), nose=(0.36, 0.43), nosew=(0.20, 0.25), mouth=(0.28, 0.35),
-        smile=(-0.2, 0.6), blush=(0.0, 0.1), wrinkle=(0.6, 1.0), grey=(0.75, 1.0), vol=(0.08, 0.16),
+        fw=(0.195, 0.218),
+        ratio=(0.74, 0.80),
+        eye=(0.20, 0.23),
+        eyey=(0.0, 0.06),
+        brow=(0.042, 0.058),
+        nose=(0.36, 0.43),
+        nosew=(0.20, 0.25),
+        mouth=(0.28, 0.35),
+        smile=(-0.2, 0.6),
+        blush=(0.0, 0.1),
+        wrinkle=(0.6, 1.0),
+        grey=(0.75, 1.0),
+        vol=(0.08, 0.16),
     ),
 }
 
@@ -222,7 +262,7 @@ def sample_identity(group: str, rng: np.random.Generator) -> Identity:
         pose_dy=float(rng.uniform(-0.015, 0.015)),
         pose_yaw=float(rng.uniform(-1.0, 1.0)),
         pose_roll=float(rng.uniform(-7.0, 7.0)),
-        pose_scale=float(rng.uniform(0.93, 1.05)),
+        pose_scale=float(rng.uniform(1.04, 1.16)),
         background=_background(rng),
         light_dir=_light(rng),
         shirt_color=_jitter(rng, _pick(rng, _SHIRTS), 10.0),

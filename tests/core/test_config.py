@@ -99,7 +99,7 @@ def test_apply_override_paths():
     apply_override(data, "groups[1]=c")
     apply_override(data, 'data.root="x y"')
     assert data == {"stages": {"s": {"steps": 5}}, "groups": ["a", "c"], "data": {"root": "x y"}}
-    with pytest.raises(ba.ConfigError, match="KEY.PATH=VALUE"):
+    with pytest.raises(ba.ConfigError, match=r"KEY\.PATH=VALUE"):
         apply_override(data, "nothing")
 
 

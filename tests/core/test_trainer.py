@@ -132,3 +132,33 @@ def test_optimizer_and_schedule_options():
         sched.step()
     assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.2)
     assert spec is not None
+
+
+def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli):
+    from branchadapt.evaluation import evaluate_run
+
+    _, _ = train(small_experiment(), tmp_path / "run")
+    report = evaluate_run(tmp_path / "run", device="cpu")
+    saved = json.loads((tmp_path / "run" / "eval" / "transfer-test.json").read_text())
+    assert saved["groups"] == report["groups"] and set(saved["groups"]) == {"a", "b", "c"}
+    # recompute group b's accuracy by hand from its own extracted model
+    exp = ba.load_experiment(tmp_path / "exp.toml")
+    test = exp.data.cls(exp.data.options, ("a", "b", "c"), tmp_path, "test")
+    model = ba.branch(
+        ba.build_backbone("mlp", in_features=6, hidden=[16, 16], out_features=3),
+        ["a", "b", "c"],
+        low=1,
+        top=1,
+    )
+    ba.load_weights(tmp_path / "run" / "stages" / "transfer" / "final.safetensors", {"model": model})
+    single = model.extract("b").eval()
+    items = [test.get("b", "train", i, None) for i in range(test.sizes()["b"]["train"])]
+    x = torch.stack([it["x"] for it in items])
+    y = torch.tensor([it["y"] for it in items])
+    expected = float((single(x).argmax(1) == y).float().mean())
+    assert report["groups"]["b"]["accuracy"] == pytest.approx(expected)
+    out = run_cli("evaluate", str(tmp_path / "run"), "--stage", "basic")
+    assert out.returncode == 0, out.stderr
+    assert "stage basic on the test split" in out.stdout and "accuracy" in out.stdout
+    bad = run_cli("evaluate", str(tmp_path))
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr

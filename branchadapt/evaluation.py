@@ -1,0 +1,86 @@
+"""``branchadapt evaluate``: per-group metrics of a finished run on a held-out split.
+
+The task supplies the metrics (:meth:`~branchadapt.Task.evaluate`); this module rebuilds the run's
+modules from its saved config, loads the final weights, and writes/prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import load_weights
+from .config import Experiment
+from .errors import UserError
+from .loading import ResolvedExperiment, resolve
+from .plugins import PluginSet, default_plugins
+
+
+def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperiment:
+    """The resolved experiment a run directory was made with."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json); expected the directory of a run")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        spec = Experiment.model_validate(saved["experiment"])
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise UserError(f"{path}: corrupt run config ({exc})") from exc
+    plugins = plugins or default_plugins()
+    source = Path(saved.get("source", path))
+    plugins.load_modules(spec.plugins, search_dir=source.resolve().parent, where=f"{path}: plugins")
+    return resolve(spec, source, plugins, saved["experiment"])
+
+
+def evaluate_run(
+    run_dir: Path, stage: str | None = None, split: str = "test", device: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a stage's final weights (default: the last stage) and write ``eval/<stage>-<split>.json``."""
+    from .trainer import Trainer  # the trainer builds modules exactly as training did
+
+    exp = load_run(run_dir)
+    names = [s.name for s in exp.stages]
+    stage = stage or names[-1]
+    if stage not in names:
+        raise UserError(f"--stage {stage!r} is not a stage of this run; expected one of {names}")
+    index = names.index(stage)
+    weights = Path(run_dir) / "stages" / stage / "final.safetensors"
+    if not weights.is_file():
+        raise UserError(f"stage {stage!r} of {run_dir} has not finished (no {weights}); run it first")
+    trainer = Trainer(exp, run_dir=Path(run_dir), device=device)
+    task = trainer.build_task()
+    from .trainer import wrap_backbones
+
+    modules = wrap_backbones(task.build(), exp.stages[index], trainer.groups, trainer.anchor)
+    load_weights(weights, modules)
+    for module in modules.values():
+        module.to(trainer.device).eval()
+    metrics = task.evaluate(modules, trainer.build_source(split), trainer.device)
+    if metrics is None:
+        raise UserError(f"task {exp.task.type!r} does not define an evaluation")
+    report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}
+    out = Path(run_dir) / "eval" / f"{stage}-{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    report["path"] = str(out)
+    return report
+
+
+def metrics_table(report: dict[str, Any]) -> Table:
+    groups: dict[str, dict[str, float]] = report["groups"]
+    columns = list(dict.fromkeys(k for values in groups.values() for k in values))
+    table = Table(title=f"stage {report['stage']} on the {report['split']} split")
+    table.add_column("group")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for group, values in groups.items():
+        table.add_row(group, *(f"{values[c]:.4f}" if c in values else "-" for c in columns))
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console(soft_wrap=True)).print(metrics_table(report))
