@@ -149,17 +149,19 @@ class BranchedModel(nn.Module):
             )
         self.groups = tuple(groups)
         self.branch_stages = tuple(s for s in stage_names if s in set(branch_stages))
+        #: sub-module paths replaced by routers (a stage may span several sibling modules)
+        self.branch_paths = tuple(p for s in self.branch_stages for p in backbone.stage_paths(s))
         policy = dict(participation or {})
         self.participation = {g: Participation(policy.get(g, Participation.LIVE)) for g in self.groups}
         self.router = Router(self.groups)
-        for path in self.branch_stages:
+        for path in self.branch_paths:
             _set_submodule(
                 backbone, path, GroupBranches(backbone.get_submodule(path), self.groups, self.router)
             )
         self.backbone = backbone
-        prefixes = tuple(f"{s}." for s in self.branch_stages)
+        prefixes = tuple(f"{p}." for p in self.branch_paths)
         self._shared_names = [n for n, _ in backbone.named_parameters() if not n.startswith(prefixes)]
-        branch_roots = {id(backbone.get_submodule(s)) for s in self.branch_stages}
+        branch_roots = {id(backbone.get_submodule(p)) for p in self.branch_paths}
         self._shared_modules = list(_modules_outside(backbone, branch_roots))
 
     # ------------------------------------------------------------------ forward
@@ -222,8 +224,8 @@ class BranchedModel(nn.Module):
         return (params[n] for n in self._shared_names)
 
     def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
-        for stage in self.branch_stages:
-            router = self.backbone.get_submodule(stage)
+        for path in self.branch_paths:
+            router = self.backbone.get_submodule(path)
             assert isinstance(router, GroupBranches)
             for g, module in router.branches.items():
                 if group is None or g == group:
@@ -232,11 +234,11 @@ class BranchedModel(nn.Module):
     # ------------------------------------------------------------------ state
     def single_key(self, key: str, group: str) -> str | None:
         """Map a key of this model to the plain-backbone key for ``group`` (None: other group's)."""
-        for stage in self.branch_stages:
-            head = f"backbone.{stage}.{BRANCHES}."
+        for path in self.branch_paths:
+            head = f"backbone.{path}.{BRANCHES}."
             if key.startswith(head):
                 g, _, rest = key[len(head) :].partition(".")
-                return f"backbone.{stage}.{rest}" if g == group else None
+                return f"backbone.{path}.{rest}" if g == group else None
         return key
 
     def group_state_dict(self, group: str) -> dict[str, Tensor]:
@@ -265,10 +267,10 @@ class BranchedModel(nn.Module):
         wanted = {}
         for key in own:
             single = key
-            for stage in self.branch_stages:
-                head = f"backbone.{stage}.{BRANCHES}."
+            for path in self.branch_paths:
+                head = f"backbone.{path}.{BRANCHES}."
                 if key.startswith(head):
-                    single = f"backbone.{stage}.{key[len(head) :].partition('.')[2]}"
+                    single = f"backbone.{path}.{key[len(head) :].partition('.')[2]}"
             wanted[key] = single
         missing = sorted({s for s in wanted.values() if s not in plain})
         unexpected = sorted(set(plain) - set(wanted.values()))
@@ -281,10 +283,10 @@ class BranchedModel(nn.Module):
     def extract(self, group: str) -> Backbone:
         """A plain backbone carrying ``group``'s branches: the group's own single model."""
         clone = copy.deepcopy(self.backbone)
-        for stage in self.branch_stages:
-            router = clone.get_submodule(stage)
+        for path in self.branch_paths:
+            router = clone.get_submodule(path)
             assert isinstance(router, GroupBranches)
-            _set_submodule(clone, stage, router.branches[group])
+            _set_submodule(clone, path, router.branches[group])
         return clone
 
 

@@ -56,7 +56,15 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def stage_names(self) -> list[str]:
-        """Ordered stage paths (``get_submodule`` paths), input side first."""
+        """Ordered stage names, input side first (by default each is a ``get_submodule`` path)."""
+
+    def stage_paths(self, stage: str) -> list[str]:
+        """The sub-module paths making up ``stage`` (default: the stage name itself).
+
+        Override when one logical stage is several sibling modules (e.g. a CNN stem made of a
+        conv, a norm and a pool) so split depth counts logical stages, not modules.
+        """
+        return [stage]
 
 
 class BranchSplitter(ABC):

@@ -185,3 +185,36 @@ def test_load_flexible_from_plain_and_from_other_depth():
     )
     with pytest.raises(ba.CheckpointError, match="shape mismatch"):
         wrong.load_flexible(deep.state_dict(), anchor="anchor")
+
+
+class TwoPartStem(ba.Backbone):
+    """A logical stage made of two sibling modules (like a CNN stem: conv + norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.body = nn.Linear(8, 2)
+
+    def stage_names(self) -> list[str]:
+        return ["stem", "body"]
+
+    def stage_paths(self, stage: str) -> list[str]:
+        return ["conv", "norm"] if stage == "stem" else [stage]
+
+    def forward(self, x):
+        return self.body(self.norm(self.conv(x)))
+
+
+def test_stage_spanning_several_modules_is_branched_as_a_whole():
+    model = BranchedModel(TwoPartStem(), GROUPS, ["stem"], {"few": Participation.DETACHED})
+    assert model.branch_stages == ("stem",) and model.branch_paths == ("conv", "norm")
+    branched = {k for k in model.state_dict() if ".branches." in k}
+    assert branched == {
+        f"backbone.{m}.branches.{g}.{p}" for m in ("conv", "norm") for g in GROUPS for p in ("weight", "bias")
+    }
+    backward_for(model, 1)
+    assert all(g is None or g.abs().sum() == 0 for g in shared_grads(model))
+    assert all(g.abs().sum() > 0 for g in grads_of(model.backbone.norm.branches["few"]))
+    plain = {f"backbone.{k}" for k in TwoPartStem().state_dict()}
+    assert set(model.group_state_dict("few")) == plain

@@ -1,0 +1,1 @@
+"""timm backbones and classification losses: the branch recipe applied to image classification."""
