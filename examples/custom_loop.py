@@ -82,6 +82,9 @@ def main() -> None:
         top=1,
     )
     ba.load_checkpoint(ckpt, {"model": reloaded})
+    trained, restored = branched.state_dict(), reloaded.state_dict()
+    same = trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
+    print("reloaded weights identical:", same)
     print("branched model accuracy:", accuracy(reloaded, test, groups))
     print(f"checkpoint: {ckpt}")
 
