@@ -51,6 +51,7 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end of each stage")
     keep_last: int = Field(3, ge=1, description="checkpoints kept per stage")
+    sample_every: int = Field(0, ge=0, description="steps between the task's training samples; 0: none")
     workers: int = Field(0, ge=0, description="data-loading worker processes")
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
 

@@ -13,11 +13,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+import torch
+
 from .checkpoint import load_weights
 from .config import Experiment
 from .errors import UserError
 from .loading import ResolvedExperiment, resolve
 from .plugins import PluginSet, default_plugins
+from .report import atomic_write_text, write_html_report
 
 
 def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperiment:
@@ -59,14 +62,17 @@ def evaluate_run(
     load_weights(weights, modules)
     for module in modules.values():
         module.to(trainer.device).eval()
-    metrics = task.evaluate(modules, trainer.build_source(split), trainer.device)
+    out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        metrics = task.evaluate(modules, trainer.build_source(split), trainer.device, out_dir)
     if metrics is None:
         raise UserError(f"task {exp.task.type!r} does not define an evaluation")
     report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}
-    out = Path(run_dir) / "eval" / f"{stage}-{split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    report["path"] = str(out)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
+    html = write_html_report(out_dir, f"{exp.spec.name}: stage {stage}, {split} split", metrics)
+    report["path"] = str(out_dir / "metrics.json")
+    report["html"] = str(html)
     return report
 
 

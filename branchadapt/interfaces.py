@@ -228,7 +228,25 @@ class Task(ABC):
         """Hook after a phase's optimiser step (e.g. clamping parameters); default: nothing."""
 
     def evaluate(
-        self, modules: Mapping[str, nn.Module], source: DataSource, device: torch.device
+        self,
+        modules: Mapping[str, nn.Module],
+        source: DataSource,
+        device: torch.device,
+        out_dir: Path | None = None,
     ) -> dict[str, dict[str, float]] | None:
-        """Per-group metrics on ``source`` (a held-out split); None: the task has no evaluation."""
+        """Per-group metrics on ``source`` (a held-out split); None: the task has no evaluation.
+
+        A task may also write figures (PNG) into ``out_dir``; the report embeds them.
+        """
         return None
+
+    def samples(
+        self,
+        modules: Mapping[str, nn.Module],
+        source: DataSource,
+        device: torch.device,
+        out_dir: Path,
+        step: int,
+    ) -> list[Path]:
+        """Write periodic training samples (e.g. image grids) into ``out_dir``; default: none."""
+        return []

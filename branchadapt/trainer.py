@@ -273,9 +273,24 @@ class Trainer:
                     self.progress.update(done)
                 if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == stop:
                     self._checkpoint(rt, done)
+                if train.sample_every and (done % train.sample_every == 0 or done == rt.steps):
+                    self._samples(rt, done)
         finally:
             self.progress.end_stage()
         return last
+
+    def _samples(self, rt: StageRuntime, step: int) -> None:
+        """Let the task write its training samples, in eval mode and without gradients."""
+        modes = {name: m.training for name, m in rt.modules.items()}
+        for m in rt.modules.values():
+            m.eval()
+        try:
+            with torch.no_grad():
+                out = self.run_dir / "samples" / rt.stage.name
+                rt.task.samples(rt.modules, rt.data.source, self.device, out, step)
+        finally:
+            for name, m in rt.modules.items():
+                m.train(modes[name])
 
     def train_step(self, rt: StageRuntime, batch: Any) -> dict[str, Tensor]:
         """One step: every phase's forward, weighted loss, backward and optimiser step."""

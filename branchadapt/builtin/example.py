@@ -122,7 +122,11 @@ class SupervisedTask(Task):
         return {"logits": logits, "target": data[self.options.target_key], "group": data["group"]}
 
     def evaluate(
-        self, modules: Mapping[str, nn.Module], source: DataSource, device: torch.device
+        self,
+        modules: Mapping[str, nn.Module],
+        source: DataSource,
+        device: torch.device,
+        out_dir: Path | None = None,
     ) -> dict[str, dict[str, float]]:
         """Accuracy and mean cross-entropy per group."""
         model = modules["model"]

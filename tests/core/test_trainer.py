@@ -139,7 +139,8 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
 
     _, _ = train(small_experiment(), tmp_path / "run")
     report = evaluate_run(tmp_path / "run", device="cpu")
-    saved = json.loads((tmp_path / "run" / "eval" / "transfer-test.json").read_text())
+    saved = json.loads((tmp_path / "run" / "eval" / "transfer-test" / "metrics.json").read_text())
+    assert "accuracy" in (tmp_path / "run" / "eval" / "transfer-test" / "report.html").read_text()
     assert saved["groups"] == report["groups"] and set(saved["groups"]) == {"a", "b", "c"}
     # recompute group b's accuracy by hand from its own extracted model
     exp = ba.load_experiment(tmp_path / "exp.toml")
@@ -162,3 +163,26 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
     assert "stage basic on the test split" in out.stdout and "accuracy" in out.stdout
     bad = run_cli("evaluate", str(tmp_path))
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_task_samples_are_written_every_n_steps_in_eval_mode(small_experiment, tmp_path, monkeypatch):
+    from branchadapt.builtin.example import SupervisedTask
+
+    calls = []
+
+    def samples(self, modules, source, device, out_dir, step):
+        calls.append((out_dir.name, step, [m.training for m in modules.values()], torch.is_grad_enabled()))
+        return []
+
+    monkeypatch.setattr(SupervisedTask, "samples", samples)
+    _, result = train(small_experiment(steps=6), tmp_path / "run", ["train.sample_every=4"])
+    assert result.completed == ["basic", "transfer"]
+    # every 4 steps and at the end of each stage, modules in eval mode, no autograd
+    assert [(stage, step) for stage, step, _, _ in calls] == [
+        ("basic", 4),
+        ("basic", 6),
+        ("transfer", 4),
+        ("transfer", 6),
+    ]
+    assert all(modes == [False] for _, _, modes, _ in calls)
+    assert not any(grad for *_, grad in calls)
