@@ -187,11 +187,17 @@ def merge_component(base: Any, override: Any) -> Any:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; values of ``override`` win, nested tables merge."""
+    """Recursive dict merge; values of ``override`` win, nested tables merge.
+
+    A table that names a different component ``type`` than its base replaces it whole: the
+    options of one implementation mean nothing to another.
+    """
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            old = out[key]
+            same = "type" not in value or "type" not in old or value["type"] == old["type"]
+            out[key] = deep_merge(old, value) if same else dict(value)
         else:
             out[key] = value
     return out

@@ -7,20 +7,25 @@ modules from its saved config, loads the final weights, and writes/prints the ta
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
 
 from .checkpoint import load_weights
 from .config import Experiment
 from .errors import UserError
+from .interfaces import Task
 from .loading import ResolvedExperiment, resolve
 from .plugins import PluginSet, default_plugins
 from .report import atomic_write_text, write_html_report
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 
 def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperiment:
@@ -39,29 +44,53 @@ def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperim
     return resolve(spec, source, plugins, saved["experiment"])
 
 
-def evaluate_run(
-    run_dir: Path, stage: str | None = None, split: str = "test", device: str | None = None
-) -> dict[str, Any]:
-    """Evaluate a stage's final weights (default: the last stage) and write ``eval/<stage>-<split>.json``."""
-    from .trainer import Trainer  # the trainer builds modules exactly as training did
+@dataclass
+class LoadedStage:
+    """A finished stage of a run, rebuilt exactly as training built it, final weights loaded."""
+
+    experiment: ResolvedExperiment
+    stage: str
+    task: Task
+    modules: dict[str, nn.Module]
+    trainer: Trainer
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+
+def load_stage(run_dir: Path, stage: str | None = None, device: str | None = None) -> LoadedStage:
+    """Rebuild a run's modules for ``stage`` (default: the last) in eval mode, on ``device``."""
+    from .trainer import Trainer, wrap_backbones
 
     exp = load_run(run_dir)
     names = [s.name for s in exp.stages]
     stage = stage or names[-1]
     if stage not in names:
         raise UserError(f"--stage {stage!r} is not a stage of this run; expected one of {names}")
-    index = names.index(stage)
     weights = Path(run_dir) / "stages" / stage / "final.safetensors"
     if not weights.is_file():
         raise UserError(f"stage {stage!r} of {run_dir} has not finished (no {weights}); run it first")
     trainer = Trainer(exp, run_dir=Path(run_dir), device=device)
     task = trainer.build_task()
-    from .trainer import wrap_backbones
-
-    modules = wrap_backbones(task.build(), exp.stages[index], trainer.groups, trainer.anchor)
+    modules = wrap_backbones(task.build(), exp.stages[names.index(stage)], trainer.groups, trainer.anchor)
     load_weights(weights, modules)
     for module in modules.values():
         module.to(trainer.device).eval()
+    return LoadedStage(exp, stage, task, modules, trainer)
+
+
+def evaluate_run(
+    run_dir: Path, stage: str | None = None, split: str = "test", device: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a stage's final weights (default: the last stage) into ``eval/<stage>-<split>/``.
+
+    Writes ``metrics.json`` and a self-contained ``report.html`` (table + the task's figures).
+    """
+    loaded = load_stage(run_dir, stage, device)
+    exp, stage, task, modules, trainer = (
+        loaded.experiment, loaded.stage, loaded.task, loaded.modules, loaded.trainer
+    )  # fmt: skip
     out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -77,14 +106,15 @@ def evaluate_run(
 
 
 def metrics_table(report: dict[str, Any]) -> Table:
+    """Metrics as rows and groups as columns (there are usually more metrics than groups)."""
     groups: dict[str, dict[str, float]] = report["groups"]
-    columns = list(dict.fromkeys(k for values in groups.values() for k in values))
+    metrics = list(dict.fromkeys(k for values in groups.values() for k in values))
     table = Table(title=f"stage {report['stage']} on the {report['split']} split")
-    table.add_column("group")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for group, values in groups.items():
-        table.add_row(group, *(f"{values[c]:.4f}" if c in values else "-" for c in columns))
+    table.add_column("metric")
+    for group in groups:
+        table.add_column(group, justify="right")
+    for m in metrics:
+        table.add_row(m, *(f"{groups[g][m]:.4f}" if m in groups[g] else "-" for g in groups))
     return table
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from branchadapt.plugins import reset_default_plugins
 
@@ -51,6 +53,12 @@ sampler = {{ type = "per_group", per_group = 2 }}
 """
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins():
     reset_default_plugins()
@@ -77,12 +85,13 @@ def run_cli():
 def _run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed CLI in a subprocess (what a user types)."""
+    """Run the installed CLI in a subprocess (what a user types), on one thread like the tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "branchadapt.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
         env=env,
-        timeout=300,
+        timeout=900,
     )

@@ -75,11 +75,15 @@ def identity_for(seed: int, split: str, group: str, kind: str, index: int) -> Id
 
 def generate_image(seed: int, split: str, group: str, kind: str, index: int, size: int) -> np.ndarray:
     """Render one image in memory: uint8 (size, size, 3) RGB, byte-identical for equal arguments."""
-    s = identity_seed(seed, split, group, kind, index)
-    ident = sample_identity(group, np.random.default_rng(s))
+    return render_seeded(identity_seed(seed, split, group, kind, index), group, kind, size)
+
+
+def render_seeded(seed: int, group: str, kind: str, size: int) -> np.ndarray:
+    """Render the image of one identity seed; other seed streams (e.g. the judges') reuse it."""
+    ident = sample_identity(group, np.random.default_rng(seed))
     if kind == "cartoon":
         return render_cartoon(ident, size)
-    noise = np.random.default_rng(np.random.SeedSequence((s, _h("photo-noise"))))
+    noise = np.random.default_rng(np.random.SeedSequence((seed, _h("photo-noise"))))
     return render_photo(ident, size, noise)
 
 

@@ -1,0 +1,309 @@
+"""The photo2cartoon generator (U-GAT-IT "light" with hourglass blocks and soft-AdaLIN).
+
+Parameter names follow the reference implementation, so its checkpoints map one to one, except
+that the three CAM pieces (``gap_fc``, ``gmp_fc``, ``conv1x1``) live in one ``cam`` module: every
+stage must be a module called through its attribute, so the branched model can route it per group.
+Stages, input side first: ConvBlock1, HourGlass1-2, DownBlock1-2, EncodeBlock1-n, cam, FC,
+DecodeBlock1-n, UpBlock1-2, HourGlass3-4, ConvBlock2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from branchadapt import Backbone, PluginOptions
+
+
+def _in_ln(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Instance-normalised and layer-normalised ``x`` (unbiased variance, as the reference)."""
+    in_var, in_mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
+    ln_var, ln_mean = torch.var_mean(x, dim=(1, 2, 3), keepdim=True)
+    return (x - in_mean) * torch.rsqrt(in_var + eps), (x - ln_mean) * torch.rsqrt(ln_var + eps)
+
+
+class AdaLIN(nn.Module):
+    """Adaptive layer-instance norm: ``rho`` mixes IN and LN; gamma/beta come from outside."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), 0.9))
+
+    def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        out_in, out_ln = _in_ln(x, self.eps)
+        out = self.rho * out_in + (1 - self.rho) * out_ln
+        return out * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class LIN(nn.Module):
+    """Layer-instance norm with learnt mixing, scale and shift (decoder up-sampling blocks)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.rho = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_in, out_ln = _in_ln(x, self.eps)
+        return (self.rho * out_in + (1 - self.rho) * out_ln) * self.gamma + self.beta
+
+
+class SoftAdaLIN(nn.Module):
+    """AdaLIN whose gamma/beta blend style (from FC) and content (encoder features) by ``w``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = AdaLIN(channels)
+        self.w_gamma = nn.Parameter(torch.zeros(1, channels))
+        self.w_beta = nn.Parameter(torch.zeros(1, channels))
+        self.c_gamma = nn.Sequential(
+            nn.Linear(channels, channels), nn.ReLU(True), nn.Linear(channels, channels)
+        )
+        self.c_beta = nn.Sequential(
+            nn.Linear(channels, channels), nn.ReLU(True), nn.Linear(channels, channels)
+        )
+        self.s_gamma = nn.Linear(channels, channels)
+        self.s_beta = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, content: Tensor, style: Tensor) -> Tensor:
+        gamma = (1 - self.w_gamma) * self.s_gamma(style) + self.w_gamma * self.c_gamma(content)
+        beta = (1 - self.w_beta) * self.s_beta(style) + self.w_beta * self.c_beta(content)
+        return self.norm(x, gamma, beta)
+
+
+def _conv_unit(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.InstanceNorm2d(c_in),
+        nn.ReLU(True),
+        nn.ReflectionPad2d(1),
+        nn.Conv2d(c_in, c_out, 3, 1, bias=False),
+    )
+
+
+class ConvBlock(nn.Module):
+    """Hourglass unit: three chained 3x3 convs (out/2, out/4, out/4) concatenated, plus a residual."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.c_out = c_out
+        self.ConvBlock1 = _conv_unit(c_in, c_out // 2)
+        self.ConvBlock2 = _conv_unit(c_out // 2, c_out // 4)
+        self.ConvBlock3 = _conv_unit(c_out // 4, c_out // 4)
+        # present (and counted) even when unused, as in the reference, so its checkpoints load
+        self.ConvBlock4 = nn.Sequential(
+            nn.InstanceNorm2d(c_in), nn.ReLU(True), nn.Conv2d(c_in, c_out, 1, bias=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.ConvBlock1(x)
+        x2 = self.ConvBlock2(x1)
+        x3 = self.ConvBlock3(x2)
+        residual = x if x.shape[1] == self.c_out else self.ConvBlock4(x)
+        return residual + torch.cat((x1, x2, x3), 1)
+
+
+class HourGlassBlock(nn.Module):
+    """Four average-pool levels down, four nearest up-samplings back, skips at every level."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        for level in range(1, 5):
+            setattr(self, f"ConvBlock{level}_1", ConvBlock(c_in if level == 1 else c_out, c_out))
+            setattr(self, f"ConvBlock{level}_2", ConvBlock(c_in if level == 1 else c_out, c_out))
+        for k in range(5, 10):
+            setattr(self, f"ConvBlock{k}", ConvBlock(c_out, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for level in range(1, 5):
+            skips.append(getattr(self, f"ConvBlock{level}_1")(x))
+            x = getattr(self, f"ConvBlock{level}_2")(F.avg_pool2d(x, 2))
+        x = self.ConvBlock5(x)
+        for k, skip in zip(range(6, 10), reversed(skips), strict=True):
+            x = F.interpolate(getattr(self, f"ConvBlock{k}")(x), scale_factor=2.0, mode="nearest") + skip
+        return x
+
+
+class HourGlass(nn.Module):
+    """Hourglass block + unit + 1x1 conv, with a 3-channel side output fed back (if residual)."""
+
+    def __init__(self, c_in: int, c_out: int, residual: bool = True) -> None:
+        super().__init__()
+        self.residual = residual
+        self.HG = nn.Sequential(
+            HourGlassBlock(c_in, c_out),
+            ConvBlock(c_out, c_out),
+            nn.Conv2d(c_out, c_out, 1, bias=False),
+            nn.InstanceNorm2d(c_out),
+            nn.ReLU(True),
+        )
+        self.Conv1 = nn.Conv2d(c_out, 3, 1)
+        if residual:
+            self.Conv2 = nn.Conv2d(c_out, c_out, 1)
+            self.Conv3 = nn.Conv2d(3, c_out, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ll = self.HG(x)
+        side = self.Conv1(ll)
+        if not self.residual:
+            return side
+        return x + self.Conv2(ll) + self.Conv3(side)
+
+
+class ResnetBlock(nn.Module):
+    """Encoder residual block: two reflect-padded 3x3 convs with instance norm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), nn.InstanceNorm2d(channels),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), nn.InstanceNorm2d(channels),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x + self.conv_block(x)
+        return x, x.mean(dim=(2, 3))  # features and their global average: the "content features"
+
+
+class SoftAdaLINBlock(nn.Module):
+    """Decoder residual block normalised by soft-AdaLIN (content + style)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pad1 = nn.ReflectionPad2d(1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, bias=False)
+        self.norm1 = SoftAdaLIN(channels)
+        self.relu1 = nn.ReLU(True)
+        self.pad2 = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, bias=False)
+        self.norm2 = SoftAdaLIN(channels)
+
+    def forward(self, x: Tensor, content: Tensor, style: Tensor) -> Tensor:
+        out = self.relu1(self.norm1(self.conv1(self.pad1(x)), content, style))
+        return x + self.norm2(self.conv2(self.pad2(out)), content, style)
+
+
+class CAM(nn.Module):
+    """Class activation map: GAP/GMP logits, features re-weighted by each classifier, 1x1 fusion."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gap_fc = nn.Linear(channels, 1)
+        self.gmp_fc = nn.Linear(channels, 1)
+        self.conv1x1 = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gap_logit = self.gap_fc(x.mean(dim=(2, 3)))
+        gmp_logit = self.gmp_fc(x.amax(dim=(2, 3)))
+        gap = x * self.gap_fc.weight[:, :, None, None]
+        gmp = x * self.gmp_fc.weight[:, :, None, None]
+        x = F.relu(self.conv1x1(torch.cat((gap, gmp), 1)))
+        return x, torch.cat((gap_logit, gmp_logit), 1), x.sum(dim=1, keepdim=True)
+
+
+class UGATITOptions(PluginOptions):
+    width: int = Field(32, ge=4, description="base channel width (photo2cartoon: 32)")
+    image_size: int = Field(256, ge=16, description="input size in pixels; a multiple of 16")
+    n_blocks: int = Field(4, ge=1, description="encoder and decoder residual blocks")
+    light: bool = Field(True, description="light FC (pooled features), as photo2cartoon")
+
+    @model_validator(mode="after")
+    def _check(self) -> UGATITOptions:
+        if self.image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 (hourglass levels), got {self.image_size}")
+        if self.width % 4:
+            raise ValueError(
+                f"width must be a multiple of 4 (hourglass units split it in 2 and 4), got {self.width}"
+            )
+        return self
+
+
+class UGATITGenerator(Backbone):
+    """photo2cartoon's generator; forward returns (image, CAM logits (B, 2), heatmap (B, 1, h, w))."""
+
+    Options = UGATITOptions
+    options: UGATITOptions
+
+    def __init__(self, options: UGATITOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        c, n = o.width, o.n_blocks
+        self.n_blocks = n
+        self.ConvBlock1 = nn.Sequential(
+            nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7, bias=False), nn.InstanceNorm2d(c), nn.ReLU(True)
+        )
+        self.HourGlass1 = HourGlass(c, c)
+        self.HourGlass2 = HourGlass(c, c)
+        self.DownBlock1 = _down(c, 2 * c)
+        self.DownBlock2 = _down(2 * c, 4 * c)
+        for i in range(1, n + 1):
+            setattr(self, f"EncodeBlock{i}", ResnetBlock(4 * c))
+        self.cam = CAM(4 * c)
+        fc_in = 4 * c if o.light else (o.image_size // 4) ** 2 * 4 * c
+        self.FC = nn.Sequential(
+            nn.Linear(fc_in, 4 * c), nn.ReLU(True), nn.Linear(4 * c, 4 * c), nn.ReLU(True)
+        )
+        for i in range(1, n + 1):
+            setattr(self, f"DecodeBlock{i}", SoftAdaLINBlock(4 * c))
+        self.UpBlock1 = _up(4 * c, 2 * c)
+        self.UpBlock2 = _up(2 * c, c)
+        self.HourGlass3 = HourGlass(c, c)
+        self.HourGlass4 = HourGlass(c, c, residual=False)
+        self.ConvBlock2 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 3, 7, bias=False), nn.Tanh())
+        init_normal(self)
+
+    def stage_names(self) -> list[str]:
+        enc = [f"EncodeBlock{i}" for i in range(1, self.n_blocks + 1)]
+        dec = [f"DecodeBlock{i}" for i in range(1, self.n_blocks + 1)]
+        return ["ConvBlock1", "HourGlass1", "HourGlass2", "DownBlock1", "DownBlock2", *enc, "cam", "FC",
+                *dec, "UpBlock1", "UpBlock2", "HourGlass3", "HourGlass4", "ConvBlock2"]  # fmt: skip
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"image sides must be multiples of 16, got {tuple(x.shape[-2:])}")
+        x = self.HourGlass2(self.HourGlass1(self.ConvBlock1(x)))
+        x = self.DownBlock2(self.DownBlock1(x))
+        content = []
+        for i in range(1, self.n_blocks + 1):
+            x, feat = getattr(self, f"EncodeBlock{i}")(x)
+            content.append(feat)
+        x, cam_logit, heatmap = self.cam(x)
+        style = self.FC(x.mean(dim=(2, 3)) if self.options.light else x.flatten(1))
+        for i in range(1, self.n_blocks + 1):
+            x = getattr(self, f"DecodeBlock{i}")(x, content[-i], style)
+        x = self.HourGlass4(self.HourGlass3(self.UpBlock2(self.UpBlock1(x))))
+        return self.ConvBlock2(x), cam_logit, heatmap
+
+
+def _down(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ReflectionPad2d(1),
+        nn.Conv2d(c_in, c_out, 3, 2, bias=False),
+        nn.InstanceNorm2d(c_out),
+        nn.ReLU(True),
+    )
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.ReflectionPad2d(1),
+        nn.Conv2d(c_in, c_out, 3, bias=False),
+        LIN(c_out),
+        nn.ReLU(True),
+    )
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """The paper's initialisation: conv and linear weights ~ N(0, std), biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

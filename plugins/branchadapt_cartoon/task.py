@@ -1,0 +1,168 @@
+"""One training step of the two-direction translator (U-GAT-IT / photo2cartoon).
+
+Modules: ``gen_a2b`` and ``gen_b2a`` (the configured backbone: branched by the engine) and four
+discriminators ``dis_ga``/``dis_la`` (global/local, photo domain A) and ``dis_gb``/``dis_lb``
+(cartoon domain B); the global ones carry the group-classification head.
+
+Phases, in order: ``discriminator`` then ``generator``. By default the generators run once per
+step: the translations computed for the discriminator update are reused (graph kept) by the
+generator update, which is exact because the generators do not change in between; the reference
+implementation computes them twice (``reuse_fakes = false`` reproduces that order).
+
+Outputs read by the loss terms: ``d_real``/``d_fake`` (discriminator outputs by name GA, LA, GB,
+LB), ``groups``/``fake_groups`` (group ids per domain A/B of the real images and of the fakes),
+and in the generator phase ``real_a, real_b, fake_a, fake_b, rec_a, rec_b, id_a, id_b`` and
+``cam`` (generator CAM logits ``a2b, b2b, b2a, a2a``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+import branchadapt as ba
+from branchadapt import Phase, PluginOptions, Task, TaskContext
+
+from .critics import Discriminator
+
+GENERATORS = ("gen_a2b", "gen_b2a")
+DISCRIMINATORS = {"GA": "dis_ga", "LA": "dis_la", "GB": "dis_gb", "LB": "dis_lb"}
+CLAMPED = ("rho", "w_gamma", "w_beta")
+
+
+class TranslateOptions(PluginOptions):
+    dis_width: int = Field(32, ge=1, description="base width of the discriminators")
+    global_layers: int = Field(
+        7, ge=3, description="layers of the global discriminators (7: needs >= 128 px)"
+    )
+    local_layers: int = Field(5, ge=3, description="layers of the local discriminators")
+    group_head: bool = Field(True, description="group-classification head on the global discriminators")
+    reuse_fakes: bool = Field(
+        True, description="run the generators once per step (exact); false: as the reference"
+    )
+    clamp: bool = Field(True, description="clamp rho / w_gamma / w_beta to [0, 1] after each generator step")
+    sample_count: int = Field(4, ge=1, description="images per group in the training sample grids")
+    eval_recognizer: dict[str, Any] | None = Field(
+        default_factory=lambda: {"type": "toonfaces_id"},
+        description="recognizer for the identity metric of evaluate; none to skip",
+    )
+    eval_traits: bool = Field(
+        True, description="trait accuracy with the toonfaces trait classifier (toonfaces groups)"
+    )
+
+
+class Translate(Task):
+    """Photo <-> cartoon translation with two generators and four discriminators."""
+
+    Options = TranslateOptions
+    options: TranslateOptions
+
+    def __init__(self, options: TranslateOptions | None, context: TaskContext) -> None:
+        super().__init__(options, context)
+
+    def build(self) -> dict[str, nn.Module]:
+        o = self.options
+        groups = len(self.context.groups) if o.group_head else 0
+        modules: dict[str, nn.Module] = {name: self.context.build_backbone() for name in GENERATORS}
+        for key, name in DISCRIMINATORS.items():
+            layers = o.global_layers if key[0] == "G" else o.local_layers
+            modules[name] = Discriminator(
+                width=o.dis_width, n_layers=layers, n_groups=groups if key[0] == "G" else 0
+            )
+        return modules
+
+    def phases(self) -> list[Phase]:
+        return [Phase("discriminator", tuple(DISCRIMINATORS.values())), Phase("generator", GENERATORS)]
+
+    # ------------------------------------------------------------------ step
+    def translate(self, modules: Mapping[str, nn.Module], batch: ba.Batch) -> dict[str, Tensor]:
+        """Both generators on both domains at once (instance-normalised nets: batching is exact)."""
+        real_a, ga = batch["photo"]["image"], batch["photo"]["group"]
+        real_b, gb = batch["cartoon"]["image"], batch["cartoon"]["group"]
+        na = real_a.shape[0]
+        nb = real_b.shape[0]
+        img, cam, _ = modules["gen_a2b"](torch.cat([real_a, real_b]), groups=torch.cat([ga, gb]))
+        fake_b, id_b, cam_a2b, cam_b2b = img[:na], img[na:], cam[:na], cam[na:]
+        img, cam, _ = modules["gen_b2a"](torch.cat([real_b, real_a]), groups=torch.cat([gb, ga]))
+        fake_a, id_a, cam_b2a, cam_a2a = img[:nb], img[nb:], cam[:nb], cam[nb:]
+        return {
+            "real_a": real_a, "real_b": real_b, "fake_a": fake_a, "fake_b": fake_b, "id_a": id_a, "id_b": id_b,
+            "cam_a2b": cam_a2b, "cam_b2b": cam_b2b, "cam_b2a": cam_b2a, "cam_a2a": cam_a2a,
+        }  # fmt: skip
+
+    def forward(
+        self, phase: str, modules: Mapping[str, nn.Module], batch: ba.Batch, scratch: dict[str, Any]
+    ) -> dict[str, Any]:
+        ga, gb = batch["photo"]["group"], batch["cartoon"]["group"]
+        groups = {"A": ga, "B": gb}
+        fake_groups = {"A": gb, "B": ga}  # fake_a comes from cartoons, fake_b from photos
+        if phase == "discriminator":
+            if self.options.reuse_fakes:
+                scratch["fakes"] = t = self.translate(modules, batch)
+            else:
+                with torch.no_grad():
+                    t = self.translate(modules, batch)
+            d_real, d_fake = {}, {}
+            for key, name in DISCRIMINATORS.items():
+                real, fake = (t["real_a"], t["fake_a"]) if key[1] == "A" else (t["real_b"], t["fake_b"])
+                out = modules[name](torch.cat([real, fake.detach()]))
+                n = real.shape[0]
+                d_real[key], d_fake[key] = out.split(n)
+            return {"d_real": d_real, "d_fake": d_fake, "groups": groups, "fake_groups": fake_groups}
+        t = scratch.pop("fakes", None) or self.translate(modules, batch)
+        rec_a = modules["gen_b2a"](t["fake_b"], groups=ga)[0]
+        rec_b = modules["gen_a2b"](t["fake_a"], groups=gb)[0]
+        dis = [modules[n] for n in DISCRIMINATORS.values()]
+        flags = [[p.requires_grad for p in d.parameters()] for d in dis]
+        for d in dis:  # D's parameters need no gradient in the generator phase
+            d.requires_grad_(False)
+        try:
+            d_fake = {
+                key: modules[name](t["fake_a"] if key[1] == "A" else t["fake_b"])
+                for key, name in DISCRIMINATORS.items()
+            }
+        finally:
+            for d, fl in zip(dis, flags, strict=True):
+                for p, f in zip(d.parameters(), fl, strict=True):
+                    p.requires_grad_(f)
+        cam = {"a2b": t["cam_a2b"], "b2b": t["cam_b2b"], "b2a": t["cam_b2a"], "a2a": t["cam_a2a"]}
+        return {**t, "rec_a": rec_a, "rec_b": rec_b, "cam": cam, "d_fake": d_fake,
+                "groups": groups, "fake_groups": fake_groups}  # fmt: skip
+
+    def after_step(self, phase: str, modules: Mapping[str, nn.Module]) -> None:
+        if phase != "generator" or not self.options.clamp:
+            return
+        with torch.no_grad():
+            for name in GENERATORS:
+                for pname, p in modules[name].named_parameters():
+                    if pname.rsplit(".", 1)[-1] in CLAMPED:
+                        p.clamp_(0.0, 1.0)
+
+    # ------------------------------------------------------------------ artefacts
+    def samples(
+        self,
+        modules: Mapping[str, nn.Module],
+        source: ba.DataSource,
+        device: torch.device,
+        out_dir: Path,
+        step: int,
+    ) -> list[Path]:
+        from .sampling import write_training_grids
+
+        return write_training_grids(self, modules, source, device, out_dir, step)
+
+    def evaluate(
+        self,
+        modules: Mapping[str, nn.Module],
+        source: ba.DataSource,
+        device: torch.device,
+        out_dir: Path | None = None,
+    ) -> dict[str, dict[str, float]]:
+        from .evaluation import evaluate_translation
+
+        return evaluate_translation(self, modules, source, device, out_dir)

@@ -1,0 +1,57 @@
+"""Tiny cartoon experiments: 32 px, narrow networks, a handful of toonfaces images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = """
+extends = "{base}"
+name = "tiny"
+[data]
+size = 32
+load_size = 36
+augment = [{{ name = "HorizontalFlip", p = 0.5 }}, {{ name = "RandomCrop", height = 32, width = 32 }}]
+toonfaces = {{ counts = {{ women = [6, 4], men = [3, 2], kids = [2, 2], elderly = [2, 2] }}, test_per_group = 3, cache = "{cache}" }}
+[model]
+width = 4
+image_size = 32
+n_blocks = 1
+[task]
+dis_width = 4
+global_layers = 4
+local_layers = 3
+sample_count = 2
+[train]
+log_every = 2
+checkpoint_every = 2
+sample_every = 2
+progress = "plain"
+[stages.basic]
+steps = {steps}
+[stages.transfer]
+steps = {steps}
+"""
+
+
+@pytest.fixture(scope="session")
+def toon_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("toonfaces-cache")
+
+
+@pytest.fixture
+def tiny_cartoon(tmp_path, toon_cache):
+    def write(
+        base: str = "cartoon_cpu.toml", steps: int = 4, extra: str = "", name: str = "tiny.toml"
+    ) -> Path:
+        path = tmp_path / name
+        text = TINY.format(
+            base=(ROOT / "examples" / base).as_posix(), cache=toon_cache.as_posix(), steps=steps
+        )
+        path.write_text(text + extra)
+        return path
+
+    return write

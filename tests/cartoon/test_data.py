@@ -1,0 +1,102 @@
+"""User data folders: both layouts, RGBA, determinism, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from branchadapt_cartoon.data import FaceImages, FaceImagesOptions, read_rgb
+
+import branchadapt as ba
+
+GROUPS = ("a", "b")
+
+
+def make_folder(root, layout="streams", n=3):
+    dirs = {
+        "streams": {
+            "photo": "train/photo",
+            "cartoon": "train/cartoon",
+            "tp": "test/photo",
+            "tc": "test/cartoon",
+        },
+        "trainAB": {"photo": "trainA", "cartoon": "trainB", "tp": "testA", "tc": "testB"},
+    }[layout]
+    rng = np.random.default_rng(0)
+    for g in GROUPS:
+        for d in dirs.values():
+            (root / d / g).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cv2.imwrite(str(root / d / g / f"{i}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["streams", "trainAB"])
+def test_layouts_are_detected_and_items_are_deterministic(tmp_path, layout):
+    root = make_folder(tmp_path / "data", layout)
+    src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
+    assert src.sizes() == {"a": {"photo": 3, "cartoon": 3}, "b": {"photo": 3, "cartoon": 3}}
+    x = src.get("b", "photo", 1, np.random.default_rng(7))["image"]
+    y = src.get("b", "photo", 1, np.random.default_rng(7))["image"]
+    z = src.get("b", "photo", 1, np.random.default_rng(8))["image"]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(x, y) and not np.array_equal(x, z)  # the RNG drives augmentation
+    test = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "test")
+    t1 = test.get("a", "cartoon", 0, None)["image"]
+    assert np.array_equal(
+        t1, test.get("a", "cartoon", 0, np.random.default_rng(3))["image"]
+    )  # no augmentation
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    img = np.zeros((8, 8, 4), np.uint8)
+    img[:4, :, :3] = (0, 0, 255)  # BGR red
+    img[:4, :, 3] = 255  # opaque top half, transparent bottom
+    cv2.imwrite(str(tmp_path / "x.png"), img)
+    rgb = read_rgb(tmp_path / "x.png")
+    assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[7, 7]) == (255, 255, 255)
+
+
+def test_corrupt_and_missing_inputs_name_the_file(tmp_path):
+    root = make_folder(tmp_path / "data")
+    bad = root / "train" / "photo" / "a" / "1.png"
+    bad.write_bytes(b"not an image")
+    src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
+    with pytest.raises(ba.UserError, match=r"1\.png: cannot decode"):
+        src.get("a", "photo", 1, np.random.default_rng(0))
+    with pytest.raises(ba.UserError, match="group 'c'"):
+        FaceImages(FaceImagesOptions(root=root, size=32), ("a", "c"), tmp_path, "train")
+    with pytest.raises(ba.UserError, match="not a folder"):
+        FaceImages(FaceImagesOptions(root=tmp_path / "nope"), GROUPS, tmp_path, "train")
+
+
+def test_augmentations_are_validated_with_their_index():
+    with pytest.raises(ValueError, match=r"augment\[1\].*did you mean HorizontalFlip"):
+        FaceImagesOptions(augment=[{"name": "Resize", "height": 8, "width": 8}, {"name": "HorizontalFlipp"}])
+    with pytest.raises(ValueError, match=r"augment\[0\]: Resize"):
+        FaceImagesOptions(augment=[{"name": "Resize", "heigth": 8}])
+
+
+def test_preprocess_hook_runs_on_photos(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data")
+    (tmp_path / "myalign.py").write_text("def black(rgb):\n    return rgb * 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    opts = FaceImagesOptions(root=root, size=32, preprocess=["myalign:black"])
+    src = FaceImages(opts, GROUPS, tmp_path, "test")
+    assert float(src.get("a", "photo", 0, None)["image"].max()) == -1.0
+    assert float(src.get("a", "cartoon", 0, None)["image"].max()) > -1.0  # cartoons untouched
+
+
+def test_unknown_augment_in_experiment_is_a_clean_cli_error(tmp_path):
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parents[2] / "examples" / "cartoon_cpu.toml"
+    exp = tmp_path / "x.toml"
+    exp.write_text(f'extends = "{base.as_posix()}"\n[data]\naugment = [{{ name = "Flipp" }}]\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "branchadapt", "validate", str(exp)], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "data.augment" in out.stderr and "Flipp" in out.stderr

@@ -1,0 +1,130 @@
+"""Face recognizers of the face-ID loss: photo2cartoon-compatible MobileFaceNet and timm models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from branchadapt_cartoon.recognizers import MobileFaceNet, TimmRecognizer, photo2cartoon_crop
+from safetensors.torch import save_file
+
+from branchadapt.errors import CheckpointError, UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convs on a shared 2-core machine run far faster on one thread than fighting for two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_mobilefacenet(seed: int) -> MobileFaceNet:
+    torch.manual_seed(seed)
+    net = MobileFaceNet(MobileFaceNet.Options(allow_random=True))
+    with torch.no_grad():  # non-trivial BN statistics, so a missed buffer would show
+        for name, buf in net.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.copy_(torch.rand_like(buf) * 0.5 + (0.75 if name.endswith("var") else -0.25))
+    return net.eval()
+
+
+def _images(n: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def test_mobilefacenet_keys_match_photo2cartoon_file() -> None:
+    state = _random_mobilefacenet(0).state_dict()
+    assert len(state) == 333
+    assert sum(p.numel() for p in _random_mobilefacenet(0).parameters()) == 1_200_512
+    shapes = {
+        "conv1.conv.weight": (64, 3, 3, 3),
+        "conv2_dw.prelu.weight": (64,),
+        "conv_23.conv.conv.weight": (128, 64, 1, 1),
+        "conv_3.model.3.conv_dw.conv.weight": (128, 1, 3, 3),
+        "conv_4.model.5.project.bn.running_var": (128,),
+        "conv_45.conv_dw.conv.weight": (512, 1, 3, 3),
+        "conv_5.model.1.project.conv.weight": (128, 256, 1, 1),
+        "conv_6_sep.conv.weight": (512, 128, 1, 1),
+        "conv_6_dw.conv.weight": (512, 1, 7, 7),
+        "linear.weight": (512, 512),
+        "bn.running_mean": (512,),
+    }
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    assert not any(k.startswith("conv_6_dw.prelu") for k in state)
+
+
+def test_mobilefacenet_torch_file_loads_strictly_and_reproduces(tmp_path: Path) -> None:
+    ref = _random_mobilefacenet(0)
+    path = tmp_path / "model_mobilefacenet.pth"
+    torch.save(ref.state_dict(), path)
+    torch.manual_seed(1)  # a different random init, overwritten by the file
+    net = MobileFaceNet(MobileFaceNet.Options(weights=path)).eval()
+    x = _images(2, 64)
+    with torch.no_grad():
+        emb, expected = net(x), ref(x)
+    assert emb.shape == (2, 512)
+    assert torch.equal(emb, expected)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_mobilefacenet_safetensors_and_legacy_keys(tmp_path: Path) -> None:
+    ref = _random_mobilefacenet(0)
+    state = {f"module.{k}": v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(tmp_path / "mfn.safetensors"))
+    net = MobileFaceNet(MobileFaceNet.Options(weights=tmp_path / "mfn.safetensors")).eval()
+    x = _images(1, 256)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))
+
+
+def test_mobilefacenet_needs_weights(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"losses\.face_id\.recognizer\.weights"):
+        MobileFaceNet()
+    missing = tmp_path / "nowhere" / "model_mobilefacenet.pth"
+    with pytest.raises(UserError, match="does not exist") as err:
+        MobileFaceNet(MobileFaceNet.Options(weights=missing))
+    assert str(missing) in str(err.value)
+
+
+def test_mobilefacenet_wrong_keys_name_them(tmp_path: Path) -> None:
+    state = _random_mobilefacenet(0).state_dict()
+    state["fc.weight"] = state.pop("linear.weight")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        MobileFaceNet(MobileFaceNet.Options(weights=tmp_path / "bad.pth"))
+    assert "linear.weight" in str(err.value) and "fc.weight" in str(err.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pth"):
+        MobileFaceNet(MobileFaceNet.Options(weights=tmp_path / "junk.pth"))
+
+
+def test_photo2cartoon_crop_box() -> None:
+    x = torch.arange(256 * 256.0).view(1, 1, 256, 256)
+    # top = int(256/2.1*0.47) = 57, bottom = int(256 - 256/2.1*0.3) = 219, left = int(128 - 81) = 47
+    assert torch.equal(photo2cartoon_crop(x), x[..., 57:219, 47:209])
+
+
+def test_timm_recognizer(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="weights"):
+        TimmRecognizer(TimmRecognizer.Options(model="test_resnet"))
+    with pytest.raises(UserError, match="unknown timm model"):
+        TimmRecognizer(TimmRecognizer.Options(model="no_such_net_xyz", allow_random=True))
+    torch.manual_seed(0)
+    ref = TimmRecognizer(TimmRecognizer.Options(model="test_resnet", allow_random=True, input_size=64)).eval()
+    x = _images(2, 40)
+    with torch.no_grad():
+        emb = ref(x)
+    assert emb.shape == (2, ref.model.num_features)
+    head = {"fc.weight": torch.zeros(10, ref.model.num_features), "fc.bias": torch.zeros(10)}
+    save_file({**ref.model.state_dict(), **head}, str(tmp_path / "r.safetensors"))  # a head is ignored
+    torch.manual_seed(1)
+    net = TimmRecognizer(
+        TimmRecognizer.Options(model="test_resnet", weights=tmp_path / "r.safetensors", input_size=64)
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), emb)
+    assert net.stage_names() == ["model"]
