@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 import branchadapt as ba
-from branchadapt import Phase, PluginOptions, Task, TaskContext
+from branchadapt import Phase, PluginOptions, Task
 
 from .critics import Discriminator
 
@@ -54,6 +54,9 @@ class TranslateOptions(PluginOptions):
     eval_traits: bool = Field(
         True, description="trait accuracy with the toonfaces trait classifier (toonfaces groups)"
     )
+    photo2cartoon: Path | None = Field(
+        None, description="start from a photo2cartoon checkpoint (genA2B[, genB2A, dis*]); first stage only"
+    )
 
 
 class Translate(Task):
@@ -61,9 +64,6 @@ class Translate(Task):
 
     Options = TranslateOptions
     options: TranslateOptions
-
-    def __init__(self, options: TranslateOptions | None, context: TaskContext) -> None:
-        super().__init__(options, context)
 
     def build(self) -> dict[str, nn.Module]:
         o = self.options
@@ -74,6 +74,10 @@ class Translate(Task):
             modules[name] = Discriminator(
                 width=o.dis_width, n_layers=layers, n_groups=groups if key[0] == "G" else 0
             )
+        if o.photo2cartoon is not None:
+            from .photo2cartoon import import_weights
+
+            import_weights(o.photo2cartoon, modules)
         return modules
 
     def phases(self) -> list[Phase]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,18 @@ def tiny_cartoon(tmp_path, toon_cache):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def reference_sections() -> dict[str, dict[str, tuple[int, ...]]]:
+    """photo2cartoon's state-dict keys and shapes (generator, global, local), from the sheet."""
+    sections: dict[str, dict[str, tuple[int, ...]]] = {}
+    current = None
+    for line in (Path(__file__).parent / "data" / "photo2cartoon_state_dict.txt").read_text().splitlines():
+        if line.startswith("## ") and "state_dict" in line:
+            current = line.split()[1]
+            sections[current] = {}
+        elif current and line.strip() and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            sections[current][key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+    return sections

@@ -1,0 +1,100 @@
+"""The photo2cartoon networks against the reference sheet: names, shapes, counts; and branching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from branchadapt_cartoon.critics import Discriminator, min_size
+from branchadapt_cartoon.networks import UGATITGenerator
+from branchadapt_cartoon.photo2cartoon import reference_key
+
+import branchadapt as ba
+from branchadapt import BranchedModel, Participation
+
+SECTIONS = {}
+
+
+@pytest.fixture(autouse=True)
+def _sections(reference_sections):
+    SECTIONS.update(reference_sections)
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_generator_matches_the_reference_sheet_key_for_key():
+    gen = UGATITGenerator(UGATITGenerator.Options(width=32, image_size=256))
+    assert count(gen) == 3_831_079
+    ours = {reference_key(k): tuple(v.shape) for k, v in gen.state_dict().items()}
+    assert ours == SECTIONS["generator"]
+    per_module = {"ConvBlock1": 4704, "HourGlass1": 105_347, "DownBlock1": 18_432, "DownBlock2": 73_728,
+                  "EncodeBlock1": 294_912, "FC": 33_024, "DecodeBlock1": 493_824, "UpBlock1": 73_920,
+                  "UpBlock2": 18_528, "HourGlass4": 104_163, "ConvBlock2": 441}  # fmt: skip
+    for name, n in per_module.items():
+        assert count(gen.get_submodule(name)) == n, name
+    assert count(gen.cam) == 129 + 129 + 32_896
+
+
+@pytest.mark.parametrize(("layers", "section", "params"), [(7, "global", 13_294_048), (5, "local", 826_080)])
+def test_discriminators_match_the_reference_sheet(layers, section, params):
+    d = Discriminator(width=32, n_layers=layers)
+    assert count(d) == params
+    assert {k: tuple(v.shape) for k, v in d.state_dict().items()} == SECTIONS[section]
+    with_head = Discriminator(width=32, n_layers=layers, n_groups=4)
+    assert count(with_head) - params == (2 * d.conv.weight_orig.shape[1] + 1) * 4
+
+
+def test_forward_shapes_small_and_size_errors():
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, n_blocks=2))
+    img, cam, heat = gen(torch.randn(2, 3, 32, 32))
+    assert img.shape == (2, 3, 32, 32) and cam.shape == (2, 2) and heat.shape == (2, 1, 8, 8)
+    assert img.abs().max() <= 1
+    d = Discriminator(width=8, n_layers=4, n_groups=3)(torch.randn(2, 3, 32, 32))
+    assert d.patch.shape == (2, 1, 6, 6) and d.cam_logit.shape == (2, 2) and d.group_logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 96 px"):
+        Discriminator(width=8, n_layers=7)(torch.randn(1, 3, 64, 64))
+    assert min_size(7) == 96
+    with pytest.raises(ValueError, match="multiple of 16"):
+        UGATITGenerator.Options(image_size=40)
+
+
+def test_weights_are_initialised_from_n_0_002():
+    gen = UGATITGenerator(UGATITGenerator.Options(width=32, image_size=256))
+    w = gen.DecodeBlock1.conv1.weight.detach()
+    assert abs(float(w.mean())) < 1e-3 and float(w.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(gen.DecodeBlock1.norm1.norm.rho.detach().mean()) == pytest.approx(0.9)
+    assert (
+        float(gen.UpBlock1[3].rho.abs().sum()) == 0.0
+        and float(gen.DecodeBlock1.norm1.w_gamma.abs().sum()) == 0.0
+    )
+
+
+def test_selective_bp_on_the_real_generator_and_depth_is_one_number():
+    torch.manual_seed(0)
+    opts = UGATITGenerator.Options(width=8, image_size=32, n_blocks=1)
+    plain = UGATITGenerator(opts)
+    x = torch.randn(1, 3, 32, 32)
+    expected = plain(x)[0]
+    names = plain.stage_names()
+    model = BranchedModel(plain, ("anchor", "few"), names[:2] + names[-2:],
+                          {"anchor": Participation.LIVE, "few": Participation.DETACHED})  # fmt: skip
+    for gid in (0, 1):  # branches start as copies: outputs unchanged for every group
+        assert torch.allclose(model(x, groups=[gid])[0], expected, atol=1e-6)
+    model(x, groups=[1])[0].abs().mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.shared_parameters())
+    # every branch stage of the few-shot group learns (ConvBlock4 units are unused, as in the reference)
+    for stage in names[:2] + names[-2:]:
+        branch = model.backbone.get_submodule(stage).branches["few"]
+        assert sum(float(p.grad.abs().sum()) for p in branch.parameters() if p.grad is not None) > 0, stage
+    assert all(p.grad is None for p in model.branch_parameters("anchor"))
+    model.zero_grad(set_to_none=True)
+    model(x, groups=[0])[0].abs().mean().backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.shared_parameters() if p.grad is not None) > 0
+    # split depth is one number: low=k puts exactly the first k stages in branches
+    for low in (1, 3):
+        net = ba.branch(UGATITGenerator(opts), ["anchor", "few"], splitter="selective_detach", low=low, top=0)
+        branched = {
+            k.split(".branches.")[0].removeprefix("backbone.") for k in net.state_dict() if ".branches." in k
+        }
+        assert branched == set(names[:low])

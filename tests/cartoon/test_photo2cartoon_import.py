@@ -1,0 +1,75 @@
+"""Importing a photo2cartoon checkpoint built from the reference sheet's names and shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from branchadapt_cartoon.networks import UGATITGenerator
+from branchadapt_cartoon.photo2cartoon import import_weights, load_into, read_checkpoint
+
+import branchadapt as ba
+
+SECTIONS = {}
+
+
+@pytest.fixture(autouse=True)
+def _sections(reference_sections):
+    SECTIONS.update(reference_sections)
+
+
+def reference_state(section: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(shape, generator=g) for k, shape in SECTIONS[section].items()}
+
+
+def gen() -> UGATITGenerator:
+    return UGATITGenerator(UGATITGenerator.Options(width=32, image_size=256))
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_inference_file_and_bare_state_dict_load(tmp_path, wrapped):
+    state = reference_state("generator")
+    path = tmp_path / "photo2cartoon_weights.pt"
+    torch.save({"genA2B": state} if wrapped else state, path)
+    model = gen()
+    assert import_weights(path, {"gen_a2b": model, "gen_b2a": gen()}) == ["gen_a2b"]
+    assert torch.equal(model.cam.gap_fc.weight, state["gap_fc.weight"])
+    assert torch.equal(model.DecodeBlock3.norm2.c_beta[2].bias, state["DecodeBlock3.norm2.c_beta.2.bias"])
+
+
+def test_training_checkpoint_fills_generators_and_discriminators(tmp_path):
+    from branchadapt_cartoon.critics import Discriminator
+
+    ckpt = {"genA2B": reference_state("generator"), "genB2A": reference_state("generator"),
+            "disGA": reference_state("global"), "disLA": reference_state("local")}  # fmt: skip
+    torch.save(ckpt, tmp_path / "p2c_params_0100000.pt")
+    modules = {"gen_a2b": gen(), "gen_b2a": gen(), "dis_ga": Discriminator(32, 7, n_groups=4),
+               "dis_la": Discriminator(32, 5)}  # fmt: skip
+    assert import_weights(tmp_path / "p2c_params_0100000.pt", modules) == [
+        "gen_a2b",
+        "gen_b2a",
+        "dis_ga",
+        "dis_la",
+    ]
+    assert torch.equal(modules["dis_ga"].conv.weight_orig, ckpt["disGA"]["conv.weight_orig"])
+
+
+def test_mismatches_are_reported_by_name(tmp_path):
+    state = reference_state("generator")
+    state.pop("FC.0.bias")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ba.CheckpointError, match=r"missing keys: FC\.0\.bias") as err:
+        load_into(gen(), state, "x.pt", generator=True)
+    assert "unexpected keys: extra.weight" in str(err.value)
+    small = UGATITGenerator(UGATITGenerator.Options(width=16, image_size=256))
+    with pytest.raises(ba.CheckpointError, match=r"shape mismatch: ConvBlock1\.1\.weight"):
+        load_into(small, reference_state("generator"), "x.pt", generator=True)
+
+
+def test_missing_and_corrupt_files_are_user_errors(tmp_path):
+    with pytest.raises(ba.UserError, match="not found"):
+        read_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ba.UserError, match=r"bad\.pt: cannot read"):
+        read_checkpoint(bad)
