@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from branchadapt import BranchSplitter, Participation, PluginOptions
-from branchadapt.builtin.splitters import DepthOptions, DepthSplitter
+from branchadapt.builtin.splitters import DepthOptions, DepthSplitter, SingleSplitter
 
 
 class SelectiveDetachOptions(DepthOptions):
@@ -28,14 +28,8 @@ class SelectiveDetach(DepthSplitter):
     Options = SelectiveDetachOptions
 
 
-class Finetune(BranchSplitter):
-    """No branches; all groups in the stage update every parameter."""
-
-    def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
-        return []
-
-    def participation(self, group: str, anchor: str) -> Participation:
-        return Participation.LIVE
+class Finetune(SingleSplitter):
+    """No branches; all groups in the stage update every parameter (the paper's baselines 1-2)."""
 
 
 class PerGroupFinetune(BranchSplitter):

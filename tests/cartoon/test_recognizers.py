@@ -12,15 +12,6 @@ from safetensors.torch import save_file
 from branchadapt.errors import CheckpointError, UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on a shared 2-core machine run far faster on one thread than fighting for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_mobilefacenet(seed: int) -> MobileFaceNet:
     torch.manual_seed(seed)
     net = MobileFaceNet(MobileFaceNet.Options(allow_random=True))
