@@ -8,9 +8,9 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from branchadapt_cartoon.data import FaceImages, FaceImagesOptions, read_rgb
 
 import branchadapt as ba
+from branchadapt_cartoon.data import FaceImages, FaceImagesOptions, read_rgb
 
 GROUPS = ("a", "b")
 

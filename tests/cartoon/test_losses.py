@@ -7,9 +7,9 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
-from branchadapt_cartoon import losses
 
 import branchadapt as ba
+from branchadapt_cartoon import losses
 
 D = namedtuple("D", "patch cam_logit heatmap group_logits")
 KEYS = ("GA", "LA", "GB", "LB")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from branchadapt_cartoon.critics import Discriminator, min_size
-from branchadapt_cartoon.networks import UGATITGenerator
-from branchadapt_cartoon.photo2cartoon import reference_key
 
 import branchadapt as ba
 from branchadapt import BranchedModel, Participation
+from branchadapt_cartoon.critics import Discriminator, min_size
+from branchadapt_cartoon.networks import UGATITGenerator
+from branchadapt_cartoon.photo2cartoon import reference_key
 
 SECTIONS = {}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from branchadapt_cartoon.networks import UGATITGenerator
-from branchadapt_cartoon.photo2cartoon import import_weights, load_into, read_checkpoint
 
 import branchadapt as ba
+from branchadapt_cartoon.networks import UGATITGenerator
+from branchadapt_cartoon.photo2cartoon import import_weights, load_into, read_checkpoint
 
 SECTIONS = {}
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from branchadapt_cartoon.recognizers import MobileFaceNet, TimmRecognizer, photo2cartoon_crop
 from safetensors.torch import save_file
 
 from branchadapt.errors import CheckpointError, UserError
+from branchadapt_cartoon.recognizers import MobileFaceNet, TimmRecognizer, photo2cartoon_crop
 
 
 def _random_mobilefacenet(seed: int) -> MobileFaceNet:
