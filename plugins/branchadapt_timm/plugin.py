@@ -1,3 +1,26 @@
-"""Entry point of this plugin set (group ``branchadapt``): registers its implementations."""
+"""Entry point of the timm plugin set (group ``branchadapt``): registers its implementations."""
 
 from __future__ import annotations
+
+from branchadapt.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_backbones(register: Register) -> None:
+    from .backbone import TimmBackbone
+
+    register(TimmBackbone, name="timm")
+
+
+@hookimpl
+def register_losses(register: Register) -> None:
+    from .losses import Entropy
+
+    register(Entropy, name="entropy")
+
+
+@hookimpl
+def register_data(register: Register) -> None:
+    from .digits import Digits
+
+    register(Digits, name="digits")
