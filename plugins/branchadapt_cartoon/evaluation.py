@@ -5,7 +5,7 @@ paired ground truth: L1 (images in [0, 1]), PSNR and SSIM (torchmetrics), identi
 (cosine of recognizer embeddings of input and output) and, for photo -> cartoon on toonfaces
 groups, trait accuracy (the toonfaces trait classifier must find exactly the traits of the
 ground-truth identity in the generated cartoon). A grid per group (input | output | ground
-truth) is written beside the metrics.
+truth) is written beside the metrics, and every translated test photo under ``translated/<group>/``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 import branchadapt as ba
 
+from .data import to_uint8
 from .sampling import grid, save_png
 
 if TYPE_CHECKING:
@@ -114,6 +115,9 @@ def evaluate_translation(
                     found["traits"] = _trait_hits(judge, group, start, out)
                 for k, v in found.items():
                     sums.setdefault(f"{direction}/{k}", []).append(v.detach().cpu())
+                if out_dir is not None and direction == "a2b":  # the translated test photos themselves
+                    for i, k in enumerate(idx):
+                        save_png(out_dir / "translated" / group / f"{k:05d}.png", to_uint8(out[i]))
                 if start == 0:
                     rows += [[x[i].cpu(), out[i].cpu(), y[i].cpu()] for i in range(min(4, len(idx)))]
         results[group] = {k: float(torch.cat(v).mean()) for k, v in sums.items()}

@@ -47,6 +47,8 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(tiny_cartoon, tmp
     for values in metrics.values():
         assert {"a2b/l1", "a2b/psnr", "a2b/ssim", "a2b/id", "a2b/traits", "b2a/l1"} <= set(values)
         assert 0 <= values["a2b/ssim"] <= 1 and 0 <= values["a2b/traits"] <= 1
+    translated = sorted((run / "eval" / "transfer-test" / "translated" / "kids").glob("*.png"))
+    assert [p.name for p in translated] == ["00000.png", "00001.png", "00002.png"]
     report = (run / "eval" / "transfer-test" / "report.html").read_text()
     assert "data:image/png;base64" in report and "a2b/psnr" in report
 
