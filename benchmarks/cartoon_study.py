@@ -175,7 +175,8 @@ def main() -> None:
     for seed in args.seeds:
         for label, file, extra in METHODS + ([] if args.no_sweep else SWEEP):
             results.append(run_method(label, file, extra, seed, args, args.out))
-            write_results(args.results, results, args, command, time.perf_counter() - t0)
+            every = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/study.json"))]
+            write_results(args.results, every, args, command, time.perf_counter() - t0)
             print(f"seed {seed} {label}: done ({results[-1]['seconds']:.0f} s)", flush=True)
 
 
