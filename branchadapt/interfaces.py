@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-#: A step's input: for every stream (e.g. "photo", "cartoon", "train") a dict of batched tensors,
+#: A step's input: for every stream (e.g. "source", "target", "train") a dict of batched tensors,
 #: always including ``"group"``, the index of each sample's group in the experiment's group list.
 Batch = dict[str, dict[str, Tensor]]
 

@@ -167,3 +167,17 @@ def test_duplicate_names_name_both_origins(tmp_path, run_cli, third_party):
     assert out.returncode == 2
     assert "duplicate backbone name 'thirdparty_wide'" in out.stderr
     assert "ba-thirdparty 0.3.1" in out.stderr and "ba-dup 1.0" in out.stderr
+
+
+def test_core_never_imports_a_plugin_set():
+    """The core is domain-free: no module under branchadapt/ names a plugin package or a domain."""
+    import re
+    from pathlib import Path
+
+    import branchadapt
+
+    core = Path(branchadapt.__file__).parent
+    pattern = re.compile(r"branchadapt_(cartoon|timm|toonfaces)|\btimm\b|cartoon|\bface", re.IGNORECASE)
+    offenders = [f"{p.relative_to(core)}:{i}" for p in core.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    assert offenders == []
