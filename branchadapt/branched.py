@@ -161,6 +161,7 @@ class BranchedModel(nn.Module):
         self.backbone = backbone
         prefixes = tuple(f"{p}." for p in self.branch_paths)
         self._shared_names = [n for n, _ in backbone.named_parameters() if not n.startswith(prefixes)]
+        self._shared_buffers = [n for n, _ in backbone.named_buffers() if not n.startswith(prefixes)]
         branch_roots = {id(backbone.get_submodule(p)) for p in self.branch_paths}
         self._shared_modules = list(_modules_outside(backbone, branch_roots))
 
@@ -196,6 +197,10 @@ class BranchedModel(nn.Module):
         params = dict(self.backbone.named_parameters())
         detached = {n: params[n].detach() for n in self._shared_names}
         if policy is Participation.DETACHED:
+            # shared statistics (e.g. BatchNorm running means) are shared state too: a detached group
+            # normalises with its batch statistics but its updates land in throw-away copies
+            buffers = dict(self.backbone.named_buffers())
+            detached.update({n: buffers[n].clone() for n in self._shared_buffers})
             return functional_call(self.backbone, detached, args, kwargs, strict=False)
         modes = [m.training for m in self._shared_modules]
         for m in self._shared_modules:

@@ -106,8 +106,14 @@ def test_frozen_runs_shared_stages_in_eval_mode():
     detached = make(Participation.DETACHED)
     bn = detached.backbone.mid[1]
     before = bn.running_mean.clone()
-    detached(torch.randn(4, 4), groups=torch.ones(4, dtype=torch.long))
-    assert not torch.equal(bn.running_mean, before)  # detached: trains the statistics as usual
+    x = torch.randn(4, 4) * 3 + 1
+    out = detached(x, groups=torch.ones(4, dtype=torch.long))
+    # detached: normalises with the batch's statistics, but the shared running statistics are
+    # shared state the few-shot group must not update either
+    assert torch.equal(bn.running_mean, before)
+    assert not torch.allclose(out, make(Participation.FROZEN)(x, groups=torch.ones(4, dtype=torch.long)))
+    detached(x, groups=torch.zeros(4, dtype=torch.long))  # the anchor group (live) does update them
+    assert not torch.equal(bn.running_mean, before)
 
 
 def test_routing_matches_each_groups_own_model():
