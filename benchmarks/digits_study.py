@@ -29,7 +29,8 @@ METHODS = [  # (label, experiment, trains from the shared basic model)
     ("one model, all data mixed", "digits/mixed.toml", [], False),
     ("finetune all on few-shot", "digits/finetune_all.toml", [], True),
     ("branches, shared frozen", "digits/frozen_shared.toml", [], True),
-    ("branches + selective BP", "digits.toml", [], True),
+    ("branches + selective BP (few-shot frozen)", "digits.toml", [], True),
+    ("branches + selective BP (few-shot detached)", "digits.toml", ['stages.transfer.splitter.others="detached"'], True),
 ]
 
 
