@@ -30,7 +30,12 @@ METHODS = [  # (label, experiment, trains from the shared basic model)
     ("finetune all on few-shot", "digits/finetune_all.toml", [], True),
     ("branches, shared frozen", "digits/frozen_shared.toml", [], True),
     ("branches + selective BP (few-shot frozen)", "digits.toml", [], True),
-    ("branches + selective BP (few-shot detached)", "digits.toml", ['stages.transfer.splitter.others="detached"'], True),
+    (
+        "branches + selective BP (few-shot detached)",
+        "digits.toml",
+        ['stages.transfer.splitter.others="detached"'],
+        True,
+    ),
 ]
 
 
