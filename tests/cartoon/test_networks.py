@@ -65,8 +65,8 @@ def test_weights_are_initialised_from_n_0_002():
     assert abs(float(w.mean())) < 1e-3 and float(w.std()) == pytest.approx(0.02, rel=0.05)
     assert float(gen.DecodeBlock1.norm1.norm.rho.detach().mean()) == pytest.approx(0.9)
     assert (
-        float(gen.UpBlock1[3].rho.abs().sum()) == 0.0
-        and float(gen.DecodeBlock1.norm1.w_gamma.abs().sum()) == 0.0
+        float(gen.UpBlock1[3].rho.detach().abs().sum()) == 0.0
+        and float(gen.DecodeBlock1.norm1.w_gamma.detach().abs().sum()) == 0.0
     )
 
 
