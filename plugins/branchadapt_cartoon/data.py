@@ -27,8 +27,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from branchadapt import DataSource, PluginOptions, UserError
+from branchadapt.augment import Augmenter, check_augment
 
-from .augment import Augmenter, check_augment, paper_augment
+from .augment import paper_augment
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 STREAMS = ("photo", "cartoon")

@@ -13,10 +13,18 @@ def register_backbones(register: Register) -> None:
 
 
 @hookimpl
+def register_tasks(register: Register) -> None:
+    from .task import ClassifyTask
+
+    register(ClassifyTask, name="classify")
+
+
+@hookimpl
 def register_losses(register: Register) -> None:
-    from .losses import Entropy
+    from .losses import Entropy, FeatureAlignment
 
     register(Entropy, name="entropy")
+    register(FeatureAlignment, name="feature_alignment")
 
 
 @hookimpl

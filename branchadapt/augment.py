@@ -1,0 +1,73 @@
+"""Augmentations declared in the experiment file and built with albumentations.
+
+``augment = [{name = "HorizontalFlip", p = 0.5}, {name = "Affine", translate_px = [-2, 2]}]``: each
+table names an albumentations transform and gives its constructor arguments. Data sources validate
+the list with :func:`check_augment` (every transform is built once, so a typo fails before any
+training starts) and apply it with :class:`Augmenter`, whose randomness comes from the caller's RNG.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import albumentations as A
+import numpy as np
+
+__all__ = ["Augmenter", "build_transform", "check_augment"]
+
+
+def _transform_names() -> list[str]:
+    return sorted(
+        n for n in dir(A) if not n.startswith("_") and isinstance(getattr(A, n), type) and n[0].isupper()
+    )
+
+
+def build_transform(name: str, params: dict[str, Any]) -> A.BasicTransform:
+    """One albumentations transform by class name; a clear ``ValueError`` on a bad name or argument."""
+    cls = getattr(A, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform | A.BaseCompose):
+        close = difflib.get_close_matches(name, _transform_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"{name!r} is not an albumentations transform{hint}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in params.items())}): {exc}") from exc
+
+
+def _split(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return str(spec["name"]), {k: v for k, v in spec.items() if k != "name"}
+
+
+def check_augment(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate ``[{name=..., **params}]`` by building every transform once; returns ``specs``."""
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(
+                f"augment[{i}] needs a 'name' (an albumentations transform, e.g. 'HorizontalFlip')"
+            )
+        try:
+            build_transform(*_split(spec))
+        except ValueError as exc:
+            raise ValueError(f"augment[{i}]: {exc}") from exc
+    return specs
+
+
+class Augmenter:
+    """A seeded albumentations pipeline that always returns ``size`` x ``size`` images.
+
+    ``augmenter(image, rng)`` draws the pipeline's seed from ``rng``, so the same item RNG gives
+    the same augmentation (reproducible batches and bit-identical resume).
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], size: int) -> None:
+        transforms = [build_transform(*_split(s)) for s in specs]
+        transforms.append(A.Resize(size, size))  # whatever the pipeline does, the output has this size
+        self.pipeline = A.Compose(transforms, seed=0)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """Augment a uint8 H x W x C image."""
+        if rng is not None:
+            self.pipeline.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+        return self.pipeline(image=image)["image"]

@@ -1,0 +1,23 @@
+"""branchadapt.augment: config lists become seeded albumentations pipelines; typos fail early."""
+
+import numpy as np
+import pytest
+
+from branchadapt.augment import Augmenter, check_augment
+
+
+def test_typos_and_bad_arguments_name_the_entry():
+    with pytest.raises(ValueError, match=r"augment\[1\]: 'HorizontalFlp' is not .*did you mean HorizontalFlip"):
+        check_augment([{"name": "Blur"}, {"name": "HorizontalFlp"}])
+    with pytest.raises(ValueError, match=r"augment\[0\] needs a 'name'"):
+        check_augment([{"p": 0.5}])
+    with pytest.raises(ValueError, match=r"augment\[0\]: Resize\(height=-3\)"):
+        check_augment([{"name": "Resize", "height": -3}])
+
+
+def test_the_callers_rng_fixes_the_augmentation_and_the_size_is_kept():
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    aug = Augmenter([{"name": "RandomCrop", "height": 20, "width": 20}], size=32)
+    a, b, c = (aug(image, np.random.default_rng(s)) for s in (1, 1, 2))
+    assert a.shape == (32, 32, 3)
+    assert (a == b).all() and not (a == c).all()

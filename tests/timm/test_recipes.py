@@ -1,0 +1,56 @@
+"""The digits recipe end to end through the CLI (tiny sizes), and every baseline file validates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from branchadapt.cli import main as cli
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = [
+    "stages.basic.steps=4",
+    "stages.transfer.steps=3",
+    "stages.basic.sampler.per_group=8",
+    "stages.transfer.sampler.per_group=2",
+    "data.per_class={clean=2, rotated_noisy=1, inverted=1, blurred=1}",
+    "data.test_per_class=1",
+    "model.kwargs={channels=[8, 16, 32, 64], stem_width=8}",
+    "train.progress='plain'",
+]
+
+
+def test_recipe_trains_two_stages_and_prints_per_group_accuracy(tmp_path, run_cli):
+    sets = [a for s in TINY for a in ("--set", s)]
+    out = run_cli("run", str(EXAMPLES / "digits.toml"), "--run-dir", str(tmp_path / "run"), *sets)
+    assert out.returncode == 0, out.stderr
+    assert "done: stages basic, transfer" in out.stderr
+    table = out.stdout[out.stdout.index("stage transfer on the test split") :]
+    assert "accuracy" in table and all(g in table for g in ("clean", "rotated_noisy", "inverted", "blurred"))
+    metrics = json.loads((tmp_path / "run" / "eval" / "transfer-test" / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"clean", "rotated_noisy", "inverted", "blurred"}
+    assert all(0 <= m["accuracy"] <= 1 for m in metrics["groups"].values())
+    # the transfer stage branched the stem and layer1 for every group
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["experiment"]
+    assert config["stages"]["transfer"]["splitter"]["low"] == 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(p.name for p in (EXAMPLES / "digits").glob("*.toml")), "../digits.toml", "../digits_da.toml"],
+)
+def test_every_digits_file_validates(path, capsys):
+    assert cli(["validate", str(EXAMPLES / "digits" / path)]) == 0
+    assert ": OK" in capsys.readouterr().out
+
+
+def test_baselines_mean_what_they_say(capsys):
+    cli(["validate", str(EXAMPLES / "digits" / "finetune_all.toml")])
+    finetune = capsys.readouterr().out
+    assert "stage transfer: 150 steps, groups rotated_noisy, inverted, blurred, splitter single" in finetune
+    cli(["validate", str(EXAMPLES / "digits" / "mixed.toml")])
+    mixed = capsys.readouterr().out
+    assert "stage basic: 450 steps, groups clean, rotated_noisy, inverted, blurred" in mixed
+    assert "stage transfer" not in mixed
