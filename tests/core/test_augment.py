@@ -7,7 +7,9 @@ from branchadapt.augment import Augmenter, check_augment
 
 
 def test_typos_and_bad_arguments_name_the_entry():
-    with pytest.raises(ValueError, match=r"augment\[1\]: 'HorizontalFlp' is not .*did you mean HorizontalFlip"):
+    with pytest.raises(
+        ValueError, match=r"augment\[1\]: 'HorizontalFlp' is not .*did you mean HorizontalFlip"
+    ):
         check_augment([{"name": "Blur"}, {"name": "HorizontalFlp"}])
     with pytest.raises(ValueError, match=r"augment\[0\] needs a 'name'"):
         check_augment([{"p": 0.5}])
