@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .errors import UserError
 from .interfaces import Task
 from .loading import json_schema, load_experiment
@@ -37,9 +38,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.experiment, args.overrides)
     trainer = Trainer(exp, run_dir=args.run_dir, device=args.device)
-    console = Console(stderr=True, soft_wrap=True)
-    console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}", highlight=False)
-    result = trainer.run(max_steps=args.max_steps)
+    console = Console(stderr=True, soft_wrap=True, quiet=not trainer.dist.is_main)
+    ranks = f"  processes: {trainer.dist.world}" if trainer.dist.enabled else ""
+    console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}{ranks}", highlight=False)
+    try:
+        result = trainer.run(max_steps=args.max_steps)
+    finally:
+        distributed.teardown(trainer.dist)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports and evaluates
+        return 0
     if result.paused_at:
         stage, step = result.paused_at
         console.print(f"paused in stage {stage} at step {step}; run the same command again to resume")

@@ -2,8 +2,8 @@
 
 ``StepData`` maps a step number to its collated batch, so a plain ``DataLoader`` over the range
 of remaining steps gives worker processes, prefetching and exact resumption for free. Every item
-gets its own RNG derived from (seed, stage, step, stream, slot): augmentation is reproducible
-whatever the number of workers.
+gets its own RNG derived from (seed, stage, step, stream, slot in the global batch): augmentation is
+reproducible whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import shard
 from .interfaces import Batch, DataSource, GroupSampler
 
 
@@ -24,9 +25,17 @@ class StepData(Dataset[Batch]):
     """Indexable by step: the sampler's plan for that step, fetched and collated per stream."""
 
     def __init__(
-        self, source: DataSource, sampler: GroupSampler, groups: Sequence[str], seed: int, stage: int = 0
+        self,
+        source: DataSource,
+        sampler: GroupSampler,
+        groups: Sequence[str],
+        seed: int,
+        stage: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.source = source
+        self.rank, self.world = rank, world
         self.sampler = sampler
         self.group_index = {g: i for i, g in enumerate(groups)}
         self.seed = seed
@@ -37,11 +46,16 @@ class StepData(Dataset[Batch]):
 
     def __getitem__(self, step: int) -> Batch:
         batch: Batch = {}
-        for stream, picks in self.sampler.plan(step).items():
+        # under torchrun the sampler plans the global batch and this rank takes its shard
+        plan = shard(self.sampler.plan(step), self.rank, self.world, step)
+        for stream, picks in plan.items():
             key = zlib.crc32(stream.encode())
             items = [
                 self.source.get(
-                    group, stream, index, np.random.default_rng([self.seed, self.stage, step, key, slot])
+                    group,
+                    stream,
+                    index,
+                    np.random.default_rng([self.seed, self.stage, step, key, self.rank + self.world * slot]),
                 )
                 for slot, (group, index) in enumerate(picks)
             ]

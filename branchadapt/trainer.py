@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .branched import BranchedModel
 from .checkpoint import (
     latest_checkpoint,
@@ -118,8 +119,11 @@ class Trainer:
         self.exp = experiment
         self.spec = experiment.spec
         self.run_dir = Path(run_dir) if run_dir is not None else experiment.run_dir
-        self.device = select_device(device or self.spec.device)
-        self.progress = progress or ProgressReporter(self.spec.train.progress)
+        device_ = select_device(device or self.spec.device)
+        self.dist = distributed.setup(device_)  # torchrun: join the process group, else one process
+        self.device = distributed.local_device(device_, self.dist)
+        mode = self.spec.train.progress if self.dist.is_main else "none"
+        self.progress = progress or ProgressReporter(mode)
         self.groups = tuple(self.spec.groups)
         self.anchor = self.spec.anchor_group
 
@@ -141,6 +145,7 @@ class Trainer:
             self.load_stage_weights(stage.spec.init_from, modules)
         for module in modules.values():
             module.to(self.device).train()
+        distributed.broadcast_state(modules.values())  # every rank starts from rank 0's weights
         phases = task.phases()
         losses = self._losses(stage, phases, task)
         optimizers, schedulers = {}, {}
@@ -159,7 +164,7 @@ class Trainer:
                 f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
             )
         sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
-        data = StepData(source, sampler, self.groups, self.spec.seed, index)
+        data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data)
 
     def _losses(self, stage: ResolvedStage, phases: list[Phase], task: Task) -> dict[str, list[LossTerm]]:
@@ -196,7 +201,9 @@ class Trainer:
     # ------------------------------------------------------------------ running
     def run(self, max_steps: int | None = None) -> RunResult:
         """Run (or resume) every stage; ``max_steps`` pauses after that many steps in this call."""
-        prepare_run_dir(self.run_dir, self.exp)
+        if self.dist.is_main:
+            prepare_run_dir(self.run_dir, self.exp)
+        distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
         source = self.build_source("train")
         budget = max_steps
@@ -214,7 +221,11 @@ class Trainer:
                 return result
             if budget is not None:
                 budget -= stop - start
-            save_weights(final, runtime.modules, {"stage": stage.name, "config_hash": self.exp.config_hash})
+            if self.dist.is_main:
+                save_weights(
+                    final, runtime.modules, {"stage": stage.name, "config_hash": self.exp.config_hash}
+                )
+            distributed.barrier(self.dist)  # the next stage (and every rank) reads these weights
             result.completed.append(stage.name)
             self.progress.message(f"stage {stage.name}: done, weights in {final}")
             if budget == 0 and index + 1 < len(self.exp.stages):
@@ -238,6 +249,8 @@ class Trainer:
         return int(meta["step"])
 
     def _checkpoint(self, rt: StageRuntime, step: int) -> None:
+        if not self.dist.is_main:  # identical state on every rank: rank 0 writes it
+            return
         directory = self.run_dir / "checkpoints" / f"{rt.stage.name}-{step:08d}"
         meta = {
             "stage": rt.stage.name,
@@ -267,13 +280,18 @@ class Trainer:
                 done = step + 1
                 if done % train.log_every == 0 or done == stop:
                     last = {k: float(v) / count for k, v in sums.items()}
+                    last = distributed.average_values(last, self.dist.world, self.device)
                     self._log(rt, done, last)
                     sums, count = {}, 0
                 else:
                     self.progress.update(done)
                 if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == stop:
                     self._checkpoint(rt, done)
-                if train.sample_every and (done % train.sample_every == 0 or done == rt.steps):
+                if (
+                    self.dist.is_main
+                    and train.sample_every
+                    and (done % train.sample_every == 0 or done == rt.steps)
+                ):
                     self._samples(rt, done)
         finally:
             self.progress.end_stage()
@@ -304,12 +322,15 @@ class Trainer:
                 outputs = rt.task.forward(phase.name, rt.modules, batch, scratch)
                 values = {t.name: t(outputs, batch).float() for t in terms}
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
-            if not torch.isfinite(total):
+            if not distributed.all_finite(total, self.dist):  # every rank stops together
                 bad = [k for k, v in values.items() if not torch.isfinite(v)]
                 raise FloatingPointError(f"stage {rt.stage.name}: loss {bad} became non-finite")
             optimizer = rt.optimizers[phase.name]
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if self.dist.enabled:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                distributed.average_gradients(params, self.dist.world)
             optimizer.step()
             rt.schedulers[phase.name].step()
             rt.task.after_step(phase.name, rt.modules)
@@ -318,6 +339,8 @@ class Trainer:
         return logged
 
     def _log(self, rt: StageRuntime, step: int, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
         record = {
             "stage": rt.stage.name,
             "step": step,

@@ -1,0 +1,182 @@
+"""Multi-process training on ``torch.distributed``, launched by ``torchrun``.
+
+``torchrun --nproc-per-node N -m branchadapt run EXP.toml`` (one machine) or ``torchrun --nnodes M
+--nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m branchadapt run EXP.toml`` (several)
+sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`setup` then joins the process group (NCCL on
+CUDA, gloo on CPU). Semantics, identical to data-parallel training on one process with the same
+global batch:
+
+- the sampler plans the *global* batch; rank ``r`` of ``N`` takes every ``N``-th item of it from
+  ``r`` on (:func:`shard`), so every group's items are spread over the ranks;
+- every rank starts from rank 0's parameters and buffers (:func:`broadcast_state`);
+- after each phase's backward, the gradients of that phase's parameters are averaged over the
+  ranks (:func:`average_gradients`) before the optimiser step, exactly the all-reduce
+  ``DistributedDataParallel`` performs. The engine does this itself instead of wrapping modules in
+  DDP because DDP's reducer assumes one forward per backward per wrapped module, while phased
+  tasks (a discriminator and a generator update in one step, translations reused across phases)
+  and selective back-propagation (shared stages run through ``functional_call`` on detached
+  views) forward a module several times or outside its ``forward``. A parameter that has no
+  gradient on some rank (its group's items are elsewhere, or detached groups only) takes part with
+  zeros, so no rank waits forever; one that has none on any rank keeps ``grad = None``, as on one
+  process, so the optimiser skips it there too;
+- rank 0 alone writes the run directory (config, metrics, checkpoints, samples, reports); the
+  others wait at a barrier where the files must exist. Checkpoints do not depend on the number of
+  processes, so a run checkpointed under N processes resumes under any other number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (``world == 1``: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> DistInfo:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as set by ``torchrun`` (defaults: one process)."""
+    env = os.environ if environ is None else environ
+    try:
+        return DistInfo(
+            rank=int(env.get("RANK", "0")),
+            world=int(env.get("WORLD_SIZE", "1")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as exc:
+        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for everything else."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` with more than one process."""
+    info = from_env()
+    if not info.enabled:
+        return info
+    if device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend_for(device))
+    if dist.get_world_size() != info.world:
+        raise UserError(f"WORLD_SIZE={info.world} but the process group has {dist.get_world_size()} ranks")
+    return info
+
+
+def local_device(device: torch.device, info: DistInfo) -> torch.device:
+    """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    if device.type == "cuda" and info.enabled and device.index is None:
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def shard(
+    plan: Mapping[str, Sequence[tuple[str, int]]], rank: int, world: int, step: int | None = None
+) -> dict[str, list[tuple[str, int]]]:
+    """Rank ``rank``'s part of a global plan: items ``rank, rank + world, ...`` of every stream.
+
+    Plans list a group's items together, so with ``per_group = k`` (k a multiple of ``world``)
+    every rank gets ``k / world`` items of every group. A stream whose item count is not a
+    multiple of ``world`` would give ranks unequal batches (and a gradient average that differs
+    from the one-process mean), so it is refused.
+    """
+    if world == 1:
+        return {s: list(p) for s, p in plan.items()}
+    out: dict[str, list[tuple[str, int]]] = {}
+    for stream, picks in plan.items():
+        if len(picks) % world:
+            at = f" at step {step}" if step is not None else ""
+            raise UserError(
+                f"sampler: the global batch of stream {stream!r}{at} has {len(picks)} items, not a "
+                f"multiple of the {world} processes; make the sampler's batch (e.g. "
+                f"sampler.per_group or sampler.batch_size) a multiple of {world}"
+            )
+        out[stream] = list(picks[rank::world])
+    return out
+
+
+def broadcast_state(modules: Iterable[nn.Module], src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (no-op on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src)
+
+
+def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
+    """All-reduce-average the gradients of ``params`` (two collectives, any mix of ``None`` grads)."""
+    if world == 1 or not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(present)  # how many ranks hold a gradient, per parameter
+    used = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+    if not used:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in used:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def average_values(values: Mapping[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Mean over ranks of scalar metrics with the same keys on every rank (for logs)."""
+    if world == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    flat = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return {k: float(v) / world for k, v in zip(keys, flat.tolist(), strict=True)}
+
+
+def all_finite(value: torch.Tensor, info: DistInfo) -> bool:
+    """Whether ``value`` is finite on every rank (so that all ranks raise, or none)."""
+    finite = bool(torch.isfinite(value).all())
+    if not info.enabled:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=value.device)
+    dist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op on one process)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    """Leave the process group (end of ``branchadapt run``)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

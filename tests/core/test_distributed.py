@@ -1,0 +1,124 @@
+"""torch.distributed training: 2 gloo processes on CPU reach the weights of 1 process with the same
+global batch and seed (selective back-propagation included), and a 2-process checkpoint resumes
+under 1 process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from branchadapt import UserError
+from branchadapt.checkpoint import read_tensors
+from branchadapt.distributed import average_gradients, from_env, shard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# quickstart, shrunk: a basic stage on the anchor, then branches with detached few-shot groups
+TINY = """
+extends = "{quickstart}"
+name = "tiny-ddp"
+[train]
+log_every = 5
+checkpoint_every = 10
+progress = "none"
+[stages.basic]
+steps = 12
+sampler = {{ type = "per_group", per_group = 8 }}
+[stages.transfer]
+steps = 20
+sampler = {{ type = "per_group", per_group = 2 }}
+"""
+
+
+def test_shard_takes_every_nth_item_of_the_global_plan():
+    plan = {"x": [("a", 0), ("a", 1), ("b", 5), ("b", 6)]}
+    assert shard(plan, 0, 2) == {"x": [("a", 0), ("b", 5)]}  # every group on every rank
+    assert shard(plan, 1, 2) == {"x": [("a", 1), ("b", 6)]}
+    assert shard(plan, 0, 1) == plan
+    with pytest.raises(UserError, match=r"stream 'x' at step 3 has 4 items, not a multiple of the 3"):
+        shard(plan, 0, 3, step=3)
+
+
+def test_environment_is_read_as_torchrun_sets_it():
+    info = from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (info.rank, info.world, info.enabled, info.is_main) == (1, 2, True, False)
+    assert not from_env({}).enabled
+    with pytest.raises(UserError, match="must be integers"):
+        from_env({"WORLD_SIZE": "two"})
+
+
+def _average_worker(rank: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    both, only0, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), float(rank + 1))  # 1 and 2 -> 1.5
+    if rank == 0:
+        only0.grad = torch.full((3,), 4.0)  # 4 and (absent = 0) -> 2
+    average_gradients([both, only0, none], world=2)
+    torch.save({"both": both.grad, "only0": only0.grad, "none": none.grad}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_average_gradients_zero_fills_missing_and_keeps_unused_none(tmp_path):
+    out = str(tmp_path / "grads")
+    mp.spawn(_average_worker, args=(str(tmp_path / "store"), out), nprocs=2)
+    for rank in (0, 1):
+        g = torch.load(f"{out}.{rank}")
+        assert torch.equal(g["both"], torch.full((3,), 1.5))
+        assert torch.equal(g["only0"], torch.full((3,), 2.0))
+        assert g["none"] is None  # no rank had a gradient: the optimiser must skip it as on one process
+
+
+def _run(tmp_path: Path, run_dir: Path, procs: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    exp = tmp_path / "tiny.toml"
+    exp.write_text(TINY.format(quickstart=(ROOT / "examples" / "quickstart.toml").as_posix()))
+    cli = ["-m", "branchadapt", "run", str(exp), "--run-dir", str(run_dir), "--no-eval", *extra]
+    if procs > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            *cli,
+        ]
+    else:
+        cmd = [sys.executable, *cli]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(run_dir / "stages" / "transfer" / "final.safetensors")
+
+
+def test_two_processes_match_one_and_resume_under_one(tmp_path):
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    _run(tmp_path, one, 1)
+    log = _run(tmp_path, two, 2)
+    assert "processes: 2" in log.stderr
+    a, b = _final(one), _final(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the shared stages did move in the transfer stage (anchor gradients), so the match is not trivial
+    basic = read_tensors(one / "stages" / "basic" / "final.safetensors")
+    shared = [k for k in basic if k in a and ".branches." not in k]
+    assert shared and any(not torch.equal(basic[k], a[k]) for k in shared)
+    # rank 0 alone wrote the metrics: one line per logged step, not one per process
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((one / "metrics.jsonl").read_text().splitlines())
+
+    _run(tmp_path, mixed, 2, "--max-steps", "22")  # pauses in the transfer stage (checkpoint at step 10)
+    assert (mixed / "checkpoints").is_dir() and not (mixed / "stages" / "transfer").exists()
+    _run(tmp_path, mixed, 1)  # resumes under one process
+    c = _final(mixed)
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
