@@ -132,6 +132,9 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(
         handler=cmd_schema
     )
+    from .export import add_command as add_export
+
+    add_export(sub)
     plugins.commands(sub)
     return parser
 

@@ -66,6 +66,13 @@ class Backbone(nn.Module, ABC):
         """
         return [stage]
 
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
+        """Positional inputs of one forward (for export and tracing); dim 0 is the batch.
+
+        Backbones that can be exported (``branchadapt export``) override this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare example_inputs()")
+
 
 class BranchSplitter(ABC):
     """Decides which stages become per-group branches and how each group uses the shared rest."""

@@ -46,6 +46,9 @@ class MLPBackbone(Backbone):
     def stage_names(self) -> list[str]:
         return list(self._names)
 
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
+        return (torch.zeros(batch_size, self.options.in_features),)
+
     def forward(self, x: Tensor) -> Tensor:
         for name in self._names:
             x = getattr(self, name)(x)

@@ -258,6 +258,10 @@ class UGATITGenerator(Backbone):
         self.ConvBlock2 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 3, 7, bias=False), nn.Tanh())
         init_normal(self)
 
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
+        size = self.options.image_size
+        return (torch.zeros(batch_size, 3, size, size),)
+
     def stage_names(self) -> list[str]:
         enc = [f"EncodeBlock{i}" for i in range(1, self.n_blocks + 1)]
         dec = [f"DecodeBlock{i}" for i in range(1, self.n_blocks + 1)]

@@ -243,6 +243,10 @@ class TimmBackbone(Backbone):
     def stage_paths(self, stage: str) -> list[str]:
         return [f"model.{p}" for p in self._stages[stage]]
 
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
+        _, height, width = self.model.pretrained_cfg.get("input_size", (3, 224, 224))
+        return (torch.zeros(batch_size, self.options.in_chans, height, width),)
+
     def forward(self, x: Tensor, features: bool = False) -> Tensor | dict[str, Tensor]:
         if not features:
             return self.model(x)

@@ -1,0 +1,150 @@
+"""``branchadapt export RUN_DIR --group NAME``: one group's own model out of a branched run.
+
+A branched backbone holds every group's branches around the shared stages; a deployment needs
+one group's plain network. ``export`` rebuilds the run's finished stage, takes the chosen
+module's plain backbone for ``--group`` (its branches in place of the routers) and writes it as
+
+- ``onnx``: ``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch
+  dimension, checked against the eager model with onnxruntime when it is installed;
+- ``safetensors``: the plain state dict, loadable into the backbone built from the run's config.
+
+The backbone declares its inputs with :meth:`Backbone.example_inputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .branched import BranchedModel
+from .errors import UserError
+from .interfaces import Backbone
+
+FORMATS = ("onnx", "safetensors")
+
+
+@dataclass
+class Exported:
+    path: Path
+    module: str
+    group: str
+    max_abs_diff: float | None = None  # onnxruntime vs eager on the example input (onnx only)
+
+
+def group_backbone(
+    modules: dict[str, nn.Module], group: str, module: str | None = None
+) -> tuple[str, Backbone]:
+    """``(name, plain backbone of group)`` for ``module`` (default: the first branched module)."""
+    branched = {n: m for n, m in modules.items() if isinstance(m, BranchedModel)}
+    if not branched:
+        raise UserError("this run has no branched backbone to export")
+    name = module or next(iter(branched))
+    if name not in branched:
+        raise UserError(
+            f"--module {name!r} is not a branched module of this run; expected one of {list(branched)}"
+        )
+    model = branched[name]
+    if group not in model.groups:
+        raise UserError(f"--group {group!r} is not a group of this run; expected one of {list(model.groups)}")
+    return name, model.extract(group).eval()
+
+
+def _outputs(value: object) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _outputs(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _outputs(v)]
+    raise TypeError(f"cannot export an output of type {type(value).__name__}")
+
+
+def export_onnx(backbone: Backbone, path: Path, batch_size: int = 2) -> float | None:
+    """Write ``backbone`` as ONNX (dynamic batch); returns onnxruntime's max abs difference, if available."""
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError as exc:
+        raise UserError("ONNX export needs onnx and onnxscript: pip install 'branchadapt[export]'") from exc
+    try:
+        inputs = backbone.example_inputs(batch_size)
+    except NotImplementedError as exc:
+        raise UserError(f"{exc}; the backbone must declare its inputs to be exported") from exc
+    batch = torch.export.Dim("batch")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            backbone,
+            inputs,
+            str(tmp),
+            dynamo=True,
+            input_names=[f"input{i}" for i in range(len(inputs))],
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            verbose=False,
+        )
+    os.replace(tmp, path)
+    return onnx_difference(backbone, path, inputs)
+
+
+def onnx_difference(backbone: nn.Module, path: Path, inputs: tuple[Tensor, ...]) -> float | None:
+    """Max abs difference between onnxruntime and eager outputs on random inputs (None: no onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    feeds = [torch.rand(x.shape, generator=gen) * 2 - 1 for x in inputs]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), feeds, strict=True)})
+    with torch.no_grad():
+        want = _outputs(backbone(*feeds))
+    return max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
+
+
+def export_run(
+    run_dir: Path,
+    group: str,
+    fmt: str = "onnx",
+    module: str | None = None,
+    stage: str | None = None,
+    out: Path | None = None,
+) -> Exported:
+    """Export ``group``'s plain model from a finished stage of ``run_dir``."""
+    from .checkpoint import save_weights
+    from .evaluation import load_stage
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
+    loaded = load_stage(run_dir, stage, "cpu")
+    name, backbone = group_backbone(loaded.modules, group, module)
+    path = out or Path(run_dir) / "export" / f"{name}-{group}.{fmt}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
+        save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
+        return Exported(path, name, group)
+    return Exported(path, name, group, export_onnx(backbone, path))
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write one group's plain model of a finished run (ONNX/safetensors)"
+    )
+    p.add_argument("run_dir", type=Path, help="run directory")
+    p.add_argument("--group", required=True, help="whose branches to take")
+    p.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS)
+    p.add_argument("--module", default=None, help="which branched module (default: the first)")
+    p.add_argument("--stage", default=None, help="stage whose final weights to export (default: last)")
+    p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export/MODULE-GROUP.FORMAT")
+    p.set_defaults(handler=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    result = export_run(args.run_dir, args.group, args.fmt, args.module, args.stage, args.out)
+    print(f"{result.module} for group {result.group} written to {result.path}")
+    if result.max_abs_diff is not None:
+        print(f"onnxruntime vs eager: max abs difference {result.max_abs_diff:.2e}")
+    return 0

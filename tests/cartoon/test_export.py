@@ -1,0 +1,64 @@
+"""``branchadapt export``: one group's generator as ONNX (onnxruntime parity, dynamic batch) and
+as a plain safetensors state; bad requests exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import branchadapt as ba
+from branchadapt.checkpoint import read_tensors
+from branchadapt.evaluation import load_stage
+from branchadapt.trainer import Trainer
+
+
+@pytest.fixture
+def trained(tiny_cartoon, tmp_path):
+    run = tmp_path / "run"
+    Trainer(ba.load_experiment(tiny_cartoon(steps=2)), run_dir=run, device="cpu").run()
+    return run
+
+
+def test_onnx_export_matches_the_groups_eager_generator(trained, run_cli):
+    ort = pytest.importorskip("onnxruntime")
+    done = run_cli("export", str(trained), "--group", "men", "--format", "onnx")
+    assert done.returncode == 0, done.stderr
+    path = trained / "export" / "gen_a2b-men.onnx"
+    assert path.is_file() and f"written to {path}" in done.stdout
+    assert "onnxruntime vs eager: max abs difference" in done.stdout
+    # independent check: another batch size (the batch dimension is dynamic), men's own branches
+    men = load_stage(trained).modules["gen_a2b"].extract("men").eval()
+    women = load_stage(trained).modules["gen_a2b"].extract("women").eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want, other = men(x)[0].numpy(), women(x)[0].numpy()
+    assert image.shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(image, want, atol=1e-4)
+    assert np.abs(image - other).max() > 1e-3  # the export carries men's branches, not the anchor's
+
+
+def test_safetensors_export_is_the_plain_backbone_state(trained, run_cli):
+    done = run_cli(
+        "export", str(trained), "--group", "kids", "--format", "safetensors", "--module", "gen_b2a"
+    )
+    assert done.returncode == 0, done.stderr
+    state = read_tensors(trained / "export" / "gen_b2a-kids.safetensors")
+    plain = ba.build_backbone("ugatit", width=4, image_size=32, n_blocks=1)
+    plain.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})  # strict: same keys
+    kids = load_stage(trained).modules["gen_b2a"].extract("kids")
+    for key, value in kids.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+
+
+def test_bad_requests_exit_2_and_write_nothing(trained, run_cli):
+    for args, message in (
+        (["--group", "cats"], "--group 'cats' is not a group of this run"),
+        (["--group", "men", "--module", "dis_ga"], "--module 'dis_ga' is not a branched module"),
+        (["--group", "men", "--stage", "warmup"], "--stage 'warmup' is not a stage of this run"),
+    ):
+        done = run_cli("export", str(trained), *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (trained / "export").exists() or not any((trained / "export").iterdir())
