@@ -140,7 +140,8 @@ Setting: toonfaces (seed 0 data; paper group sizes 1000/200, 75/15, 50/10, 50/10
 stage 1 (basic model, anchor group only) {args.basic_steps} steps trained once per seed and shared,
 transfer stage {args.transfer_steps} steps for every method (baseline 1 trains one model on the pooled data
 from scratch for {args.basic_steps}+{args.transfer_steps} steps). Paper losses and weights, Adam 2e-4 (0.5, 0.999),
-weight decay 1e-4, one image per group per step. Seeds finished: {done}. Wall time so far: {wall / 60:.1f} min
+weight decay 1e-4, one image per group per step. Seeds finished: {done}. Training + evaluation time of all runs in
+the tables: {sum(r["seconds"] for r in results) / 60:.0f} min (this invocation: {wall / 60:.1f} min)
 on 2 CPU cores (1 torch thread). Metrics on the 100 paired test identities per group:
 `a2b/traits` = share of generated cartoons showing exactly the ground-truth traits (toonfaces trait
 classifier), `a2b/id` = identity cosine (toonfaces identity encoder) between photo and cartoon,

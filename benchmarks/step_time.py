@@ -25,6 +25,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from branchadapt.interfaces import Participation
 from branchadapt.trainer import StageRuntime, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+NAIVE = "<naive>"  # marker: selective BP by copying the shared stages
 REFERENCE_SECONDS = {128: 2.79, 256: 6.32}  # the reference code's iteration, measured on this machine
 
 
@@ -86,21 +88,23 @@ def naive_step(trainer: Trainer, rt: StageRuntime) -> Callable[[ba.Batch], objec
     return lambda batch: trainer.train_step(rt, batch)
 
 
-def timed(step: Callable[[ba.Batch], object], rt: StageRuntime, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        batch = rt.data[i]
-        start = time.perf_counter()
-        step(batch)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(size: int, width: int, stage: int, extra: list[str], args: argparse.Namespace, naive: bool = False) -> float:  # fmt: skip
-    trainer, rt = build(size, width, stage, extra)
-    step = naive_step(trainer, rt) if naive else (lambda b: trainer.train_step(rt, b))
-    return timed(step, rt, args.steps, args.warmup)
+def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]], args: argparse.Namespace) -> dict[str, float]:  # fmt: skip
+    """Median step time of each configuration, their steps interleaved (drift hits all alike)."""
+    steps: dict[str, Callable[[ba.Batch], object]] = {}
+    runtimes: dict[str, StageRuntime] = {}
+    for name, extra in configs.items():
+        trainer, rt = build(size, width, stage, [e for e in extra if e != NAIVE])
+        runtimes[name] = rt
+        steps[name] = naive_step(trainer, rt) if NAIVE in extra else partial(trainer.train_step, rt)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            batch = runtimes[name].data[i]
+            start = time.perf_counter()
+            step(batch)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_flops(size: int, width: int, extra: list[str]) -> int:
@@ -111,26 +115,29 @@ def step_flops(size: int, width: int, extra: list[str]) -> int:
     return counter.get_total_flops()
 
 
-def peak_gflops(repeat: int = 5) -> tuple[float, str]:
-    """The machine's practical fp32 peak: best of a channels_last conv and a square matmul."""
-    x = torch.randn(8, 128, 64, 64).contiguous(memory_format=torch.channels_last)
-    conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def peak_gflops(repeat: int = 10) -> tuple[float, str]:
+    """The machine's practical fp32 peak: best of large channels_last convolutions and a matmul."""
     best: dict[str, float] = {}
     with torch.no_grad():
-        for name, fn, flops in (
-            ("conv3x3 c128 channels_last", lambda: conv(x), 2 * 8 * 128 * 128 * 9 * 64 * 64),
-            ("matmul 2048^2", lambda: a @ b, 2 * 2048**3),
-        ):
-            fn()
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            best[name] = flops / min(times) / 1e9
+        for c, k, hw in ((128, 3, 64), (128, 3, 128), (256, 1, 64)):
+            x = torch.randn(4, c, hw, hw).contiguous(memory_format=torch.channels_last)
+            conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False).to(memory_format=torch.channels_last)
+            flops = 2 * 4 * c * c * k * k * hw * hw
+            best[f"conv{k}x{k} c{c} {hw}^2 channels_last"] = flops / _fastest(lambda: conv(x), repeat) / 1e9  # noqa: B023
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        best["matmul 2048^2"] = 2 * 2048**3 / _fastest(lambda: a @ b, repeat) / 1e9
     name = max(best, key=lambda k: best[k])
     return best[name], name
+
+
+def _fastest(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def main() -> None:
@@ -150,14 +157,17 @@ def main() -> None:
         print("Transfer stage (4 groups x (1 photo + 1 cartoon), six losses), seconds per step")
         print("| size | ours | no branches | overhead | naive copy | ref order | ours bf16 |")
         print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        configs = {
+            "ours": [],
+            "plain": ['stages.transfer.splitter={type="finetune"}'],
+            "naive": [NAIVE],
+            "ref": ["task.reuse_fakes=false"],
+            "bf16": ['precision="bf16"'],
+        }
         for size in args.sizes:
-            ours = measure(size, args.width, 1, [], args)
-            plain = measure(size, args.width, 1, ['stages.transfer.splitter={type="finetune"}'], args)
-            naive = measure(size, args.width, 1, [], args, naive=True)
-            ref = measure(size, args.width, 1, ["task.reuse_fakes=false"], args)
-            bf16 = measure(size, args.width, 1, ['precision="bf16"'], args)
-            print(f"| {size} | {ours:.3f} | {plain:.3f} | {ours / plain:.2f} | {naive:.3f} | {ref:.3f} | {bf16:.3f} |",
-                  flush=True)  # fmt: skip
+            t = interleaved(size, args.width, 1, configs, args)
+            print(f"| {size} | {t['ours']:.3f} | {t['plain']:.3f} | {t['ours'] / t['plain']:.2f} | {t['naive']:.3f} | "
+                  f"{t['ref']:.3f} | {t['bf16']:.3f} |", flush=True)  # fmt: skip
         print()
     print("Reference maths (stage 1: 1 photo + 1 cartoon, no branches, five losses), seconds per step")
     print(
@@ -165,8 +175,8 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for size in args.sizes:
-        ours = measure(size, args.width, 0, [], args)
-        ref = measure(size, args.width, 0, ["task.reuse_fakes=false"], args)
+        t = interleaved(size, args.width, 0, {"ours": [], "ref": ["task.reuse_fakes=false"]}, args)
+        ours, ref = t["ours"], t["ref"]
         flops = step_flops(size, args.width, [])
         code = REFERENCE_SECONDS.get(size)
         code_s, ratio = (f"{code:.2f}", f"{ours / code:.2f}") if code else ("-", "-")
