@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,15 +24,12 @@ import torch
 import branchadapt as ba
 from branchadapt.export import export_onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import repeat_times
+
 
 def rate(fn: Callable[[], object], batch: int, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    return batch / statistics.median(repeat_times(fn, repeat))
 
 
 def main() -> None:

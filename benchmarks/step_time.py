@@ -123,21 +123,23 @@ def peak_gflops(repeat: int = 10) -> tuple[float, str]:
             x = torch.randn(4, c, hw, hw).contiguous(memory_format=torch.channels_last)
             conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False).to(memory_format=torch.channels_last)
             flops = 2 * 4 * c * c * k * k * hw * hw
-            best[f"conv{k}x{k} c{c} {hw}^2 channels_last"] = flops / _fastest(lambda: conv(x), repeat) / 1e9  # noqa: B023
+            seconds = min(repeat_times(partial(conv, x), repeat))
+            best[f"conv{k}x{k} c{c} {hw}^2 channels_last"] = flops / seconds / 1e9
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        best["matmul 2048^2"] = 2 * 2048**3 / _fastest(lambda: a @ b, repeat) / 1e9
+        best["matmul 2048^2"] = 2 * 2048**3 / min(repeat_times(lambda: a @ b, repeat)) / 1e9
     name = max(best, key=lambda k: best[k])
     return best[name], name
 
 
-def _fastest(fn: Callable[[], object], repeat: int) -> float:
+def repeat_times(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
 def main() -> None:

@@ -1,0 +1,101 @@
+"""Which single-process optimisations win for the paper's step on this machine?
+
+Stage 1 of the recipe (one photo + one cartoon, five losses) at ``--size`` px, each variant
+against the default configuration, steps interleaved, median of ``--steps`` after ``--warmup``:
+
+- ``channels_last``: every module and input in channels_last memory format;
+- ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16);
+- ``fused Adam``: ``torch.optim.Adam(fused=True)`` instead of the default foreach kernels;
+- ``ref order``: the translations recomputed for the generator update (what reusing them saves);
+- ``1 thread``: the default with one intra-op thread instead of ``--threads``;
+- ``torch.compile`` (only with ``--compile``): every module compiled (training graphs).
+
+    .venv/bin/python benchmarks/optimisations.py --size 128 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import build
+
+import branchadapt as ba
+
+
+def _channels_last(batch: ba.Batch) -> ba.Batch:
+    return {
+        stream: {
+            k: v.contiguous(memory_format=torch.channels_last) if k == "image" else v for k, v in f.items()
+        }
+        for stream, f in batch.items()
+    }
+
+
+def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
+    """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
+    extra = {"bf16 autocast": ['precision="bf16"'], "ref order": ["task.reuse_fakes=false"]}.get(name, [])
+    trainer, rt = build(size, width, 0, extra)
+    threads = 1 if name == "1 thread" else None
+    convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
+    if name == "channels_last":
+        for m in rt.modules.values():
+            m.to(memory_format=torch.channels_last)
+        convert = _channels_last
+    if name == "fused Adam":
+        for phase, opt in rt.optimizers.items():
+            group = opt.param_groups[0]
+            rt.optimizers[phase] = torch.optim.Adam(
+                group["params"],
+                lr=group["lr"],
+                betas=group["betas"],
+                weight_decay=group["weight_decay"],
+                fused=True,
+            )
+    if name == "torch.compile":
+        for m in rt.modules.values():
+            m.compile()
+    return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["default", "channels_last", "bf16 autocast", "fused Adam", "ref order", "1 thread"]
+    names += ["torch.compile"] if args.compile else []
+    steps = {n: variant(n, args.size, args.width) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.warmup + args.steps):
+        for name, (step, threads) in steps.items():
+            torch.set_num_threads(threads or args.threads)
+            start = time.perf_counter()
+            step(i)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    torch.set_num_threads(args.threads)
+    base = statistics.median(times["default"])
+    print(f"stage 1 step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
+          f"after {args.warmup} (interleaved)\n")  # fmt: skip
+    print("| variant | s / step | vs default |")
+    print("|---|---:|---:|")
+    for name in names:
+        t = statistics.median(times[name])
+        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
