@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--basic-steps", type=int, default=500)
     ap.add_argument("--transfer-steps", type=int, default=150)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--methods", nargs="+", default=None, help="only the methods whose label starts with one of these"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results_cartoon.md")
     ap.add_argument("--threads", type=int, default=1)
@@ -169,12 +172,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/cartoon_study.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k not in {"out", "results", "no_sweep"}
+        for k, v in vars(args).items() if k not in {"out", "results", "no_sweep", "methods"}
     ) + (" --no-sweep" if args.no_sweep else "")  # fmt: skip
+    if args.methods:
+        command += " --methods " + " ".join(repr(m) for m in args.methods)
+    if args.out != ROOT / "runs" / "study":
+        command += f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
+    if args.results != ROOT / "docs" / "results_cartoon.md":
+        command += f" --results {args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results}"
     results: list[dict] = []
     t0 = time.perf_counter()
     for seed in args.seeds:
         for label, file, extra in METHODS + ([] if args.no_sweep else SWEEP):
+            if args.methods and not any(label.startswith(m) for m in args.methods):
+                continue
             results.append(run_method(label, file, extra, seed, args, args.out))
             every = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/study.json"))]
             write_results(args.results, every, args, command, time.perf_counter() - t0)

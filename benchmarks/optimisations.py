@@ -4,6 +4,8 @@ Stage 1 of the recipe (one photo + one cartoon, five losses) at ``--size`` px, e
 against the default configuration, steps interleaved, median of ``--steps`` after ``--warmup``:
 
 - ``channels_last``: every module and input in channels_last memory format;
+- ``channels_last + IN``: the same with ``nn.InstanceNorm2d`` replaced by a layout-agnostic
+  instance norm (``var_mean`` over H, W), so no layout conversion happens around the norms;
 - ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16);
 - ``fused Adam``: ``torch.optim.Adam(fused=True)`` instead of the default foreach kernels;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
@@ -39,14 +41,36 @@ def _channels_last(batch: ba.Batch) -> ba.Batch:
     }
 
 
+class LayoutFreeInstanceNorm(torch.nn.Module):
+    """Instance norm without affine parameters that keeps its input's memory format."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+
+def _swap_instance_norms(module: torch.nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.InstanceNorm2d) and not child.affine:
+            setattr(module, name, LayoutFreeInstanceNorm(child.eps))
+        else:
+            _swap_instance_norms(child)
+
+
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {"bf16 autocast": ['precision="bf16"'], "ref order": ["task.reuse_fakes=false"]}.get(name, [])
     trainer, rt = build(size, width, 0, extra)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
-    if name == "channels_last":
+    if name.startswith("channels_last"):
         for m in rt.modules.values():
+            if name.endswith("+ IN"):
+                _swap_instance_norms(m)
             m.to(memory_format=torch.channels_last)
         convert = _channels_last
     if name == "fused Adam":
@@ -75,7 +99,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["default", "channels_last", "bf16 autocast", "fused Adam", "ref order", "1 thread"]
+    names = [
+        "default",
+        "channels_last",
+        "channels_last + IN",
+        "bf16 autocast",
+        "fused Adam",
+        "ref order",
+        "1 thread",
+    ]
     names += ["torch.compile"] if args.compile else []
     steps = {n: variant(n, args.size, args.width) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
