@@ -9,12 +9,15 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    both generators' shared stages every step and running the few-shot groups through the copy);
    ``ref order`` (translations recomputed for the generator update, as the reference does).
 2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses):
-   ``ours`` and ``ref order`` next to the reference code's measured iteration (2.79 s at 128 px,
-   6.32 s at 256 px on this machine, ``../shared/reference/photo2cartoon.md``), the step's FLOPs
+   ``ours`` and ``ref order`` next to the reference code's iteration: measured in the same run when
+   ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``), otherwise the
+   figure quoted in ``../shared/reference/photo2cartoon.md`` (2.79 s at 128 px, 6.32 s at 256 px,
+   taken on this kind of machine in another session), the step's FLOPs
    (``torch.utils.flop_counter``), achieved GFLOP/s and its fraction of the machine's measured peak
    (best of a large channels_last 3x3 convolution and a 2048^2 matmul).
 
-    .venv/bin/python benchmarks/step_time.py --sizes 64 128 256 --steps 5 --warmup 2
+    .venv/bin/python benchmarks/step_time.py --sizes 64 128 256 --steps 5 --warmup 2 \
+        [--reference-repo /path/to/photo2cartoon]
 """
 
 from __future__ import annotations
@@ -88,20 +91,20 @@ def naive_step(trainer: Trainer, rt: StageRuntime) -> Callable[[ba.Batch], objec
     return lambda batch: trainer.train_step(rt, batch)
 
 
-def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]], args: argparse.Namespace) -> dict[str, float]:  # fmt: skip
-    """Median step time of each configuration, their steps interleaved (drift hits all alike)."""
-    steps: dict[str, Callable[[ba.Batch], object]] = {}
-    runtimes: dict[str, StageRuntime] = {}
+def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]], args: argparse.Namespace,
+                extra_steps: dict[str, Callable[[int], object]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Median step time of each configuration (and of each ``extra_steps`` function of the step
+    index), their steps interleaved so that drift in the machine's speed hits all alike."""
+    steps: dict[str, Callable[[int], object]] = dict(extra_steps or {})
     for name, extra in configs.items():
         trainer, rt = build(size, width, stage, [e for e in extra if e != NAIVE])
-        runtimes[name] = rt
-        steps[name] = naive_step(trainer, rt) if NAIVE in extra else partial(trainer.train_step, rt)
-    times: dict[str, list[float]] = {name: [] for name in configs}
+        step = naive_step(trainer, rt) if NAIVE in extra else partial(trainer.train_step, rt)
+        steps[name] = lambda i, step=step, rt=rt: step(rt.data[i])
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
-            batch = runtimes[name].data[i]
             start = time.perf_counter()
-            step(batch)
+            step(i)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -150,6 +153,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-transfer", action="store_true", help="only the reference-maths table")
+    ap.add_argument(
+        "--reference-repo", type=Path, help="photo2cartoon checkout: time its iteration in the same run"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak, peak_name = peak_gflops()
@@ -173,18 +179,31 @@ def main() -> None:
         print()
     print("Reference maths (stage 1: 1 photo + 1 cartoon, no branches, five losses), seconds per step")
     print(
-        "| size | ours | ref order | reference code | ours / reference | GFLOP per step | GFLOP/s | of peak |"
+        "| size | ours | ref order | reference code | ours / reference | GFLOP per step | GFLOP/s | of peak "
+        "| reference GFLOP |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for size in args.sizes:
-        t = interleaved(size, args.width, 0, {"ours": [], "ref": ["task.reuse_fakes=false"]}, args)
+        extra: dict[str, Callable[[int], object]] = {}
+        if args.reference_repo:
+            from reference_step import ReferenceStep
+
+            reference = ReferenceStep(args.reference_repo, size, args.width)
+            extra["code"] = lambda i, r=reference: r(*r.batch())
+        t = interleaved(size, args.width, 0, {"ours": [], "ref": ["task.reuse_fakes=false"]}, args, extra)
         ours, ref = t["ours"], t["ref"]
         flops = step_flops(size, args.width, [])
-        code = REFERENCE_SECONDS.get(size)
-        code_s, ratio = (f"{code:.2f}", f"{ours / code:.2f}") if code else ("-", "-")
+        code = t.get("code", REFERENCE_SECONDS.get(size))
+        measured = "measured now" if "code" in t else "quoted"
+        code_s, ratio = (f"{code:.2f} ({measured})", f"{ours / code:.2f}") if code else ("-", "-")
         rate = flops / ours / 1e9
-        print(f"| {size} | {ours:.3f} | {ref:.3f} | {code_s} | {ratio} | {flops / 1e9:.1f} | {rate:.0f} | {rate / peak:.2f} |",
-              flush=True)  # fmt: skip
+        ref_flops = "-"
+        if args.reference_repo:
+            with FlopCounterMode(display=False) as counter:
+                reference(*reference.batch())
+            ref_flops = f"{counter.get_total_flops() / 1e9:.1f}"
+        print(f"| {size} | {ours:.3f} | {ref:.3f} | {code_s} | {ratio} | {flops / 1e9:.1f} | {rate:.0f} | {rate / peak:.2f} "
+              f"| {ref_flops} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
