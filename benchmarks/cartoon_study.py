@@ -48,6 +48,14 @@ SWEEP = [
         ["stages.transfer.splitter.low=4", "stages.transfer.splitter.top=4"],
     ),
 ]
+# follow-up questions, run only when named with --methods (not part of the default study)
+INVESTIGATION = [
+    (
+        "full method, no group-cls loss",
+        "cartoon.toml",
+        ["losses.group_cls_g.weight=0", "losses.group_cls_d.weight=0"],
+    ),
+]
 METRICS = ["a2b/traits", "a2b/id", "a2b/ssim", "a2b/l1", "b2a/ssim"]
 
 
@@ -125,7 +133,7 @@ def table(results: list[dict], labels: list[str]) -> str:
 def write_results(
     path: Path, results: list[dict], args: argparse.Namespace, command: str, wall: float
 ) -> None:
-    labels = [m[0] for m in METHODS + SWEEP]
+    labels = [m[0] for m in METHODS + SWEEP + INVESTIGATION]
     done = sorted({r["seed"] for r in results})
     text = f"""## Cartoon study: branches with selective back-propagation vs the baselines
 
@@ -163,7 +171,10 @@ def main() -> None:
     ap.add_argument("--transfer-steps", type=int, default=150)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument(
-        "--methods", nargs="+", default=None, help="only the methods whose label starts with one of these"
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only the methods whose label starts with one of these (investigation runs: exact label)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results_cartoon.md")
@@ -183,8 +194,10 @@ def main() -> None:
     results: list[dict] = []
     t0 = time.perf_counter()
     for seed in args.seeds:
-        for label, file, extra in METHODS + ([] if args.no_sweep else SWEEP):
+        for label, file, extra in METHODS + ([] if args.no_sweep else SWEEP) + INVESTIGATION:
             if args.methods and not any(label.startswith(m) for m in args.methods):
+                continue
+            if (label, file, extra) in INVESTIGATION and not (args.methods and label in args.methods):
                 continue
             results.append(run_method(label, file, extra, seed, args, args.out))
             every = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/study.json"))]
