@@ -9,16 +9,14 @@ global batch:
 - the sampler plans the *global* batch; rank ``r`` of ``N`` takes every ``N``-th item of it from
   ``r`` on (:func:`shard`), so every group's items are spread over the ranks;
 - every rank starts from rank 0's parameters and buffers (:func:`broadcast_state`);
-- after each phase's backward, the gradients of that phase's parameters are averaged over the
-  ranks (:func:`average_gradients`) before the optimiser step, exactly the all-reduce
-  ``DistributedDataParallel`` performs. The engine does this itself instead of wrapping modules in
-  DDP because DDP's reducer assumes one forward per backward per wrapped module, while phased
-  tasks (a discriminator and a generator update in one step, translations reused across phases)
-  and selective back-propagation (shared stages run through ``functional_call`` on detached
-  views) forward a module several times or outside its ``forward``. A parameter that has no
-  gradient on some rank (its group's items are elsewhere, or detached groups only) takes part with
-  zeros, so no rank waits forever; one that has none on any rank keeps ``grad = None``, as on one
-  process, so the optimiser skips it there too;
+- every module with trainable parameters is wrapped in ``DistributedDataParallel``
+  (:func:`wrap_ddp`) for the task's forward passes; its reducer all-reduces the gradients in
+  buckets during each phase's backward, so the optimiser step sees the gradient of the global
+  batch. ``find_unused_parameters`` is on: a parameter that has no gradient on some rank (its
+  group's items are elsewhere, or only detached groups used it) takes part with zeros, and one
+  that has none on any rank keeps ``grad = None``, as on one process. Selective back-propagation
+  needs nothing more: detached groups run the shared stages on detached views, so no rank ever
+  produces a gradient for them from those groups;
 - rank 0 alone writes the run directory (config, metrics, checkpoints, samples, reports); the
   others wait at a barrier where the files must exist. Checkpoints do not depend on the number of
   processes, so a run checkpointed under N processes resumes under any other number.
@@ -128,25 +126,21 @@ def broadcast_state(modules: Iterable[nn.Module], src: int = 0) -> None:
                 dist.broadcast(tensor.data, src)
 
 
-def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
-    """All-reduce-average the gradients of ``params`` (two collectives, any mix of ``None`` grads)."""
-    if world == 1 or not params:
-        return
-    device = params[0].device
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-    dist.all_reduce(present)  # how many ranks hold a gradient, per parameter
-    used = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
-    if not used:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in used:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+def wrap_ddp(modules: Mapping[str, nn.Module], device: torch.device) -> dict[str, nn.Module]:
+    """The modules as the task's forward should call them: each one with trainable parameters
+    wrapped in ``DistributedDataParallel`` when a process group is active, the rest unchanged.
+
+    The wrappers share their parameters with the modules, so optimisers, checkpoints and the
+    task's own hooks keep using the plain modules."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(modules)
+    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return {
+        name: nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        if any(p.requires_grad for p in module.parameters())
+        else module
+        for name, module in modules.items()
+    }
 
 
 def average_values(values: Mapping[str, float], world: int, device: torch.device) -> dict[str, float]:

@@ -92,6 +92,7 @@ class StageRuntime:
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     data: StepData
+    forward_modules: dict[str, nn.Module] = field(default_factory=dict)  # DDP-wrapped under torchrun
 
     @property
     def steps(self) -> int:
@@ -165,7 +166,8 @@ class Trainer:
             )
         sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
-        return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data)
+        ddp = distributed.wrap_ddp(modules, self.device)
+        return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
 
     def _losses(self, stage: ResolvedStage, phases: list[Phase], task: Task) -> dict[str, list[LossTerm]]:
         names = [p.name for p in phases]
@@ -319,7 +321,7 @@ class Trainer:
             if not terms:
                 continue
             with autocast(self.device, self.spec.precision):
-                outputs = rt.task.forward(phase.name, rt.modules, batch, scratch)
+                outputs = rt.task.forward(phase.name, rt.forward_modules or rt.modules, batch, scratch)
                 values = {t.name: t(outputs, batch).float() for t in terms}
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
             if not distributed.all_finite(total, self.dist):  # every rank stops together
@@ -327,10 +329,7 @@ class Trainer:
                 raise FloatingPointError(f"stage {rt.stage.name}: loss {bad} became non-finite")
             optimizer = rt.optimizers[phase.name]
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if self.dist.enabled:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                distributed.average_gradients(params, self.dist.world)
+            total.backward()  # under torchrun, DDP averages the gradients here
             optimizer.step()
             rt.schedulers[phase.name].step()
             rt.task.after_step(phase.name, rt.modules)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from branchadapt import UserError
 from branchadapt.checkpoint import read_tensors
-from branchadapt.distributed import average_gradients, from_env, shard
+from branchadapt.distributed import from_env, shard, wrap_ddp
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,18 +54,38 @@ def test_environment_is_read_as_torchrun_sets_it():
         from_env({"WORLD_SIZE": "two"})
 
 
+class _Three(torch.nn.Module):
+    """Parameters used by every rank, by rank 0 only, and by no rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.both, self.only0, self.none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+
+    def forward(self, rank: int) -> torch.Tensor:
+        out = self.both.sum() * (rank + 1)  # gradients 1 and 2 -> 1.5
+        if rank == 0:
+            out = out + self.only0.sum() * 4  # 4 and (absent = 0) -> 2
+        return out
+
+
 def _average_worker(rank: int, store: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    both, only0, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
-    both.grad = torch.full((3,), float(rank + 1))  # 1 and 2 -> 1.5
-    if rank == 0:
-        only0.grad = torch.full((3,), 4.0)  # 4 and (absent = 0) -> 2
-    average_gradients([both, only0, none], world=2)
-    torch.save({"both": both.grad, "only0": only0.grad, "none": none.grad}, f"{out}.{rank}")
+    module = _Three()
+    wrapped = wrap_ddp(
+        {"m": module, "frozen": torch.nn.Linear(2, 2).requires_grad_(False)}, torch.device("cpu")
+    )
+    assert isinstance(wrapped["m"], DistributedDataParallel)
+    assert not isinstance(wrapped["frozen"], DistributedDataParallel)  # nothing to synchronise
+    for _ in range(2):  # a second step: the unused parameters must not stall the reducer
+        module.zero_grad(set_to_none=True)
+        wrapped["m"](rank).backward()
+    torch.save(
+        {"both": module.both.grad, "only0": module.only0.grad, "none": module.none.grad}, f"{out}.{rank}"
+    )
     torch.distributed.destroy_process_group()
 
 
-def test_average_gradients_zero_fills_missing_and_keeps_unused_none(tmp_path):
+def test_ddp_averages_zero_fills_missing_and_keeps_unused_none(tmp_path):
     out = str(tmp_path / "grads")
     mp.spawn(_average_worker, args=(str(tmp_path / "store"), out), nprocs=2)
     for rank in (0, 1):
@@ -72,6 +93,11 @@ def test_average_gradients_zero_fills_missing_and_keeps_unused_none(tmp_path):
         assert torch.equal(g["both"], torch.full((3,), 1.5))
         assert torch.equal(g["only0"], torch.full((3,), 2.0))
         assert g["none"] is None  # no rank had a gradient: the optimiser must skip it as on one process
+
+
+def test_one_process_runs_unwrapped():
+    modules = {"m": torch.nn.Linear(2, 2)}
+    assert wrap_ddp(modules, torch.device("cpu"))["m"] is modules["m"]
 
 
 def _run(tmp_path: Path, run_dir: Path, procs: int, *extra: str) -> subprocess.CompletedProcess[str]:
