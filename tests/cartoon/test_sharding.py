@@ -42,7 +42,9 @@ def test_shard_gradients_average_to_the_global_batch_gradient(tiny_cartoon, tmp_
     groups = list(data.group_index)
     shards = [StepData(data.source, data.sampler, groups, data.seed, data.stage, r, 2)[0] for r in (0, 1)]
     assert all(len(s["photo"]["group"]) * 2 == len(full["photo"]["group"]) for s in shards)
-    assert sorted(shards[0]["photo"]["group"].tolist()) == list(range(len(groups)))  # every group on every rank
+    assert sorted(shards[0]["photo"]["group"].tolist()) == list(
+        range(len(groups))
+    )  # every group on every rank
     state = copy.deepcopy({name: m.state_dict() for name, m in rt.modules.items()})
     for phase in ("discriminator", "generator"):
         g_full = _grads(rt, full, phase, state)
