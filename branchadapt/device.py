@@ -30,6 +30,19 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def configure_backend(device: torch.device) -> None:
+    """Backend defaults for the fastest correct training on ``device``.
+
+    On CUDA: ``cudnn.benchmark`` (every stage trains at one fixed input size, so cuDNN's autotuner
+    picks each convolution's fastest algorithm once and reuses it) and TF32 for fp32 matmuls
+    (``"high"``, the precision cuDNN already uses for fp32 convolutions by default). On CPU and MPS
+    nothing changes: the CPU defaults were measured fastest (``docs/performance.md``).
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast when asked for, a no-op context otherwise."""
     if precision == "bf16":

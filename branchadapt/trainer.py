@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import OptimSpec
 from .data import StepData, step_batches, to_device
-from .device import autocast, select_device
+from .device import autocast, configure_backend, select_device
 from .errors import CheckpointError, ConfigError, UserError
 from .interfaces import Backbone, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .loading import ResolvedExperiment, ResolvedStage
@@ -123,6 +123,7 @@ class Trainer:
         device_ = select_device(device or self.spec.device)
         self.dist = distributed.setup(device_)  # torchrun: join the process group, else one process
         self.device = distributed.local_device(device_, self.dist)
+        configure_backend(self.device)
         mode = self.spec.train.progress if self.dist.is_main else "none"
         self.progress = progress or ProgressReporter(mode)
         self.groups = tuple(self.spec.groups)
