@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PARTS = {
     "results_digits.md": None,
     "results_cartoon.md": None,
-    "results_cartoon_long.md": "## Cartoon study, longer budget (investigation, seed 0)",
+    "results_cartoon_long.md": "## Cartoon study, longer budget (investigation, seeds 0 and 1)",
 }
 
 
