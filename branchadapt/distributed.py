@@ -24,6 +24,7 @@ global batch:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -172,5 +173,6 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     """Leave the process group (end of ``branchadapt run``)."""
     if info.enabled and dist.is_initialized():
+        gc.collect()  # finished stages' DDP reducers go before the process group they use
         dist.barrier()
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ under 1 process."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -82,6 +83,9 @@ def _average_worker(rank: int, store: str, out: str) -> None:
     torch.save(
         {"both": module.both.grad, "only0": module.only0.grad, "none": module.none.grad}, f"{out}.{rank}"
     )
+    del wrapped  # DDP's reducer must go before its process group
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
