@@ -8,10 +8,10 @@ global batch:
 
 - the sampler plans the *global* batch; rank ``r`` of ``N`` takes every ``N``-th item of it from
   ``r`` on (:func:`shard`), so every group's items are spread over the ranks;
-- every rank starts from rank 0's parameters and buffers (:func:`broadcast_state`);
 - every module with trainable parameters is wrapped in ``DistributedDataParallel``
-  (:func:`wrap_ddp`) for the task's forward passes; its reducer all-reduces the gradients in
-  buckets during each phase's backward, so the optimiser step sees the gradient of the global
+  (:func:`wrap_ddp`) for the task's forward passes, and every rank starts from rank 0's
+  parameters and buffers (DDP copies them for the wrapped modules, :func:`wrap_ddp` for the
+  rest); the reducer all-reduces the gradients in buckets during each phase's backward, so the optimiser step sees the gradient of the global
   batch. ``find_unused_parameters`` is on: a parameter that has no gradient on some rank (its
   group's items are elsewhere, or only detached groups used it) takes part with zeros, and one
   that has none on any rank keeps ``grad = None``, as on one process. Selective back-propagation
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,31 +117,28 @@ def shard(
     return out
 
 
-def broadcast_state(modules: Iterable[nn.Module], src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (no-op on one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with torch.no_grad():
-        for module in modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(tensor.data, src)
-
-
 def wrap_ddp(modules: Mapping[str, nn.Module], device: torch.device) -> dict[str, nn.Module]:
     """The modules as the task's forward should call them: each one with trainable parameters
     wrapped in ``DistributedDataParallel`` when a process group is active, the rest unchanged.
 
-    The wrappers share their parameters with the modules, so optimisers, checkpoints and the
-    task's own hooks keep using the plain modules."""
+    Every rank leaves with rank 0's parameters and buffers. The wrappers share their parameters
+    with the modules, so optimisers, checkpoints and the task's own hooks keep using the plain
+    modules."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return dict(modules)
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return {
-        name: nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
-        if any(p.requires_grad for p in module.parameters())
-        else module
-        for name, module in modules.items()
-    }
+    out: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if any(p.requires_grad for p in module.parameters()):  # DDP broadcasts rank 0's state itself
+            out[name] = nn.parallel.DistributedDataParallel(
+                module, device_ids=ids, find_unused_parameters=True
+            )
+        else:
+            with torch.no_grad():
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, 0)
+            out[name] = module
+    return out
 
 
 def average_values(values: Mapping[str, float], world: int, device: torch.device) -> dict[str, float]:

@@ -92,7 +92,7 @@ class StageRuntime:
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     data: StepData
-    forward_modules: dict[str, nn.Module] = field(default_factory=dict)  # DDP-wrapped under torchrun
+    forward_modules: dict[str, nn.Module]  # what Task.forward calls: DDP-wrapped under torchrun
 
     @property
     def steps(self) -> int:
@@ -147,7 +147,6 @@ class Trainer:
             self.load_stage_weights(stage.spec.init_from, modules)
         for module in modules.values():
             module.to(self.device).train()
-        distributed.broadcast_state(modules.values())  # every rank starts from rank 0's weights
         phases = task.phases()
         losses = self._losses(stage, phases, task)
         optimizers, schedulers = {}, {}
@@ -167,7 +166,7 @@ class Trainer:
             )
         sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
-        ddp = distributed.wrap_ddp(modules, self.device)
+        ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
 
     def _losses(self, stage: ResolvedStage, phases: list[Phase], task: Task) -> dict[str, list[LossTerm]]:
@@ -322,7 +321,7 @@ class Trainer:
             if not terms:
                 continue
             with autocast(self.device, self.spec.precision):
-                outputs = rt.task.forward(phase.name, rt.forward_modules or rt.modules, batch, scratch)
+                outputs = rt.task.forward(phase.name, rt.forward_modules, batch, scratch)
                 values = {t.name: t(outputs, batch).float() for t in terms}
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
             if not distributed.all_finite(total, self.dist):  # every rank stops together
