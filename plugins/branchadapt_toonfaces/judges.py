@@ -107,9 +107,11 @@ def to_judge_input(x: Tensor) -> Tensor:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
     if x.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
         return x
-    # the antialiased kernel has no bf16 implementation on CPU: resize in fp32 (autocast-safe)
+    # the antialiased kernel has no bf16 implementation on CPU: resize half types in fp32
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     return F.interpolate(
-        x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False
+        x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False
     )
 
 
