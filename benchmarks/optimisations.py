@@ -10,8 +10,9 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``fused Adam``: ``torch.optim.Adam(fused=True)`` instead of the default foreach kernels;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
 - ``1 thread``: the default with one intra-op thread instead of ``--threads``;
-- ``torch.compile`` (only with ``--compile``): regional compilation of the generator's repeated
-  units (hourglass ConvBlock, encoder ResnetBlock, decoder SoftAdaLINBlock), forward and backward;
+- ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
+  of the generator's repeated units (hourglass ConvBlock, encoder ResnetBlock, decoder
+  SoftAdaLINBlock), forward and backward;
   compiling whole modules did not finish within 15 minutes here. The first (compiling) step is
   reported separately.
 
@@ -66,7 +67,11 @@ def _swap_instance_norms(module: torch.nn.Module) -> None:
 
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
-    extra = {"bf16 autocast": ['precision="bf16"'], "ref order": ["task.reuse_fakes=false"]}.get(name, [])
+    extra = {
+        "bf16 autocast": ['precision="bf16"'],
+        "ref order": ["task.reuse_fakes=false"],
+        "torch.compile": ['train.compile="units"'],
+    }.get(name, [])
     trainer, rt = build(size, width, 0, extra)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
@@ -86,15 +91,6 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
                 weight_decay=group["weight_decay"],
                 fused=True,
             )
-    if name == "torch.compile":
-        from branchadapt_cartoon.networks import ConvBlock, ResnetBlock, SoftAdaLINBlock
-
-        torch._dynamo.config.recompile_limit = 64  # one graph per feature-map size and batch
-        torch._dynamo.config.accumulated_recompile_limit = 1024
-        for m in rt.modules.values():
-            for unit in m.modules():
-                if isinstance(unit, ConvBlock | ResnetBlock | SoftAdaLINBlock):
-                    unit.compile()
     return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
 
 
@@ -106,6 +102,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and the default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [
@@ -118,6 +115,11 @@ def main() -> None:
         "1 thread",
     ]
     names += ["torch.compile"] if args.compile else []
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            ap.error(f"--only: unknown variant(s) {sorted(unknown)}; expected some of {names}")
+        names = [n for n in names if n == "default" or n in args.only]
     steps = {n: variant(n, args.size, args.width) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}

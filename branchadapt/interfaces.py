@@ -49,6 +49,9 @@ class Backbone(nn.Module, ABC):
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: block classes compiled one by one under ``train.compile = "units"`` (regional compilation;
+    #: see :mod:`branchadapt.compiling`); empty: the backbone is never compiled
+    compile_unit_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from .checkpoint import (
     split_state,
     state_differences,
 )
+from .compiling import compile_units
 from .config import OptimSpec
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
@@ -147,6 +148,13 @@ class Trainer:
             self.load_stage_weights(stage.spec.init_from, modules)
         for module in modules.values():
             module.to(self.device).train()
+        if self.spec.train.compile == "units":
+            n = compile_units(modules.values())
+            self.progress.message(
+                f"stage {stage.name}: {n} backbone units compiled (the first steps are slow while they compile)"
+                if n
+                else f"stage {stage.name}: train.compile = 'units' but no backbone declares compile_unit_types"
+            )
         phases = task.phases()
         losses = self._losses(stage, phases, task)
         optimizers, schedulers = {}, {}

@@ -229,6 +229,8 @@ class UGATITGenerator(Backbone):
 
     Options = UGATITOptions
     options: UGATITOptions
+    #: compiled one by one under ``train.compile = "units"`` (72 hourglass units, 8 residual blocks)
+    compile_unit_types = (ConvBlock, ResnetBlock, SoftAdaLINBlock)
 
     def __init__(self, options: UGATITOptions | None = None) -> None:
         super().__init__(options)
