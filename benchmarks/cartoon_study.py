@@ -76,6 +76,7 @@ def size_overrides(args: argparse.Namespace, seed: int) -> list[str]:
         f"stages.basic.steps={args.basic_steps}",
         f"stages.transfer.steps={args.transfer_steps}",
         "train.progress=none",
+        "train.compile=off",  # as the published study ran (eager)
         "train.sample_every=0",
         f"train.checkpoint_every={args.transfer_steps}",
     ]

@@ -9,7 +9,8 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    both generators' shared stages every step and running the few-shot groups through the copy);
    ``ref order`` (translations recomputed for the generator update, as the reference does).
 2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses):
-   ``ours`` and ``ref order`` next to the reference code's iteration: measured in the same run when
+   ``ours``, ``ref order`` and ``ours`` with ``train.compile = "units"`` (its first, compiling,
+   step is a warm-up step) next to the reference code's iteration: measured in the same run when
    ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``), otherwise the
    figure quoted in ``../shared/reference/photo2cartoon.md`` (2.79 s at 128 px, 6.32 s at 256 px,
    taken on this kind of machine in another session), the step's FLOPs
@@ -53,7 +54,7 @@ def overrides(size: int, width: int) -> list[str]:
         f'data.augment=[{{name="HorizontalFlip",p=0.5}},{{name="Resize",height={load},width={load}}},{{name="RandomCrop",height={size},width={size}}}]',
         f"model.image_size={size}", f"model.width={width}", f"task.dis_width={width}",
         f"task.global_layers={min(7, layers)}", f"task.local_layers={max(3, min(5, layers - 2))}",
-        "train.progress=none", "data.toonfaces.counts={women=[8,4],men=[4,4],kids=[4,4],elderly=[4,4]}",
+        "train.progress=none", "train.compile=off", "data.toonfaces.counts={women=[8,4],men=[4,4],kids=[4,4],elderly=[4,4]}",
         "data.toonfaces.test_per_group=1",
     ]  # fmt: skip
 
@@ -180,9 +181,9 @@ def main() -> None:
     print("Reference maths (stage 1: 1 photo + 1 cartoon, no branches, five losses), seconds per step")
     print(
         "| size | ours | ref order | reference code | ours / reference | GFLOP per step | GFLOP/s | of peak "
-        "| reference GFLOP |"
+        "| reference GFLOP | ours, compiled units | compiled / reference |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for size in args.sizes:
         extra: dict[str, Callable[[int], object]] = {}
         if args.reference_repo:
@@ -190,12 +191,14 @@ def main() -> None:
 
             reference = ReferenceStep(args.reference_repo, size, args.width)
             extra["code"] = lambda i, r=reference: r(*r.batch())
-        t = interleaved(size, args.width, 0, {"ours": [], "ref": ["task.reuse_fakes=false"]}, args, extra)
+        configs = {"ours": [], "ref": ["task.reuse_fakes=false"], "compiled": ['train.compile="units"']}
+        t = interleaved(size, args.width, 0, configs, args, extra)
         ours, ref = t["ours"], t["ref"]
         flops = step_flops(size, args.width, [])
         code = t.get("code", REFERENCE_SECONDS.get(size))
         measured = "measured now" if "code" in t else "quoted"
         code_s, ratio = (f"{code:.2f} ({measured})", f"{ours / code:.2f}") if code else ("-", "-")
+        compiled_ratio = f"{t['compiled'] / code:.2f}" if code else "-"
         rate = flops / ours / 1e9
         ref_flops = "-"
         if args.reference_repo:
@@ -203,7 +206,7 @@ def main() -> None:
                 reference(*reference.batch())
             ref_flops = f"{counter.get_total_flops() / 1e9:.1f}"
         print(f"| {size} | {ours:.3f} | {ref:.3f} | {code_s} | {ratio} | {flops / 1e9:.1f} | {rate:.0f} | {rate / peak:.2f} "
-              f"| {ref_flops} |", flush=True)  # fmt: skip
+              f"| {ref_flops} | {t['compiled']:.3f} | {compiled_ratio} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

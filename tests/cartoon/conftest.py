@@ -31,6 +31,7 @@ log_every = 2
 checkpoint_every = 2
 sample_every = 2
 progress = "plain"
+compile = "off"
 [stages.basic]
 steps = {steps}
 [stages.transfer]
