@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-transfer", action="store_true", help="only the reference-maths table")
+    ap.add_argument("--skip-reference", action="store_true", help="only the transfer-stage table")
     ap.add_argument(
         "--reference-repo", type=Path, help="photo2cartoon checkout: time its iteration in the same run"
     )
@@ -178,6 +179,8 @@ def main() -> None:
             print(f"| {size} | {t['ours']:.3f} | {t['plain']:.3f} | {t['ours'] / t['plain']:.2f} | {t['naive']:.3f} | "
                   f"{t['ref']:.3f} | {t['bf16']:.3f} |", flush=True)  # fmt: skip
         print()
+    if args.skip_reference:
+        return
     print("Reference maths (stage 1: 1 photo + 1 cartoon, no branches, five losses), seconds per step")
     print(
         "| size | ours | ref order | reference code | ours / reference | GFLOP per step | GFLOP/s | of peak "

@@ -1,0 +1,56 @@
+"""The issue-7 analysis scripts run end to end at a tiny size and print what they promise.
+
+Not timings (those live in benchmarks/ and docs/performance.md): a smoke run per script, plus the
+one property the bf16 check rests on: fp32 gradients agree with float64 ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--threads", "1", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+    return [r for r in rows if re.match(first_cell, r[0])]
+
+
+def test_bf16_check_compares_both_precisions_with_float64() -> None:
+    out = run("bf16_check.py", "--size", "32", "--width", "4", "--train", "1", "--batches", "1")
+    rows = table_rows(out, r"(discriminator|generator): ")
+    assert {r[0] for r in rows} == {
+        f"{phase}: {m}" for phase, ms in (("discriminator", ("dis_ga", "dis_la", "dis_gb", "dis_lb")),
+                                          ("generator", ("gen_a2b", "gen_b2a"))) for m in ms
+    }  # fmt: skip
+    for _, fp32_cos, fp32_err, bf16_cos, bf16_err in rows:
+        assert float(fp32_cos) > 0.9999 and float(fp32_err) < 1e-2  # fp32 is float64 up to rounding
+        assert -1.0 <= float(bf16_cos) <= 1.0 and float(bf16_err) >= 0.0
+    losses = table_rows(out, r"(adv_d|cam_d|adv_g|cycle|identity|cam_g|face_id)$")
+    assert len(losses) == 7 and all(float(r[1]) < 1e-4 for r in losses)
+
+
+def test_profile_step_splits_the_step_and_bounds_it() -> None:
+    out = run("profile_step.py", "--sizes", "32", "--width", "4", "--steps", "1")
+    (row,) = table_rows(out, r"32$")
+    step, maths, rest, bound = (float(row[i]) for i in (1, 2, 4, 5))
+    assert abs(maths + rest - step) < 0.02 * step + 0.01  # the split adds up to the step
+    assert rest <= bound <= step + 0.01  # convolutions at peak: not slower than measured (2-decimal table)
