@@ -117,12 +117,18 @@ class Trainer:
         run_dir: Path | None = None,
         device: str | None = None,
         progress: ProgressReporter | None = None,
+        join_process_group: bool = True,
     ) -> None:
+        """``join_process_group = False``: one process even under ``torchrun`` (rank 0's evaluation
+        after training, when the other ranks have left the group)."""
         self.exp = experiment
         self.spec = experiment.spec
         self.run_dir = Path(run_dir) if run_dir is not None else experiment.run_dir
         device_ = select_device(device or self.spec.device)
-        self.dist = distributed.setup(device_)  # torchrun: join the process group, else one process
+        # torchrun: join the process group, else one process
+        self.dist = distributed.setup(device_) if join_process_group else distributed.DistInfo()
+        if not join_process_group:  # still this rank's own GPU
+            device_ = distributed.local_device(device_, distributed.from_env())
         self.device = distributed.local_device(device_, self.dist)
         configure_backend(self.device)
         mode = self.spec.train.progress if self.dist.is_main else "none"

@@ -104,10 +104,13 @@ def test_one_process_runs_unwrapped():
     assert wrap_ddp(modules, torch.device("cpu"))["m"] is modules["m"]
 
 
-def _run(tmp_path: Path, run_dir: Path, procs: int, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, run_dir: Path, procs: int, *extra: str, evaluate: bool = False
+) -> subprocess.CompletedProcess[str]:
     exp = tmp_path / "tiny.toml"
     exp.write_text(TINY.format(quickstart=(ROOT / "examples" / "quickstart.toml").as_posix()))
-    cli = ["-m", "branchadapt", "run", str(exp), "--run-dir", str(run_dir), "--no-eval", *extra]
+    cli = ["-m", "branchadapt", "run", str(exp), "--run-dir", str(run_dir), *extra]
+    cli += [] if evaluate else ["--no-eval"]
     if procs > 1:
         cmd = [
             sys.executable,
@@ -132,8 +135,11 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_and_resume_under_one(tmp_path):
     one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
     _run(tmp_path, one, 1)
-    log = _run(tmp_path, two, 2)
+    log = _run(tmp_path, two, 2, evaluate=True)
     assert "processes: 2" in log.stderr
+    # rank 0 evaluates alone after training (the process group is gone by then)
+    assert log.stderr.count("metrics written to") == 1
+    assert (two / "eval" / "transfer-test" / "metrics.json").is_file()
     a, b = _final(one), _final(two)
     assert a.keys() == b.keys()
     for key in a:
