@@ -30,13 +30,14 @@ from step_time import build, peak_gflops, repeat_times, step_flops
 
 MATHS = {"aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
          "aten::_slow_conv2d_backward", "aten::addmm", "aten::mm", "aten::bmm", "aten::addmv_"}  # fmt: skip
-MEASURED_REFERENCE = {128: 5.08, 256: 14.35}  # step_time.py --reference-repo, docs/performance.md
+MEASURED_REFERENCE = {128: 5.27, 256: 13.32}  # step_time.py --reference-repo (docs/performance.md)
 
 
-def categories(size: int, width: int) -> tuple[float, Counter[str]]:
-    """Fraction of the profiled self time in convolutions/matmuls, and the other ops' times (s)."""
+def measure(size: int, width: int, steps: int) -> tuple[float, float, Counter[str]]:
+    """Median step time (s) after a warm-up step, then one profiled step: the fraction of its self
+    time in convolutions/matmuls, and the other ops' profiled times (s)."""
     trainer, rt = build(size, width, 0, [])
-    trainer.train_step(rt, rt.data[0])
+    step = statistics.median(repeat_times(lambda: trainer.train_step(rt, rt.data[0]), steps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.train_step(rt, rt.data[1])
     maths, rest = 0.0, Counter[str]()
@@ -46,12 +47,7 @@ def categories(size: int, width: int) -> tuple[float, Counter[str]]:
             maths += seconds
         else:
             rest[event.key] += seconds
-    return maths / (maths + sum(rest.values())), rest
-
-
-def step_seconds(size: int, width: int, steps: int) -> float:
-    trainer, rt = build(size, width, 0, [])
-    return statistics.median(repeat_times(lambda: trainer.train_step(rt, rt.data[0]), steps))
+    return step, maths / (maths + sum(rest.values())), rest
 
 
 def main() -> None:
@@ -70,8 +66,7 @@ def main() -> None:
           "| reference (s) | bound / reference | largest other ops (s) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size in args.sizes:
-        step = step_seconds(size, args.width, args.steps)
-        share, rest = categories(size, args.width)
+        step, share, rest = measure(size, args.width, args.steps)
         flops = step_flops(size, args.width, [])
         if args.reference_repo:
             from reference_step import ReferenceStep

@@ -127,9 +127,8 @@ class Trainer:
         device_ = select_device(device or self.spec.device)
         # torchrun: join the process group, else one process
         self.dist = distributed.setup(device_) if join_process_group else distributed.DistInfo()
-        if not join_process_group:  # still this rank's own GPU
-            device_ = distributed.local_device(device_, distributed.from_env())
-        self.device = distributed.local_device(device_, self.dist)
+        # under torchrun this rank's own GPU, whether or not it joins the group
+        self.device = distributed.local_device(device_, distributed.from_env())
         configure_backend(self.device)
         mode = self.spec.train.progress if self.dist.is_main else "none"
         self.progress = progress or ProgressReporter(mode)
