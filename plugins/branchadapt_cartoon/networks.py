@@ -17,11 +17,23 @@ from torch import Tensor, nn
 from branchadapt import Backbone, PluginOptions
 
 
-def _in_ln(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Instance-normalised and layer-normalised ``x`` (unbiased variance, as the reference)."""
+def _lin_affine(x: Tensor, rho: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) ``scale, shift`` with ``x * scale + shift`` equal to
+    ``rho * IN(x) + (1 - rho) * LN(x)`` (unbiased variances, as the reference).
+
+    One reduction over ``x`` gives the instance statistics; the layer statistics follow from them
+    (law of total variance, no cancellation), so the full-size work is one ``var_mean`` and one
+    fused multiply-add instead of two reductions and about ten element-wise passes.
+    """
+    n = x.shape[2] * x.shape[3]
+    total = n * x.shape[1]
     in_var, in_mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
-    ln_var, ln_mean = torch.var_mean(x, dim=(1, 2, 3), keepdim=True)
-    return (x - in_mean) * torch.rsqrt(in_var + eps), (x - ln_mean) * torch.rsqrt(ln_var + eps)
+    ln_mean = in_mean.mean(dim=1, keepdim=True)
+    spread = (in_var * ((n - 1) / n) + (in_mean - ln_mean).square()).mean(dim=1, keepdim=True)
+    ln_var = spread * (total / (total - 1))
+    in_scale = rho * torch.rsqrt(in_var + eps)
+    ln_scale = (1 - rho) * torch.rsqrt(ln_var + eps)
+    return in_scale + ln_scale, -(in_scale * in_mean + ln_scale * ln_mean)
 
 
 class AdaLIN(nn.Module):
@@ -33,9 +45,9 @@ class AdaLIN(nn.Module):
         self.rho = nn.Parameter(torch.full((1, channels, 1, 1), 0.9))
 
     def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-        out_in, out_ln = _in_ln(x, self.eps)
-        out = self.rho * out_in + (1 - self.rho) * out_ln
-        return out * gamma[:, :, None, None] + beta[:, :, None, None]
+        scale, shift = _lin_affine(x, self.rho, self.eps)
+        gamma, beta = gamma[:, :, None, None], beta[:, :, None, None]
+        return torch.addcmul(shift * gamma + beta, x, scale * gamma)
 
 
 class LIN(nn.Module):
@@ -49,8 +61,8 @@ class LIN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        out_in, out_ln = _in_ln(x, self.eps)
-        return (self.rho * out_in + (1 - self.rho) * out_ln) * self.gamma + self.beta
+        scale, shift = _lin_affine(x, self.rho, self.eps)
+        return torch.addcmul(shift * self.gamma + self.beta, x, scale * self.gamma)
 
 
 class SoftAdaLIN(nn.Module):

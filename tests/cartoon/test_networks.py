@@ -98,3 +98,42 @@ def test_selective_bp_on_the_real_generator_and_depth_is_one_number():
             k.split(".branches.")[0].removeprefix("backbone.") for k in net.state_dict() if ".branches." in k
         }
         assert branched == set(names[:low])
+
+
+def _two_pass_lin(x, rho, eps=1e-5):
+    """The reference's formulation: separate IN and LN statistics, then the rho mix."""
+    in_mean, in_var = x.mean(dim=(2, 3), keepdim=True), x.var(dim=(2, 3), keepdim=True)
+    ln_mean, ln_var = x.mean(dim=(1, 2, 3), keepdim=True), x.var(dim=(1, 2, 3), keepdim=True)
+    out_in = (x - in_mean) / torch.sqrt(in_var + eps)
+    out_ln = (x - ln_mean) / torch.sqrt(ln_var + eps)
+    return rho * out_in + (1 - rho) * out_ln
+
+
+def test_fused_layer_instance_norms_equal_the_two_pass_formula_in_value_and_gradient():
+    from branchadapt_cartoon.networks import LIN, AdaLIN
+
+    torch.manual_seed(0)
+    # channels with very different means and scales: layer statistics derived from the instance
+    # ones must not lose precision (no E[x^2] - E[x]^2 cancellation)
+    shape = (2, 6, 5, 7)
+    x = (torch.randn(shape, dtype=torch.float64) * torch.tensor([0.01, 1, 3, 10, 0.5, 2]).view(1, 6, 1, 1)
+         + torch.tensor([100.0, -3, 0, 7, 50, -20]).view(1, 6, 1, 1)).requires_grad_()  # fmt: skip
+    gamma, beta = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    ada = AdaLIN(6).double()
+    lin = LIN(6).double()
+    with torch.no_grad():
+        ada.rho.copy_(torch.rand_like(ada.rho))
+        lin.rho.copy_(torch.rand_like(lin.rho))
+        lin.gamma.copy_(torch.randn_like(lin.gamma))
+        lin.beta.copy_(torch.randn_like(lin.beta))
+    upstream = torch.randn(shape, dtype=torch.float64)
+    cases = [
+        (ada(x, gamma, beta), _two_pass_lin(x, ada.rho) * gamma[:, :, None, None] + beta[:, :, None, None], ada.rho),
+        (lin(x), _two_pass_lin(x, lin.rho) * lin.gamma + lin.beta, lin.rho),
+    ]  # fmt: skip
+    for fused, direct, rho in cases:
+        torch.testing.assert_close(fused, direct, rtol=1e-10, atol=1e-10)
+        g_fused = torch.autograd.grad((fused * upstream).sum(), (x, rho))
+        g_direct = torch.autograd.grad((direct * upstream).sum(), (x, rho))
+        for a, b in zip(g_fused, g_direct, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
