@@ -1,7 +1,8 @@
 """photo2cartoon's discriminators (global: 7 layers, local: 5) with CAM and a group head.
 
-Spectral norm is the classic ``torch.nn.utils.spectral_norm`` (keys ``weight_orig``/``_u``/``_v``,
-as the reference checkpoints), on every conv/linear but the CAM 1x1 conv. The group head (the
+Spectral norm, on every conv/linear but the CAM 1x1 conv, has the maths and the keys of
+``torch.nn.utils.spectral_norm`` (``weight_orig``/``_u``/``_v``, as the reference checkpoints);
+:mod:`.spectral` divides a layer's output rather than a large weight. The group head (the
 paper's auxiliary classifier) reads the pooled features the CAM also reads: a linear layer on
 [GAP, GMP] giving one logit per group.
 """
@@ -12,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import spectral_norm
 
 from .networks import init_normal
+from .spectral import spectral_norm
 
 
 class DOut(NamedTuple):
