@@ -65,7 +65,10 @@ class SNLinear(_SpectralNormed, nn.Linear):
         return self._normalised(x, F.linear, self.bias)
 
 
-_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: SNConv2d, nn.Linear: SNLinear}
+_CLASSES: dict[type[nn.Module], type[nn.Conv2d] | type[nn.Linear]] = {
+    nn.Conv2d: SNConv2d,
+    nn.Linear: SNLinear,
+}
 
 
 def spectral_norm(module: nn.Conv2d | nn.Linear) -> nn.Module:
