@@ -10,6 +10,11 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``fused Adam``: ``torch.optim.Adam(fused=True)`` instead of the default foreach kernels;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
 - ``1 thread``: the default with one intra-op thread instead of ``--threads``;
+- ``two-pass LIN``: the layer-instance norms (AdaLIN, LIN) computed as the reference writes them
+  (separate instance and layer statistics, then the mix) instead of one reduction and one fused
+  multiply-add: what the fused form saves;
+- ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
+  every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
   of the generator's repeated units (hourglass ConvBlock, encoder ResnetBlock, decoder
   SoftAdaLINBlock), forward and backward;
@@ -22,10 +27,12 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,12 +64,46 @@ class LayoutFreeInstanceNorm(torch.nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps)
 
 
+@contextlib.contextmanager
+def _classic_spectral_norm() -> Iterator[None]:
+    import branchadapt_cartoon.critics as critics
+
+    ours = critics.spectral_norm
+    critics.spectral_norm = torch.nn.utils.spectral_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        critics.spectral_norm = ours
+
+
 def _swap_instance_norms(module: torch.nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, torch.nn.InstanceNorm2d) and not child.affine:
             setattr(module, name, LayoutFreeInstanceNorm(child.eps))
         else:
             _swap_instance_norms(child)
+
+
+def _two_pass_lin(module: torch.nn.Module, x: torch.Tensor, *style: torch.Tensor) -> torch.Tensor:
+    """``AdaLIN`` / ``LIN`` the reference's way: IN and LN statistics separately, then the mix."""
+    in_var, in_mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
+    ln_var, ln_mean = torch.var_mean(x, dim=(1, 2, 3), keepdim=True)
+    rho = module.rho
+    out = rho * (x - in_mean) * torch.rsqrt(in_var + module.eps) + (1 - rho) * (x - ln_mean) * torch.rsqrt(
+        ln_var + module.eps
+    )
+    if style:  # AdaLIN: gamma, beta per sample
+        gamma, beta = style
+        return out * gamma[:, :, None, None] + beta[:, :, None, None]
+    return out * module.gamma + module.beta
+
+
+def _use_two_pass_lin(module: torch.nn.Module) -> None:
+    from branchadapt_cartoon.networks import LIN, AdaLIN
+
+    for m in module.modules():
+        if isinstance(m, AdaLIN | LIN):
+            m.forward = types.MethodType(_two_pass_lin, m)  # type: ignore[method-assign]
 
 
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
@@ -72,7 +113,14 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
         "ref order": ["task.reuse_fakes=false"],
         "torch.compile": ['train.compile="units"'],
     }.get(name, [])
-    trainer, rt = build(size, width, 0, extra)
+    if name == "classic spectral norm":
+        with _classic_spectral_norm():
+            trainer, rt = build(size, width, 0, extra)
+    else:
+        trainer, rt = build(size, width, 0, extra)
+    if name == "two-pass LIN":
+        for m in rt.modules.values():
+            _use_two_pass_lin(m)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
     if name.startswith("channels_last"):
@@ -113,6 +161,8 @@ def main() -> None:
         "fused Adam",
         "ref order",
         "1 thread",
+        "two-pass LIN",
+        "classic spectral norm",
     ]
     names += ["torch.compile"] if args.compile else []
     if args.only:

@@ -62,5 +62,5 @@ def test_both_code_paths_are_exercised_and_classic_checkpoints_load():
     classic = nn.utils.spectral_norm(nn.Conv2d(64, 128, 4, 1))
     large.load_state_dict(classic.state_dict())
     assert torch.equal(large.weight_u, classic.weight_u)
-    with pytest.raises(TypeError, match="Conv2d and nn.Linear, not Conv1d"):
+    with pytest.raises(TypeError, match=r"Conv2d and nn\.Linear, not Conv1d"):
         spectral_norm(nn.Conv1d(2, 2, 3))

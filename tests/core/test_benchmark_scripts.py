@@ -54,3 +54,40 @@ def test_profile_step_splits_the_step_and_bounds_it() -> None:
     step, maths, rest, bound = (float(row[i]) for i in (1, 2, 4, 5))
     assert abs(maths + rest - step) < 0.02 * step + 0.01  # the split adds up to the step
     assert rest <= bound <= step + 0.01  # convolutions at peak: not slower than measured (2-decimal table)
+
+
+def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -> None:
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import optimisations
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from branchadapt_cartoon.critics import Discriminator
+    from branchadapt_cartoon.networks import UGATITGenerator
+    from branchadapt_cartoon.spectral import SNConv2d
+
+    torch.manual_seed(0)
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
+    two_pass = copy.deepcopy(gen)
+    optimisations._use_two_pass_lin(two_pass)
+    swapped = [
+        m for m in two_pass.modules() if getattr(m.forward, "__func__", None) is optimisations._two_pass_lin
+    ]
+    assert len(swapped) == 2 * 4 + 2  # two AdaLINs per decoder block, one LIN per up-sampling block
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(two_pass(x)[0], gen(x)[0], rtol=1e-4, atol=1e-5)
+    with optimisations._classic_spectral_norm():
+        classic = Discriminator(width=4, n_layers=3)
+    ours = Discriminator(width=4, n_layers=3)
+    assert type(classic.model[1]) is torch.nn.Conv2d and classic.model[1]._forward_pre_hooks
+    assert isinstance(ours.model[1], SNConv2d)
+
+    out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
+              "--only", "two-pass LIN", "classic spectral norm")  # fmt: skip
+    rows = table_rows(out, r"(default|two-pass LIN|classic spectral norm)$")
+    assert [r[0] for r in rows] == ["default", "two-pass LIN", "classic spectral norm"]
+    assert all(float(r[1]) > 0 for r in rows)
