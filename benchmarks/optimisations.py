@@ -13,6 +13,9 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``two-pass LIN``: the layer-instance norms (AdaLIN, LIN) computed as the reference writes them
   (separate instance and layer statistics, then the mix) instead of one reduction and one fused
   multiply-add: what the fused form saves;
+- ``torch instance norm``: ``nn.InstanceNorm2d`` itself instead of the generator's
+  ``InstanceNorm``, whose output is not an autograd view (no gradient copy behind the in-place
+  ReLUs): what the latter saves;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -106,6 +109,14 @@ def _use_two_pass_lin(module: torch.nn.Module) -> None:
             m.forward = types.MethodType(_two_pass_lin, m)  # type: ignore[method-assign]
 
 
+def _use_torch_instance_norm(module: torch.nn.Module) -> None:
+    from branchadapt_cartoon.networks import InstanceNorm
+
+    for m in module.modules():
+        if isinstance(m, InstanceNorm):
+            m.forward = types.MethodType(torch.nn.InstanceNorm2d.forward, m)  # type: ignore[method-assign]
+
+
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {
@@ -121,6 +132,9 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
     if name == "two-pass LIN":
         for m in rt.modules.values():
             _use_two_pass_lin(m)
+    if name == "torch instance norm":
+        for m in rt.modules.values():
+            _use_torch_instance_norm(m)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
     if name.startswith("channels_last"):
@@ -162,6 +176,7 @@ def main() -> None:
         "ref order",
         "1 thread",
         "two-pass LIN",
+        "torch instance norm",
         "classic spectral norm",
     ]
     names += ["torch.compile"] if args.compile else []

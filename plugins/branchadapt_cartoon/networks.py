@@ -88,9 +88,28 @@ class SoftAdaLIN(nn.Module):
         return self.norm(x, gamma, beta)
 
 
+class InstanceNorm(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` whose training output is an ordinary tensor, not an autograd view.
+
+    torch computes an instance norm as a batch norm of the input reshaped to (1, B*C, H, W) and
+    returns a view of the result. The in-place ReLU after nearly every instance norm here then
+    makes autograd copy the whole gradient in backward (``CopySlices``), about 5 % of a 256 px
+    step. The same batch norm, shaped back with ``_unsafe_view``, is not a view to autograd; that
+    is safe because nothing else holds the batch norm's output (its backward saves only the input
+    and statistics). Inference, affine and running-statistics uses take torch's path unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.affine or self.track_running_stats or x.dim() != 4 or not torch.is_grad_enabled():
+            return super().forward(x)
+        b, c, h, w = x.shape
+        out = F.batch_norm(x.reshape(1, b * c, h, w), None, None, training=True, eps=self.eps)
+        return torch.ops.aten._unsafe_view(out, x.shape)
+
+
 def _conv_unit(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.InstanceNorm2d(c_in),
+        InstanceNorm(c_in),
         nn.ReLU(True),
         nn.ReflectionPad2d(1),
         nn.Conv2d(c_in, c_out, 3, 1, bias=False),
@@ -108,7 +127,7 @@ class ConvBlock(nn.Module):
         self.ConvBlock3 = _conv_unit(c_out // 4, c_out // 4)
         # present (and counted) even when unused, as in the reference, so its checkpoints load
         self.ConvBlock4 = nn.Sequential(
-            nn.InstanceNorm2d(c_in), nn.ReLU(True), nn.Conv2d(c_in, c_out, 1, bias=False)
+            InstanceNorm(c_in), nn.ReLU(True), nn.Conv2d(c_in, c_out, 1, bias=False)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,7 +170,7 @@ class HourGlass(nn.Module):
             HourGlassBlock(c_in, c_out),
             ConvBlock(c_out, c_out),
             nn.Conv2d(c_out, c_out, 1, bias=False),
-            nn.InstanceNorm2d(c_out),
+            InstanceNorm(c_out),
             nn.ReLU(True),
         )
         self.Conv1 = nn.Conv2d(c_out, 3, 1)
@@ -173,9 +192,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), nn.InstanceNorm2d(channels),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), nn.InstanceNorm2d(channels),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels),
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,7 +269,7 @@ class UGATITGenerator(Backbone):
         c, n = o.width, o.n_blocks
         self.n_blocks = n
         self.ConvBlock1 = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7, bias=False), nn.InstanceNorm2d(c), nn.ReLU(True)
+            nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7, bias=False), InstanceNorm(c), nn.ReLU(True)
         )
         self.HourGlass1 = HourGlass(c, c)
         self.HourGlass2 = HourGlass(c, c)
@@ -303,7 +322,7 @@ def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.ReflectionPad2d(1),
         nn.Conv2d(c_in, c_out, 3, 2, bias=False),
-        nn.InstanceNorm2d(c_out),
+        InstanceNorm(c_out),
         nn.ReLU(True),
     )
 

@@ -137,3 +137,25 @@ def test_fused_layer_instance_norms_equal_the_two_pass_formula_in_value_and_grad
         g_direct = torch.autograd.grad((direct * upstream).sum(), (x, rho))
         for a, b in zip(g_fused, g_direct, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_instance_norm_is_torchs_in_value_and_gradient_but_not_a_view():
+    from branchadapt_cartoon.networks import InstanceNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    upstream = torch.randn_like(x)
+    results = []
+    for norm in (torch.nn.InstanceNorm2d(5), InstanceNorm(5)):
+        xi = x.clone().requires_grad_()
+        out = norm(xi)
+        results.append((out._base, torch.relu_(out)))  # the in-place ReLU that follows it in the nets
+        results[-1] += torch.autograd.grad((out * upstream).sum(), xi)
+    (torch_base, torch_out, torch_grad), (our_base, our_out, our_grad) = results
+    assert torch_base is not None and our_base is None  # torch's is a view (CopySlices in backward)
+    torch.testing.assert_close(our_out, torch_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, torch_grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference takes torch's own path
+        torch.testing.assert_close(InstanceNorm(5)(x), torch.nn.InstanceNorm2d(5)(x))
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
+    assert not any(type(m) is torch.nn.InstanceNorm2d for m in gen.modules())

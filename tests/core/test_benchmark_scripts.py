@@ -80,6 +80,10 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert len(swapped) == 2 * 4 + 2  # two AdaLINs per decoder block, one LIN per up-sampling block
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(two_pass(x)[0], gen(x)[0], rtol=1e-4, atol=1e-5)
+    plain_norms = copy.deepcopy(gen)
+    optimisations._use_torch_instance_norm(plain_norms)
+    out = plain_norms.HourGlass1.HG[3](x[:, :1].expand(2, 8, 32, 32).clone().requires_grad_())
+    assert out._base is not None  # torch's own instance norm again (a view)
     with optimisations._classic_spectral_norm():
         classic = Discriminator(width=4, n_layers=3)
     ours = Discriminator(width=4, n_layers=3)
@@ -87,7 +91,8 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert isinstance(ours.model[1], SNConv2d)
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
-              "--only", "two-pass LIN", "classic spectral norm")  # fmt: skip
-    rows = table_rows(out, r"(default|two-pass LIN|classic spectral norm)$")
-    assert [r[0] for r in rows] == ["default", "two-pass LIN", "classic spectral norm"]
+              "--only", "two-pass LIN", "torch instance norm", "classic spectral norm")  # fmt: skip
+    names = ["default", "two-pass LIN", "torch instance norm", "classic spectral norm"]
+    rows = table_rows(out, "(" + "|".join(names) + ")$")
+    assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
