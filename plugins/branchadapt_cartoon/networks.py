@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from branchadapt import Backbone, PluginOptions
 
+from .lowmem import NormReluConv, ReflectConv2d
+
 
 def _lin_affine(x: Tensor, rho: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) ``scale, shift`` with ``x * scale + shift`` equal to
@@ -108,11 +110,10 @@ class InstanceNorm(nn.InstanceNorm2d):
 
 
 def _conv_unit(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        InstanceNorm(c_in),
-        nn.ReLU(True),
-        nn.ReflectionPad2d(1),
-        nn.Conv2d(c_in, c_out, 3, 1, bias=False),
+    """IN -> ReLU -> reflection pad -> 3x3 conv, one fused operation (:class:`NormReluConv`); the
+    reference's ReflectionPad2d slot holds an Identity, so the keys keep their indices."""
+    return NormReluConv(
+        InstanceNorm(c_in), nn.Identity(), ReflectConv2d(c_in, c_out, 3, reflect=1, bias=False)
     )
 
 
@@ -192,10 +193,14 @@ class ResnetBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels),
+            nn.Identity(),
+            ReflectConv2d(channels, channels, 3, reflect=1, bias=False),
+            InstanceNorm(channels),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), InstanceNorm(channels),
-        )  # fmt: skip
+            nn.Identity(),
+            ReflectConv2d(channels, channels, 3, reflect=1, bias=False),
+            InstanceNorm(channels),
+        )  # fmt: skip  (Identity: where the reference pads; the convolutions pad themselves)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x + self.conv_block(x)
@@ -207,17 +212,15 @@ class SoftAdaLINBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.pad1 = nn.ReflectionPad2d(1)
-        self.conv1 = nn.Conv2d(channels, channels, 3, bias=False)
+        self.conv1 = ReflectConv2d(channels, channels, 3, reflect=1, bias=False)
         self.norm1 = SoftAdaLIN(channels)
         self.relu1 = nn.ReLU(True)
-        self.pad2 = nn.ReflectionPad2d(1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, bias=False)
+        self.conv2 = ReflectConv2d(channels, channels, 3, reflect=1, bias=False)
         self.norm2 = SoftAdaLIN(channels)
 
     def forward(self, x: Tensor, content: Tensor, style: Tensor) -> Tensor:
-        out = self.relu1(self.norm1(self.conv1(self.pad1(x)), content, style))
-        return x + self.norm2(self.conv2(self.pad2(out)), content, style)
+        out = self.relu1(self.norm1(self.conv1(x), content, style))
+        return x + self.norm2(self.conv2(out), content, style)
 
 
 class CAM(nn.Module):
@@ -269,7 +272,7 @@ class UGATITGenerator(Backbone):
         c, n = o.width, o.n_blocks
         self.n_blocks = n
         self.ConvBlock1 = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7, bias=False), InstanceNorm(c), nn.ReLU(True)
+            nn.Identity(), ReflectConv2d(3, c, 7, reflect=3, bias=False), InstanceNorm(c), nn.ReLU(True)
         )
         self.HourGlass1 = HourGlass(c, c)
         self.HourGlass2 = HourGlass(c, c)
@@ -288,7 +291,9 @@ class UGATITGenerator(Backbone):
         self.UpBlock2 = _up(2 * c, c)
         self.HourGlass3 = HourGlass(c, c)
         self.HourGlass4 = HourGlass(c, c, residual=False)
-        self.ConvBlock2 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 3, 7, bias=False), nn.Tanh())
+        self.ConvBlock2 = nn.Sequential(
+            nn.Identity(), ReflectConv2d(3, 3, 7, reflect=3, bias=False), nn.Tanh()
+        )
         init_normal(self)
 
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
@@ -320,8 +325,8 @@ class UGATITGenerator(Backbone):
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.ReflectionPad2d(1),
-        nn.Conv2d(c_in, c_out, 3, 2, bias=False),
+        nn.Identity(),
+        ReflectConv2d(c_in, c_out, 3, 2, reflect=1, bias=False),
         InstanceNorm(c_out),
         nn.ReLU(True),
     )
@@ -330,8 +335,8 @@ def _down(c_in: int, c_out: int) -> nn.Sequential:
 def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.ReflectionPad2d(1),
-        nn.Conv2d(c_in, c_out, 3, bias=False),
+        nn.Identity(),
+        ReflectConv2d(c_in, c_out, 3, reflect=1, bias=False),
         LIN(c_out),
         nn.ReLU(True),
     )

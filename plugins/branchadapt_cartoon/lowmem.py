@@ -1,0 +1,211 @@
+"""Convolution units that keep less for backward: same values and gradients, a fraction of the memory.
+
+Autograd keeps every intermediate an operation needs for its gradient. For the photo2cartoon
+generator's ``InstanceNorm -> ReLU -> ReflectionPad2d -> Conv2d`` units that is three full maps per
+unit: the norm's input, the ReLU's output and the padded map (the convolution's input); the
+generator's activations are most of a training step's memory (4 groups at 256 px do not fit 24 GiB).
+
+- :class:`ReflectConv2d` (a reflection pad followed by a convolution) keeps the *unpadded* input and
+  pads it again in backward: one copy of a map, cheap next to the convolution.
+- :class:`NormReluConv` (the hourglass unit) keeps only the norm's input and its statistics, and
+  recomputes the normalised, rectified, padded map in backward with the same kernels as the
+  forward pass, so the recomputed map, and therefore every gradient, is bit-identical to
+  autograd's through the unfused modules.
+
+Both fall back to the plain modules when no gradient is recorded (inference, export, sampling), so
+they cost nothing there. Under autocast the convolution runs in the autocast dtype, as it would
+unfused. The class attribute ``fused = False`` on either class restores the plain path (A/B runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+aten = torch.ops.aten
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a convolution on ``x``'s device in, or None when it is off."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _cast(dtype: torch.dtype | None, t: Tensor | None) -> Any:
+    return t if dtype is None or t is None else t.to(dtype)
+
+
+def _pad(x: Tensor, pad: int) -> Tensor:
+    return F.pad(x, (pad,) * 4, mode="reflect") if pad else x
+
+
+def _conv_backward(
+    grad: Tensor, padded: Tensor, weight: Tensor, has_bias: bool, stride: int, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``conv2d(padded, weight, bias, stride)`` for the inputs flagged in ``needs``."""
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    mask = [needs[0], needs[1], needs[2] and has_bias]
+    g_in, g_w, g_b = aten.convolution_backward(
+        grad.to(padded.dtype),
+        padded,
+        weight,
+        bias_sizes,
+        [stride] * 2,
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        mask,
+    )
+    return g_in, g_w, g_b
+
+
+class _ReflectPadConv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        pad: int,
+        stride: int,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = pad, stride, dtype, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        xc, wc = _cast(ctx.dtype, x), _cast(ctx.dtype, weight)
+        g_pad, g_w, g_b = _conv_backward(
+            grad, _pad(xc, ctx.pad), wc, ctx.has_bias, ctx.stride, ctx.needs_input_grad[:3]
+        )
+        g_x = None
+        if g_pad is not None:
+            g_x = aten.reflection_pad2d_backward(g_pad, xc, [ctx.pad] * 4) if ctx.pad else g_pad
+            g_x = g_x.to(x.dtype)
+        return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None
+
+
+def reflect_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int = 1) -> Tensor:
+    """``conv2d(reflection_pad(x, pad), weight, bias, stride)``, saving ``x`` rather than the padded map."""
+    if not _records_grad(x, weight, bias):
+        return F.conv2d(_pad(x, pad), weight, bias, stride)
+    dtype = _autocast_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ReflectPadConv.apply(x, weight, bias, pad, stride, dtype)
+
+
+class ReflectConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on a reflection-padded input (``reflect`` pixels per side); same parameters and
+    state-dict keys as the plain convolution, so it replaces a ``ReflectionPad2d`` + ``Conv2d`` pair."""
+
+    fused = True
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, *, reflect: int, bias: bool = True
+    ) -> None:
+        super().__init__(c_in, c_out, kernel_size, stride, bias=bias)
+        self.reflect = reflect
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fused:
+            return self._conv_forward(_pad(x, self.reflect), self.weight, self.bias)
+        return reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride[0])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reflect={self.reflect}"
+
+
+def _norm_relu(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Instance norm (no affine) with the batch-norm kernel, then ReLU: (output, mean, inverse std)."""
+    b, c, h, w = x.shape
+    out, mean, invstd = aten.native_batch_norm(
+        x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps
+    )
+    return out.view(b, c, h, w).relu_(), mean, invstd
+
+
+class _NormReluPadConv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        eps: float,
+        pad: int,
+        stride: int,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        y, mean, invstd = _norm_relu(x, eps)
+        ctx.eps, ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = eps, pad, stride, dtype, bias is not None
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        y, _, _ = _norm_relu(x, ctx.eps)  # the same kernels as forward: the same map, bit for bit
+        yc, wc = _cast(ctx.dtype, y), _cast(ctx.dtype, weight)
+        needs = ctx.needs_input_grad
+        g_pad, g_w, g_b = _conv_backward(grad, _pad(yc, ctx.pad), wc, ctx.has_bias, ctx.stride, needs[:3])
+        g_x = None
+        if g_pad is not None:
+            g_y = aten.reflection_pad2d_backward(g_pad, yc, [ctx.pad] * 4) if ctx.pad else g_pad
+            g_y = aten.threshold_backward(g_y.to(x.dtype), y, 0)
+            b, c, h, w = x.shape
+            g_x = aten.native_batch_norm_backward(
+                g_y.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
+                mean, invstd, True, ctx.eps, [True, False, False],
+            )[0].view(b, c, h, w)  # fmt: skip
+        return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None, None
+
+
+class NormReluConv(nn.Sequential):
+    """``InstanceNorm2d -> ReLU -> (pad) -> conv`` (the children, and so the state-dict keys, of that
+    ``nn.Sequential``), run as one autograd operation that keeps only the norm's input.
+
+    Children: an ``nn.InstanceNorm2d`` without affine parameters or running statistics, a ReLU, a
+    placeholder where the reference pads, and a :class:`ReflectConv2d` (or a plain ``nn.Conv2d``).
+    """
+
+    fused = True
+
+    def __init__(self, norm: nn.InstanceNorm2d, placeholder: nn.Module, conv: nn.Conv2d) -> None:
+        if norm.affine or norm.track_running_stats:
+            raise ValueError("NormReluConv fuses an instance norm without affine parameters or running stats")
+        if (
+            conv.padding != (0, 0)
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+            or conv.stride[0] != conv.stride[1]
+        ):
+            raise ValueError(
+                "NormReluConv fuses an unpadded, undilated, ungrouped convolution (or a ReflectConv2d)"
+            )
+        super().__init__(norm, nn.ReLU(True), placeholder, conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm, conv = cast(nn.InstanceNorm2d, self[0]), cast(nn.Conv2d, self[3])
+        reflect = isinstance(conv, ReflectConv2d)
+        fused = self.fused and (not reflect or conv.fused)
+        if not fused or x.dim() != 4 or not _records_grad(x, conv.weight, conv.bias):
+            return super().forward(x)
+        pad = conv.reflect if isinstance(conv, ReflectConv2d) else 0
+        dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _NormReluPadConv.apply(x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype)
+
+
+__all__ = ["NormReluConv", "ReflectConv2d", "reflect_conv2d"]

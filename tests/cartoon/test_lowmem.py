@@ -1,0 +1,172 @@
+"""The low-memory convolution units: the same values and gradients as the unfused modules, less saved."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d, reflect_conv2d
+from branchadapt_cartoon.networks import InstanceNorm, UGATITGenerator
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """The plain modules (autograd saves the ReLU output and the padded map)."""
+    NormReluConv.fused = ReflectConv2d.fused = False
+    try:
+        yield
+    finally:
+        NormReluConv.fused = ReflectConv2d.fused = True
+
+
+def saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize(
+    ("pad", "stride", "bias", "kernel"), [(1, 1, False, 3), (1, 2, True, 3), (3, 1, False, 7)]
+)
+def test_reflect_conv_is_pad_then_conv_in_value_and_gradient(pad, stride, bias, kernel):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12, 12, dtype=torch.float64, requires_grad=True)
+    conv = ReflectConv2d(4, 5, kernel, stride, reflect=pad, bias=bias).double()
+    out = conv(x)
+    reference = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), conv.weight, conv.bias, stride)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(out)
+    params = [x, conv.weight] + ([conv.bias] if bias else [])
+    ours = torch.autograd.grad((out * upstream).sum(), params)
+    theirs = torch.autograd.grad((reference * upstream).sum(), params)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, w: reflect_conv2d(x, w, None, pad, stride), (x[:1, :2, :8, :8].detach().requires_grad_(), conv.weight[:, :2].detach().requires_grad_())
+    )  # fmt: skip
+
+
+def test_reflect_conv_keeps_the_unpadded_input_not_the_padded_map():
+    x = torch.randn(1, 8, 32, 32, requires_grad=True)
+    conv = ReflectConv2d(8, 8, 3, reflect=1, bias=False)
+    ours, _ = saved_bytes(lambda: conv(x))
+    with unfused():
+        plain, _ = saved_bytes(lambda: conv(x))
+    weight = conv.weight.numel() * 4
+    assert ours == x.numel() * 4 + weight
+    assert plain == x.numel() * 4 + 8 * 34 * 34 * 4 + weight  # and the padded map
+
+
+def _unit(c_in: int = 4, c_out: int = 6) -> NormReluConv:
+    return NormReluConv(
+        InstanceNorm(c_in), nn.Identity(), ReflectConv2d(c_in, c_out, 3, reflect=1, bias=False)
+    )
+
+
+def test_norm_relu_conv_is_bit_identical_to_the_unfused_modules():
+    torch.manual_seed(1)
+    unit = _unit()
+    x = (torch.randn(3, 4, 16, 16) * 2 + 0.5).requires_grad_()
+    upstream = torch.randn(3, 6, 16, 16)
+    results = []
+    for ctx in (contextlib.nullcontext(), unfused()):
+        with ctx:
+            out = unit(x)
+            grads = torch.autograd.grad((out * upstream).sum(), (x, unit[3].weight))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    # and the unfused maths is what it claims: IN -> ReLU -> reflection pad -> conv
+    reference = F.conv2d(F.pad(F.relu(F.instance_norm(x)), (1,) * 4, mode="reflect"), unit[3].weight)
+    torch.testing.assert_close(results[0][0], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_relu_conv_keeps_only_the_norm_input():
+    unit = _unit(8, 8)
+    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    ours, _ = saved_bytes(lambda: unit(x))
+    with unfused():
+        plain, _ = saved_bytes(lambda: unit(x))
+    stats_and_weight = 2 * 2 * 8 * 4 + unit[3].weight.numel() * 4
+    assert ours == x.numel() * 4 + stats_and_weight
+    assert plain >= 2.9 * x.numel() * 4  # norm input, ReLU output, padded map
+
+
+def test_detached_weight_gets_no_gradient_but_the_input_does():
+    """Selective back-propagation runs shared units with detached parameter views."""
+    unit = _unit()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    weight = unit[3].weight.detach()
+    out = torch.func.functional_call(unit, {"3.weight": weight}, (x,))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert unit[3].weight.grad is None
+
+
+def test_inference_takes_the_plain_path():
+    unit = _unit()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        out = unit(x)
+    assert out.grad_fn is None
+    y = unit(x.requires_grad_())
+    assert type(y.grad_fn).__name__ == "_NormReluPadConvBackward"
+
+
+def test_bf16_autocast_matches_the_unfused_modules():
+    torch.manual_seed(2)
+    unit = _unit()
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    results = []
+    for ctx in (contextlib.nullcontext(), unfused()):
+        with ctx:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = unit(x)
+            grads = torch.autograd.grad(out.float().square().sum(), (x, unit[3].weight))
+        results.append((out, *grads))
+    assert results[0][0].dtype == results[1][0].dtype == torch.bfloat16
+    assert results[0][2].dtype == torch.float32  # the weight's gradient in the weight's dtype
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_generator_saves_about_half_and_trains_to_the_same_gradients():
+    torch.manual_seed(3)
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
+    x = torch.randn(2, 3, 32, 32)
+
+    def step() -> torch.Tensor:
+        image, cam, heatmap = gen(x)
+        return image.square().mean() + cam.sum() + heatmap.mean()
+
+    ours, loss = saved_bytes(step)
+    params = [p for name, p in gen.named_parameters() if ".ConvBlock4." not in name]  # ConvBlock4: unused
+    grads = torch.autograd.grad(loss, params)
+    with unfused():
+        plain, loss_plain = saved_bytes(step)
+        grads_plain = torch.autograd.grad(loss_plain, params)
+    assert ours < 0.6 * plain
+    assert torch.equal(loss, loss_plain)
+    for a, b in zip(grads, grads_plain, strict=True):
+        assert torch.equal(a, b)
+    units = [m for m in gen.modules() if isinstance(m, NormReluConv)]
+    assert len(units) == 4 * 14 * 3  # every hourglass unit is fused
+
+
+def test_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="affine"):
+        NormReluConv(nn.InstanceNorm2d(4, affine=True), nn.Identity(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="unpadded"):
+        NormReluConv(InstanceNorm(4), nn.Identity(), nn.Conv2d(4, 4, 3, padding=1))
