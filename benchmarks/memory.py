@@ -5,7 +5,10 @@ steps); rows:
 
 - ``basic``: stage 1, one photo + one cartoon, one shared model;
 - ``transfer, no branches``: stage 2's batch (4 groups) with one shared model (``finetune``);
-- ``transfer, branches``: the recipe (low = top = 2, selective BP).
+- ``transfer, branches``: the recipe (low = top = 2, selective BP);
+- ``transfer, branches, unfused units``: the same with the generator's low-memory units
+  (``branchadapt_cartoon.lowmem``) switched off: autograd then also keeps every ReLU output and
+  padded map of the hourglass units and every padded map before a convolution.
 
 Theory for the branch rows: every extra copy of a branched stage holds its parameters, their
 gradients and Adam's two moments, 4 x 4 bytes per parameter; selective BP's detached views
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +36,12 @@ import branchadapt as ba
 from branchadapt.branched import BranchedModel
 from branchadapt.trainer import StageRuntime, Trainer
 
+UNFUSED = "transfer, branches, unfused units"
 CONFIGS = {
     "basic": (0, []),
     "transfer, no branches": (1, ['stages.transfer.splitter={type="finetune"}']),
     "transfer, branches": (1, []),
+    UNFUSED: (1, []),
 }
 
 
@@ -69,6 +75,10 @@ def _state_bytes(rt: StageRuntime) -> int:
 
 def child(name: str, size: int, width: int, steps: int) -> dict[str, float]:
     stage, extra = CONFIGS[name]
+    if name == UNFUSED:
+        from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d
+
+        NormReluConv.fused = ReflectConv2d.fused = False
     trainer, rt = build(size, width, stage, extra)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     for i in range(steps):
@@ -97,29 +107,46 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.size, args.width, args.steps)))
         return
-    rows = {}
+    rows: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     for name in CONFIGS:
         cmd = [sys.executable, __file__, "--child", name, *map(str, ["--size", args.size, "--width", args.width,
                "--steps", args.steps, "--threads", args.threads])]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows[name] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
+            failed[name] = "killed (out of memory)"
+            continue
+        if done.returncode:
+            sys.exit(f"{name}: the child process failed:\n{done.stderr[-3000:]}")
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{args.size} px, width {args.width}, peak RSS after {args.steps} steps (fresh process each)\n")
     print(
         "| configuration | parameters | weights+grads+Adam (MB) | saved activations (MB) | RSS after build (MB) | peak RSS (MB) |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    for name in CONFIGS:
+        if name in failed:
+            print(f"| {name} | | | | | {failed[name]} |")
+            continue
+        r = rows[name]
         print(
-            f"| {name} | {r['params']:,} | {r['state_mb']:.0f} | {r['saved_mb']:.0f} | {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
+            f"| {name} | {r['params']:,} | {r['state_mb']:.1f} | {r['saved_mb']:.1f} | {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
         )
+    if any(name in failed for name in CONFIGS if name != UNFUSED):
+        return
     branched, plain, basic = rows["transfer, branches"], rows["transfer, no branches"], rows["basic"]
     theory = branched["extra_params"] * 16 / 2**20
+    saved_change = branched["saved_mb"] - plain["saved_mb"]
+    why = (
+        " (detached groups keep no inputs for the shared stages' weight gradients)"
+        if saved_change < 0
+        else ""
+    )
     print(
         f"\nbranches vs no branches (same batch): {branched['extra_params']:,} extra parameters x 16 bytes "
         f"(weights, gradients, Adam's 2 moments) = {theory:.1f} MB in theory, "
         f"{branched['state_mb'] - plain['state_mb']:.1f} MB counted; saved activations "
-        f"{branched['saved_mb'] - plain['saved_mb']:+.1f} MB (detached groups save no inputs for weight "
-        f"gradients of the shared stages); predicted peak change "
+        f"{saved_change:+.1f} MB{why}; predicted peak change "
         f"{branched['state_mb'] - plain['state_mb'] + branched['saved_mb'] - plain['saved_mb']:+.1f} MB, "
         f"measured {branched['peak_mb'] - plain['peak_mb']:+.1f} MB"
     )
@@ -128,6 +155,17 @@ def main() -> None:
         f"activations {branched['saved_mb'] - basic['saved_mb']:+.1f} MB (4x the batch), predicted "
         f"{branched['state_mb'] - basic['state_mb'] + branched['saved_mb'] - basic['saved_mb']:+.0f} MB, "
         f"measured peak {branched['peak_mb'] - basic['peak_mb']:+.0f} MB"
+    )
+    if UNFUSED in failed:
+        print(
+            f"low-memory units: peak RSS {branched['peak_mb']:.0f} MB; unfused, the step did not fit this machine"
+        )
+        return
+    unfused = rows[UNFUSED]
+    print(
+        f"low-memory units: saved activations {branched['saved_mb']:.0f} vs {unfused['saved_mb']:.0f} MB unfused "
+        f"({branched['saved_mb'] / unfused['saved_mb']:.2f}x), peak RSS {branched['peak_mb']:.0f} vs "
+        f"{unfused['peak_mb']:.0f} MB ({branched['peak_mb'] / unfused['peak_mb']:.2f}x)"
     )
 
 

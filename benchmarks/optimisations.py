@@ -16,6 +16,8 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``torch instance norm``: ``nn.InstanceNorm2d`` itself instead of the generator's
   ``InstanceNorm``, whose output is not an autograd view (no gradient copy behind the in-place
   ReLUs): what the latter saves;
+- ``unfused units``: the generator's low-memory units (``branchadapt_cartoon.lowmem``) switched
+  off, so autograd keeps the ReLU outputs and padded maps: what keeping less costs or saves in time;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -117,6 +119,14 @@ def _use_torch_instance_norm(module: torch.nn.Module) -> None:
             m.forward = types.MethodType(torch.nn.InstanceNorm2d.forward, m)  # type: ignore[method-assign]
 
 
+def _unfuse(module: torch.nn.Module) -> None:
+    from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d
+
+    for m in module.modules():
+        if isinstance(m, NormReluConv | ReflectConv2d):
+            m.fused = False  # this instance only: the other variants in the process keep theirs
+
+
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {
@@ -135,6 +145,9 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
     if name == "torch instance norm":
         for m in rt.modules.values():
             _use_torch_instance_norm(m)
+    if name == "unfused units":
+        for m in rt.modules.values():
+            _unfuse(m)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
     if name.startswith("channels_last"):
@@ -177,6 +190,7 @@ def main() -> None:
         "1 thread",
         "two-pass LIN",
         "torch instance norm",
+        "unfused units",
         "classic spectral norm",
     ]
     names += ["torch.compile"] if args.compile else []

@@ -6,7 +6,8 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
 1. **Transfer stage** (4 groups, one photo and one cartoon each, both directions, all six losses):
    ``ours`` (branches low = top = 2, selective BP, generators once per step); ``no branches`` (same
    maths, one shared model: the branching overhead ratio); ``naive`` (selective BP by deep-copying
-   both generators' shared stages every step and running the few-shot groups through the copy);
+   both generators' shared stages every step and running the few-shot groups through the copy;
+   ``of which copying``: the part of its step spent copying, the work ours does not do);
    ``ref order`` (translations recomputed for the generator update, as the reference does).
 2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses):
    ``ours``, ``ref order`` and ``ours`` with ``train.compile = "units"`` (its first, compiling,
@@ -42,6 +43,7 @@ from branchadapt.trainer import StageRuntime, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIVE = "<naive>"  # marker: selective BP by copying the shared stages
+COPYING = {"seconds": 0.0}  # time the naive steps spent copying, summed
 REFERENCE_SECONDS = {128: 2.79, 256: 6.32}  # the reference code's iteration, measured on this machine
 
 
@@ -79,6 +81,7 @@ def naive_step(trainer: Trainer, rt: StageRuntime) -> Callable[[ba.Batch], objec
         def run(policy, args, kwargs, model=model, live=live):  # type: ignore[no-untyped-def]
             if policy is Participation.LIVE:
                 return live(policy, args, kwargs)
+            start = time.perf_counter()
             clone = copy.deepcopy(model.backbone)
             for path in model.branch_paths:
                 clone.set_submodule(path, model.backbone.get_submodule(path))
@@ -86,6 +89,7 @@ def naive_step(trainer: Trainer, rt: StageRuntime) -> Callable[[ba.Batch], objec
             for pname, param in clone.named_parameters():
                 if pname in shared:
                     param.requires_grad_(False)
+            COPYING["seconds"] += time.perf_counter() - start
             return clone(*args, **kwargs)
 
         model._run = run  # type: ignore[method-assign]
@@ -102,13 +106,20 @@ def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]]
         step = naive_step(trainer, rt) if NAIVE in extra else partial(trainer.train_step, rt)
         steps[name] = lambda i, step=step, rt=rt: step(rt.data[i])
     times: dict[str, list[float]] = {name: [] for name in steps}
+    copying: list[float] = []
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
+            copied = COPYING["seconds"]
             start = time.perf_counter()
             step(i)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                if NAIVE in configs.get(name, []):
+                    copying.append(COPYING["seconds"] - copied)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    if copying:
+        medians["copying"] = statistics.median(copying)
+    return medians
 
 
 def step_flops(size: int, width: int, extra: list[str]) -> int:
@@ -156,6 +167,11 @@ def main() -> None:
     ap.add_argument("--skip-transfer", action="store_true", help="only the reference-maths table")
     ap.add_argument("--skip-reference", action="store_true", help="only the transfer-stage table")
     ap.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="leave out the bf16 column (very slow without native bf16 on the CPU)",
+    )
+    ap.add_argument(
         "--reference-repo", type=Path, help="photo2cartoon checkout: time its iteration in the same run"
     )
     args = ap.parse_args()
@@ -165,8 +181,10 @@ def main() -> None:
           f"steps after {args.warmup}; measured peak {peak:.0f} GFLOP/s ({peak_name})\n")  # fmt: skip
     if not args.skip_transfer:
         print("Transfer stage (4 groups x (1 photo + 1 cartoon), six losses), seconds per step")
-        print("| size | ours | no branches | overhead | naive copy | ref order | ours bf16 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        print(
+            "| size | ours | no branches | overhead | naive copy | of which copying | ref order | ours bf16 |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         configs = {
             "ours": [],
             "plain": ['stages.transfer.splitter={type="finetune"}'],
@@ -174,10 +192,13 @@ def main() -> None:
             "ref": ["task.reuse_fakes=false"],
             "bf16": ['precision="bf16"'],
         }
+        if args.no_bf16:
+            del configs["bf16"]
         for size in args.sizes:
             t = interleaved(size, args.width, 1, configs, args)
+            bf16 = f"{t['bf16']:.3f}" if "bf16" in t else "-"
             print(f"| {size} | {t['ours']:.3f} | {t['plain']:.3f} | {t['ours'] / t['plain']:.2f} | {t['naive']:.3f} | "
-                  f"{t['ref']:.3f} | {t['bf16']:.3f} |", flush=True)  # fmt: skip
+                  f"{t['copying']:.3f} | {t['ref']:.3f} | {bf16} |", flush=True)  # fmt: skip
         print()
     if args.skip_reference:
         return

@@ -170,3 +170,27 @@ def test_rejects_what_it_cannot_fuse():
         NormReluConv(nn.InstanceNorm2d(4, affine=True), nn.Identity(), nn.Conv2d(4, 4, 3))
     with pytest.raises(ValueError, match="unpadded"):
         NormReluConv(InstanceNorm(4), nn.Identity(), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_compiled_hourglass_unit_matches_eager():
+    """``train.compile = "units"`` compiles ConvBlocks, whose units are these autograd functions."""
+    import copy
+
+    from branchadapt_cartoon.networks import ConvBlock
+
+    torch.manual_seed(4)
+    block = ConvBlock(8, 8)
+    compiled = copy.deepcopy(block)
+    compiled.compile()
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    outs, grads = [], []
+    for module in (block, compiled):
+        out = module(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()], allow_unused=True))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

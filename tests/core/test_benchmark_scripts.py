@@ -84,6 +84,15 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     optimisations._use_torch_instance_norm(plain_norms)
     out = plain_norms.HourGlass1.HG[3](x[:, :1].expand(2, 8, 32, 32).clone().requires_grad_())
     assert out._base is not None  # torch's own instance norm again (a view)
+    from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d
+
+    unfused = copy.deepcopy(gen)
+    optimisations._unfuse(unfused)
+    units = (NormReluConv, ReflectConv2d)
+    assert all(not m.fused for m in unfused.modules() if isinstance(m, units))
+    assert all(m.fused for m in gen.modules() if isinstance(m, units))  # only that copy
+    xg = x.clone().requires_grad_()
+    assert torch.equal(unfused(xg)[0], gen(xg)[0])
     with optimisations._classic_spectral_norm():
         classic = Discriminator(width=4, n_layers=3)
     ours = Discriminator(width=4, n_layers=3)
@@ -91,8 +100,23 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert isinstance(ours.model[1], SNConv2d)
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
-              "--only", "two-pass LIN", "torch instance norm", "classic spectral norm")  # fmt: skip
-    names = ["default", "two-pass LIN", "torch instance norm", "classic spectral norm"]
+              "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm")  # fmt: skip
+    names = ["default", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm"]
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_memory_table_shows_what_the_low_memory_units_save() -> None:
+    out = run("memory.py", "--size", "32", "--width", "4", "--steps", "1")
+    rows = {r[0]: r for r in table_rows(out, r"(basic|transfer)")}
+    assert set(rows) == {
+        "basic",
+        "transfer, no branches",
+        "transfer, branches",
+        "transfer, branches, unfused units",
+    }
+    saved = {name: float(r[3]) for name, r in rows.items()}
+    assert saved["transfer, branches"] < 0.75 * saved["transfer, branches, unfused units"]
+    assert saved["basic"] < saved["transfer, branches"]  # a quarter of the batch
+    assert "low-memory units: saved activations" in out
