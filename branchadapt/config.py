@@ -54,10 +54,11 @@ class TrainSpec(_Strict):
     sample_every: int = Field(0, ge=0, description="steps between the task's training samples; 0: none")
     workers: int = Field(0, ge=0, description="data-loading worker processes")
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
-    compile: Literal["off", "units"] = Field(
+    compile: Literal["off", "units", "auto"] = Field(
         "off",
         description="units: torch.compile the backbone's declared repeated blocks (compiles on the first "
-        "steps; pays off on long runs at large sizes, see docs/performance.md)",
+        "steps; pays off on long runs at large sizes, see docs/performance.md); auto: units on CUDA, "
+        "off on other devices (on CPU the gain depends on the machine)",
     )
 
 

@@ -30,7 +30,7 @@ from .checkpoint import (
     split_state,
     state_differences,
 )
-from .compiling import compile_units
+from .compiling import compile_units, compiles_units
 from .config import OptimSpec
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
@@ -153,7 +153,7 @@ class Trainer:
             self.load_stage_weights(stage.spec.init_from, modules)
         for module in modules.values():
             module.to(self.device).train()
-        if self.spec.train.compile == "units":
+        if compiles_units(self.spec.train.compile, self.device):
             n = compile_units(modules.values())
             self.progress.message(
                 f"stage {stage.name}: {n} backbone units compiled (the first steps are slow while they compile)"

@@ -10,7 +10,7 @@ from torch import nn
 
 import branchadapt as ba
 from branchadapt import BranchedModel, Participation
-from branchadapt.compiling import compile_units, unit_types
+from branchadapt.compiling import compile_units, compiles_units, unit_types
 
 
 class Unit(nn.Module):
@@ -94,7 +94,7 @@ def test_trainer_compiles_units_and_trains_the_same_weights(small_experiment, tm
     monkeypatch.setattr(MLPBackbone, "compile_unit_types", (nn.Sequential,))
     path = small_experiment(steps=2)
     finals = {}
-    for mode in ("off", "units"):
+    for mode in ("off", "units", "auto"):  # auto: units on CUDA only, so off here
         exp = ba.load_experiment(path, [f'train.compile="{mode}"'])
         trainer = Trainer(exp, run_dir=tmp_path / mode, device="cpu")
         messages: list[str] = []
@@ -112,3 +112,9 @@ def test_trainer_compiles_units_and_trains_the_same_weights(small_experiment, tm
 def test_compile_setting_is_validated(small_experiment):
     with pytest.raises(ba.ConfigError, match=r"train\.compile"):
         ba.load_experiment(small_experiment(), ['train.compile="everything"'])
+
+
+def test_auto_compiles_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [compiles_units(m, cpu) for m in ("off", "units", "auto")] == [False, True, False]
+    assert [compiles_units(m, cuda) for m in ("off", "units", "auto")] == [False, True, True]
