@@ -203,7 +203,8 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
-        for name, (step, threads) in steps.items():
+        # reversed every other round: whichever variant runs first in a round measured slower
+        for name, (step, threads) in list(steps.items())[:: -1 if i % 2 else 1]:
             torch.set_num_threads(threads or args.threads)
             start = time.perf_counter()
             step(i)
