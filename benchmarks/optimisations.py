@@ -7,7 +7,8 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``channels_last + IN``: the same with ``nn.InstanceNorm2d`` replaced by a layout-agnostic
   instance norm (``var_mean`` over H, W), so no layout conversion happens around the norms;
 - ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16);
-- ``fused Adam``: ``torch.optim.Adam(fused=True)`` instead of the default foreach kernels;
+- ``for-loop Adam``: torch's own default Adam kernels on CPU (a loop over the parameters; foreach
+  on CUDA) instead of the fused ones ``train.fused_optimizers`` selects;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
 - ``1 thread``: the default with one intra-op thread instead of ``--threads``;
 - ``two-pass LIN``: the layer-instance norms (AdaLIN, LIN) computed as the reference writes them
@@ -156,17 +157,29 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
                 _swap_instance_norms(m)
             m.to(memory_format=torch.channels_last)
         convert = _channels_last
-    if name == "fused Adam":
-        for phase, opt in rt.optimizers.items():
-            group = opt.param_groups[0]
-            rt.optimizers[phase] = torch.optim.Adam(
-                group["params"],
-                lr=group["lr"],
-                betas=group["betas"],
-                weight_decay=group["weight_decay"],
-                fused=True,
-            )
+    if name == "for-loop Adam":  # switched in place, so the stage's LR schedulers stay bound to them
+        for opt in rt.optimizers.values():
+            for group in opt.param_groups:
+                group.update(foreach=None, fused=None)
     return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
+
+
+def optimiser_steps(params: list[torch.Tensor], repeats: int = 5) -> dict[str, float]:
+    """Median time of one Adam step over tensors shaped like ``params``, per implementation."""
+    kinds = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(2):  # two rounds, each a fresh optimiser per implementation
+        for kind, flags in kinds.items():
+            copies = [torch.nn.Parameter(torch.randn_like(p)) for p in params]
+            for c in copies:
+                c.grad = torch.randn_like(c)
+            opt = torch.optim.Adam(copies, lr=1e-4, betas=(0.5, 0.999), weight_decay=1e-4, **flags)
+            opt.step()  # state allocated
+            for _ in range(repeats):
+                start = time.perf_counter()
+                opt.step()
+                times[kind].append(time.perf_counter() - start)
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 def main() -> None:
@@ -185,7 +198,7 @@ def main() -> None:
         "channels_last",
         "channels_last + IN",
         "bf16 autocast",
-        "fused Adam",
+        "for-loop Adam",
         "ref order",
         "1 thread",
         "two-pass LIN",
@@ -221,6 +234,14 @@ def main() -> None:
     for name in names:
         t = statistics.median(times[name])
         print(f"| {name} | {t:.3f} | {t / base:.2f} | {first[name]:.1f} |")
+    _, rt = build(args.size, args.width, 0, [])
+    params = [p.detach() for opt in rt.optimizers.values() for g in opt.param_groups for p in g["params"]]
+    print(
+        f"\nthe optimiser steps alone: Adam over the stage's {sum(p.numel() for p in params):,} parameters\n"
+    )
+    print("| Adam kernels | s / step |\n|---|---:|")
+    for kind, t in optimiser_steps(params).items():
+        print(f"| {kind} | {t:.3f} |")
 
 
 if __name__ == "__main__":

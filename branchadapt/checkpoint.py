@@ -134,6 +134,9 @@ def set_rng_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Non
 
 
 # ---------------------------------------------------------------------------- optimisers
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_state(
     optimizers: Mapping[str, torch.optim.Optimizer],
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -167,9 +170,11 @@ def load_optimizer_state(
         for pid, slots in meta[name]["plain"].items():
             state.setdefault(int(pid), {}).update(slots)
         groups = meta[name]["param_groups"]
-        for group in groups:
+        for group, live in zip(groups, opt.param_groups, strict=False):  # count: checked below
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
+            # the kernels are this run's choice (device, train.fused_optimizers), not the checkpoint's
+            group.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
         try:
             opt.load_state_dict({"state": state, "param_groups": groups})
         except ValueError as exc:

@@ -54,6 +54,11 @@ class TrainSpec(_Strict):
     sample_every: int = Field(0, ge=0, description="steps between the task's training samples; 0: none")
     workers: int = Field(0, ge=0, description="data-loading worker processes")
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    fused_optimizers: bool = Field(
+        True,
+        description="torch's fused Adam/AdamW kernels where the parameters' device has them (CPU, CUDA); "
+        "false: the foreach kernels. Same maths up to rounding, see docs/performance.md",
+    )
     compile: Literal["off", "units", "auto"] = Field(
         "off",
         description="units: torch.compile the backbone's declared repeated blocks (compiles on the first "

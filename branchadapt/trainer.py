@@ -40,11 +40,28 @@ from .loading import ResolvedExperiment, ResolvedStage
 from .progress import ProgressReporter
 from .rundir import prepare_run_dir
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused Adam/AdamW kernels exist for every float dtype
 
-def build_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam or AdamW from an :class:`OptimSpec`."""
+
+def build_optimizer(
+    spec: OptimSpec, params: Iterable[nn.Parameter], fused: bool = True
+) -> torch.optim.Optimizer:
+    """Adam or AdamW from an :class:`OptimSpec`.
+
+    ``fused`` takes torch's fused kernels (one pass over each parameter and its state) when every
+    parameter is a floating-point tensor on a device that has them, otherwise the foreach kernels;
+    the maths is the same up to rounding."""
+    params = list(params)
     cls = torch.optim.AdamW if spec.type == "adamw" else torch.optim.Adam
-    return cls(list(params), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    fused = fused and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return cls(
+        params,
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        **({"fused": True} if fused else {}),
+    )
 
 
 def build_scheduler(
@@ -168,7 +185,7 @@ class Trainer:
                 continue
             params = _unique(p for m in phase.modules for p in modules[m].parameters() if p.requires_grad)
             spec = self.exp.optim_for(stage, phase.name)
-            optimizers[phase.name] = build_optimizer(spec, params)
+            optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
         all_sizes = source.sizes()
         sizes = {g: all_sizes.get(g, {}) for g in stage.groups}

@@ -100,11 +100,17 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert isinstance(ours.model[1], SNConv2d)
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
-              "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm")  # fmt: skip
-    names = ["default", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm"]
+              "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm",
+              "for-loop Adam")  # fmt: skip
+    names = ["default", "for-loop Adam", "two-pass LIN", "torch instance norm", "unfused units",
+             "classic spectral norm"]  # fmt: skip
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
+    kernels = table_rows(out, "(for-loop|foreach|fused)$")  # the optimiser steps alone
+    assert [r[0] for r in kernels] == ["for-loop", "foreach", "fused"] and all(
+        float(r[1]) > 0 for r in kernels
+    )
 
 
 def test_memory_table_shows_what_the_low_memory_units_save() -> None:

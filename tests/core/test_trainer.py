@@ -134,6 +134,51 @@ def test_optimizer_and_schedule_options():
     assert spec is not None
 
 
+def _adam_run(fused: bool) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+    from branchadapt.config import OptimSpec
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = build_optimizer(OptimSpec(lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-4), [p], fused=fused)
+    for _ in range(5):
+        p.grad = torch.sin(p.detach() * 3)
+        opt.step()
+    return opt, p.detach()
+
+
+def test_fused_optimizer_kernels_are_the_same_maths():
+    fused, a = _adam_run(True)
+    plain, b = _adam_run(False)
+    assert fused.param_groups[0]["fused"] is True
+    assert not plain.param_groups[0]["fused"]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    from branchadapt.config import OptimSpec
+
+    ints = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+    assert not build_optimizer(OptimSpec(), [ints]).param_groups[0]["fused"]  # no kernels: foreach
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainer_builds_fused_optimizers_unless_switched_off(small_experiment, tmp_path, fused):
+    exp = ba.load_experiment(small_experiment(), [f"train.fused_optimizers={str(fused).lower()}"])
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    runtime = trainer.build_stage(0, exp.stages[0], trainer.build_source())
+    assert runtime.optimizers and all(
+        bool(g["fused"]) is fused for opt in runtime.optimizers.values() for g in opt.param_groups
+    )
+
+
+def test_resume_keeps_this_runs_optimizer_kernels(tmp_path):
+    from branchadapt.checkpoint import load_optimizer_state, optimizer_state
+
+    saved, _ = _adam_run(False)
+    tensors, meta = optimizer_state({"main": saved})
+    resumed, _ = _adam_run(True)
+    load_optimizer_state({"main": resumed}, tensors, json.loads(json.dumps(meta)))
+    assert resumed.param_groups[0]["fused"] is True  # the checkpoint's foreach choice is not imposed
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], saved.state_dict()["state"][0]["exp_avg"])
+
+
 def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli):
     from branchadapt.evaluation import evaluate_run
 
