@@ -6,7 +6,7 @@ per block type and feature-map shape, shared by every instance, including the pe
 copies. A backbone opts in by listing its block classes in ``Backbone.compile_unit_types``; the
 trainer compiles them when ``train.compile = "units"`` (or ``"auto"`` on a CUDA device: there
 inductor fuses the memory-bound work around the convolutions into GPU kernels, while on a CPU the
-gain measured in docs/performance.md ranged from 20 % faster to 10 % slower across machines).
+gain measured in docs/performance.md ranged from 20 % faster to 15 % slower across machines).
 
 Units are compiled in place with ``nn.Module.compile``, so parameter names, state dicts and
 checkpoints are unchanged, and selective back-propagation still works: the parameters (or the

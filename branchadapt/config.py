@@ -57,7 +57,8 @@ class TrainSpec(_Strict):
     fused_optimizers: bool = Field(
         True,
         description="torch's fused Adam/AdamW kernels where the parameters' device has them (CPU, CUDA); "
-        "false: the foreach kernels. Same maths up to rounding, see docs/performance.md",
+        "false: torch's default kernels (a per-parameter loop on CPU, foreach on CUDA). Same maths up to "
+        "rounding, see docs/performance.md",
     )
     compile: Literal["off", "units", "auto"] = Field(
         "off",

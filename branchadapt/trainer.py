@@ -49,8 +49,8 @@ def build_optimizer(
     """Adam or AdamW from an :class:`OptimSpec`.
 
     ``fused`` takes torch's fused kernels (one pass over each parameter and its state) when every
-    parameter is a floating-point tensor on a device that has them, otherwise the foreach kernels;
-    the maths is the same up to rounding."""
+    parameter is a floating-point tensor on a device that has them, otherwise torch's default
+    kernels (a per-parameter loop on CPU, foreach on CUDA); the maths is the same up to rounding."""
     params = list(params)
     cls = torch.optim.AdamW if spec.type == "adamw" else torch.optim.Adam
     fused = fused and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
