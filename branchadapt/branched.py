@@ -12,6 +12,7 @@ nothing from that group's losses -- without copying the shared module.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import batching
 from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
 
@@ -111,15 +113,39 @@ def _batch_size(args: Any, kwargs: Any) -> int:
 
 
 class GroupBranches(nn.Module):
-    """One copy of a stage per group; each sample runs through its own group's copy."""
+    """One copy of a stage per group; each sample runs through its own group's copy.
+
+    With ``stacked = True`` (:attr:`BranchedModel.stacked`) a batch of several groups with equal row
+    counts runs all copies in one ``vmap`` call (:mod:`branchadapt.batching`); otherwise, and for
+    good once a stage turns out not to map, in a loop over the groups.
+    """
 
     def __init__(self, stage: nn.Module, groups: Sequence[str], router: Router) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
         self._router: Router = router  # a plain object, not a sub-module
+        self.stacked = False
+        self._unstackable: str | None = None  # why this stage runs as a loop, once known
+        self._template: list[nn.Module] = []  # a meta copy for vmap, built on first use (not a child)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _run_split(self._router.parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
+        parts = self._router.parts
+        if self.stacked and self._unstackable is None and len(parts) > 1:
+            positions = [ix for _, ix in parts if ix is not None]
+            if len({len(ix) for ix in positions}) == 1:  # else this batch runs as a loop
+                copies = [self.branches[g] for g, _ in parts]
+                reason = batching.stackable(copies)
+                if reason is None:
+                    if not self._template:
+                        self._template.append(batching.meta_template(copies[0]))
+                    try:
+                        batch = _batch_size(args, kwargs)
+                        return batching.run_stacked(copies, self._template[0], positions, args, kwargs, batch)
+                    except batching.NotStackable as err:
+                        reason = str(err)
+                self._unstackable = reason
+                warnings.warn(f"branch stage runs group by group, not stacked: {reason}", stacklevel=2)
+        return _run_split(parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -137,6 +163,7 @@ class BranchedModel(nn.Module):
         groups: Sequence[str],
         branch_stages: Sequence[str] = (),
         participation: Mapping[str, Participation] | None = None,
+        stacked: bool = False,
     ) -> None:
         super().__init__()
         if not groups:
@@ -164,6 +191,20 @@ class BranchedModel(nn.Module):
         self._shared_buffers = [n for n, _ in backbone.named_buffers() if not n.startswith(prefixes)]
         branch_roots = {id(backbone.get_submodule(p)) for p in self.branch_paths}
         self._shared_modules = list(_modules_outside(backbone, branch_roots))
+        self.stacked = stacked
+
+    @property
+    def stacked(self) -> bool:
+        """Whether several groups' branch copies run as one ``vmap`` call (see :class:`GroupBranches`)."""
+        return self._stacked
+
+    @stacked.setter
+    def stacked(self, value: bool) -> None:
+        self._stacked = bool(value)
+        for path in self.branch_paths:
+            router = self.backbone.get_submodule(path)
+            assert isinstance(router, GroupBranches)
+            router.stacked = self._stacked
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, groups: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Any:

@@ -60,6 +60,11 @@ class TrainSpec(_Strict):
         "false: torch's default kernels (a per-parameter loop on CPU, foreach on CUDA). Same maths up to "
         "rounding, see docs/performance.md",
     )
+    stack_branches: bool = Field(
+        False,
+        description="run several groups' copies of a branch stage as one vmap call over stacked weights "
+        "instead of a loop over the groups (same maths up to rounding; see docs/performance.md)",
+    )
     compile: Literal["off", "units", "auto"] = Field(
         "off",
         description="units: torch.compile the backbone's declared repeated blocks (compiles on the first "

@@ -170,6 +170,8 @@ class Trainer:
             self.load_stage_weights(stage.spec.init_from, modules)
         for module in modules.values():
             module.to(self.device).train()
+            if isinstance(module, BranchedModel):
+                module.stacked = self.spec.train.stack_branches
         if compiles_units(self.spec.train.compile, self.device):
             n = compile_units(modules.values())
             self.progress.message(

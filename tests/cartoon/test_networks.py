@@ -159,3 +159,38 @@ def test_instance_norm_is_torchs_in_value_and_gradient_but_not_a_view():
         torch.testing.assert_close(InstanceNorm(5)(x), torch.nn.InstanceNorm2d(5)(x))
     gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
     assert not any(type(m) is torch.nn.InstanceNorm2d for m in gen.modules())
+
+
+def test_the_generators_branch_stages_run_stacked_with_the_loops_gradients():
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    plain = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, n_blocks=1))
+    names = plain.stage_names()
+    groups = ("anchor", "b", "c", "d")
+    policy = {g: Participation.DETACHED for g in groups[1:]}
+    loop = BranchedModel(plain, groups, names[:2] + names[-2:], policy)
+    with torch.no_grad():
+        for p in loop.branch_parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))  # the groups' copies differ
+    stacked = copy.deepcopy(loop)
+    stacked.stacked = True
+    x = torch.randn(8, 3, 32, 32)
+    ids = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    outs = {}
+    for name, model in (("loop", loop), ("stacked", stacked)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every branch stage maps: no fallback to the loop
+            img, cam, _ = model(x, groups=ids)
+        (img.square().mean() + cam.square().mean()).backward()
+        outs[name] = img.detach()
+    torch.testing.assert_close(outs["stacked"], outs["loop"], rtol=1e-4, atol=1e-5)
+    pairs = [
+        (n, p.grad, q.grad) for (n, p), q in zip(loop.named_parameters(), stacked.parameters(), strict=True)
+    ]
+    assert all((a is None) == (b is None) for _, a, b in pairs)  # the same parameters learn
+    scale = max(float(a.abs().max()) for _, a, _ in pairs if a is not None)
+    for name, a, b in pairs:
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * scale, msg=name)

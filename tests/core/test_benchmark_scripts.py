@@ -126,3 +126,15 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
     assert saved["transfer, branches"] < 0.75 * saved["transfer, branches, unfused units"]
     assert saved["basic"] < saved["transfer, branches"]  # a quarter of the batch
     assert "low-memory units: saved activations" in out
+
+
+def test_branch_batching_times_every_variant_and_checks_vmap_against_the_loop() -> None:
+    out = run("branch_batching.py", "--sizes", "32", "--width", "4", "--repeat", "1")
+    rows = table_rows(out, r"32$")
+    assert [r[1] for r in rows] == ["low (ConvBlock1 + HourGlass1)", "top (HourGlass4 + ConvBlock2)"]
+    for row in rows:
+        one, loop, unfused, mapped, loop_ratio, vmap_ratio, diff = (float(c) for c in row[2:])
+        assert min(one, loop, unfused, mapped) > 0
+        assert abs(loop_ratio - loop / one) < 0.01 + 0.03 * loop_ratio  # the ratios are of these times
+        assert abs(vmap_ratio - mapped / loop) < 0.01 + 0.03 * vmap_ratio
+        assert diff < 1e-4  # vmap over stacked copies computes the loop's gradients

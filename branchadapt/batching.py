@@ -1,0 +1,100 @@
+"""Run the groups' copies of a branch stage as one call: stacked weights under ``torch.func.vmap``.
+
+A branch stage holds one copy per group, and the plain way to run a mixed batch is a loop over the
+groups, each copy on its own rows. Every operation then runs once per group on a fraction of the
+batch, which costs more than the arithmetic when the inputs are small (per-operation dispatch and
+kernel set-up). Stacking the copies' parameters along a new leading dimension and mapping the stage
+over it with ``vmap`` runs each operation once for all groups (a convolution becomes one grouped
+convolution); gradients reach every copy's own parameters through the stacking.
+
+This needs every group to have the same number of rows, copies without buffers (running statistics
+could not be updated per copy) and operations with vmap rules. When a stage cannot be mapped the
+router falls back to the loop for good and says why once (:func:`run_stacked` raises
+:class:`NotStackable`). Inside vmap, autograd functions that test ``tensor.requires_grad`` see
+``False`` (the tensors are vmap wrappers), so modules with such fast paths take their plain path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+
+class NotStackable(Exception):
+    """This stage cannot run as one mapped call (the reason is the message)."""
+
+
+def stackable(copies: Sequence[nn.Module]) -> str | None:
+    """Why ``copies`` cannot be stacked, or None when they can."""
+    if len(copies) < 2:
+        return "fewer than two copies"
+    if any(True for _ in copies[0].buffers()):
+        return "the stage has buffers (per-copy running statistics cannot be updated under vmap)"
+    return None
+
+
+def meta_template(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` without storage, called with the stacked parameters."""
+    return copy.deepcopy(module).to("meta")
+
+
+def _in_dims(tree: Any, batch: int) -> Any:
+    """vmap's ``in_dims`` for ``tree``: 0 for tensors with the batch dimension, None otherwise."""
+    return tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch else None, tree)
+
+
+def run_stacked(
+    copies: Sequence[nn.Module],
+    template: nn.Module,
+    positions: Sequence[Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: int,
+) -> Any:
+    """Each copy ``copies[i]`` on the rows ``positions[i]`` (all of one length), as one vmap call.
+
+    Returns the outputs in the batch's own row order, like the loop over the copies would.
+    """
+    rows = len(positions[0])
+    if any(len(p) != rows for p in positions):
+        raise ValueError("every copy needs the same number of rows")
+    order = torch.cat(list(positions))
+    groups = len(copies)
+
+    def grouped(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch:
+            return t.index_select(0, order.to(t.device)).view(groups, rows, *t.shape[1:])
+        return t
+
+    names = [n for n, _ in copies[0].named_parameters()]
+    owned = [dict(c.named_parameters()) for c in copies]
+    stacked = {n: torch.stack([p[n] for p in owned]) for n in names}
+    template.train(copies[0].training)
+    inputs = (tree_map(grouped, args), tree_map(grouped, kwargs))
+
+    def one(params: dict[str, Tensor], a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+        return functional_call(template, params, a, k, strict=True)
+
+    try:
+        out = vmap(one, in_dims=(0, _in_dims(args, batch), _in_dims(kwargs, batch)))(stacked, *inputs)
+    except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
+        raise NotStackable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    inverse = torch.argsort(order)
+    leaves, spec = tree_flatten(out)
+
+    def ungrouped(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        flat = t.reshape(groups * rows, *t.shape[2:])
+        return flat.index_select(0, inverse.to(flat.device))
+
+    return tree_unflatten([ungrouped(t) for t in leaves], spec)
+
+
+__all__ = ["NotStackable", "meta_template", "run_stacked", "stackable"]

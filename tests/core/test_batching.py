@@ -1,0 +1,170 @@
+"""Stacked branch copies (one vmap call for several groups): the loop's values and gradients."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import branchadapt as ba
+from branchadapt import BranchedModel, Participation
+
+GROUPS = ["anchor", "b", "c"]
+
+
+class Net(ba.Backbone):
+    """low (conv + instance norm) -> mid (BatchNorm: shared statistics) -> top (conv)."""
+
+    def __init__(self, low: nn.Module | None = None) -> None:
+        super().__init__()
+        self.low = low or nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.top = nn.Conv2d(4, 2, 3, padding=1)
+
+    def stage_names(self) -> list[str]:
+        return ["low", "mid", "top"]
+
+    def forward(self, x):
+        return self.top(self.mid(self.low(x)))
+
+
+class CountCalls(nn.Module):
+    """A stage whose own forward counts its calls (vmap calls a storage-less copy instead)."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        type(self).calls += 1
+        return torch.relu(self.conv(x))
+
+
+class NeedsItem(nn.Module):
+    """A stage no vmap can map (data-dependent Python control flow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if float(y.detach().mean()) > 0 else y
+
+
+def pair(policy: Participation, low: nn.Module | None = None) -> tuple[BranchedModel, BranchedModel]:
+    torch.manual_seed(0)
+    loop = BranchedModel(
+        Net(low), GROUPS, ["low", "top"], {"anchor": Participation.LIVE, "b": policy, "c": policy}
+    )
+    with torch.no_grad():  # the groups' copies differ, so a copy mix-up would show
+        for p in loop.branch_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    stacked = copy.deepcopy(loop)
+    stacked.stacked = True
+    return loop, stacked
+
+
+def run(model: BranchedModel, ids: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    x = torch.randn(len(ids), 2, 6, 6)
+    model.zero_grad(set_to_none=True)
+    out = model(x, groups=torch.tensor(ids))
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("policy", [Participation.LIVE, Participation.DETACHED, Participation.FROZEN])
+def test_stacked_copies_give_the_loops_outputs_and_gradients(policy):
+    loop, stacked = pair(policy)
+    ids = [1, 0, 2, 1, 2, 0, 2, 1, 0]  # three rows per group, interleaved
+    out_loop, grads_loop = run(loop, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the loop
+        out_stacked, grads_stacked = run(stacked, ids)
+    torch.testing.assert_close(out_stacked, out_loop, rtol=1e-5, atol=1e-6)
+    assert grads_stacked.keys() == grads_loop.keys()  # the same parameters learn (selective BP kept)
+    for name, grad in grads_loop.items():
+        torch.testing.assert_close(grads_stacked[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if policy is not Participation.LIVE:  # a batch of few-shot groups only: shared stage untouched
+        _, few_only = run(stacked, [1, 2, 2, 1])
+        assert few_only and not any(n.startswith("backbone.mid.") for n in few_only)
+
+
+def test_stacked_mode_really_maps_and_unequal_groups_fall_back_to_the_loop():
+    loop, stacked = pair(Participation.LIVE, low=CountCalls())
+    CountCalls.calls = 0
+    run(stacked, [0, 1, 2, 0, 1, 2])
+    assert CountCalls.calls == 1  # one call over the three copies (a storage-less template)
+    CountCalls.calls = 0
+    run(loop, [0, 1, 2, 0, 1, 2])
+    assert CountCalls.calls == 3
+    CountCalls.calls = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unequal row counts: this batch loops, silently
+        out_stacked, grads_stacked = run(stacked, [0, 1, 1, 2])
+    assert CountCalls.calls == 3
+    out_loop, grads_loop = run(loop, [0, 1, 1, 2])
+    torch.testing.assert_close(out_stacked, out_loop)
+    assert grads_stacked.keys() == grads_loop.keys()
+    router = stacked.backbone.low
+    assert router._unstackable is None  # the next equal batch is stacked again
+
+
+def test_a_stage_that_cannot_be_mapped_warns_once_and_loops_for_good():
+    loop, stacked = pair(Participation.DETACHED, low=NeedsItem())
+    ids = [0, 1, 2, 0, 1, 2]
+    with pytest.warns(UserWarning, match="not stacked"):
+        out_stacked, grads_stacked = run(stacked, ids)
+    out_loop, grads_loop = run(loop, ids)
+    torch.testing.assert_close(out_stacked, out_loop)
+    assert grads_stacked.keys() == grads_loop.keys()
+    assert stacked.backbone.low._unstackable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        run(stacked, ids)
+
+
+def test_stages_with_buffers_are_not_stacked():
+    loop, stacked = pair(
+        Participation.LIVE, low=nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4))
+    )
+    with pytest.warns(UserWarning, match="buffers"):
+        out_stacked, _ = run(stacked, [0, 1, 2])
+    out_loop, _ = run(loop, [0, 1, 2])
+    torch.testing.assert_close(out_stacked, out_loop)
+    # each copy's running statistics moved, as in the loop
+    for g in GROUPS:
+        torch.testing.assert_close(
+            stacked.backbone.low.branches[g][1].running_mean, loop.backbone.low.branches[g][1].running_mean
+        )
+
+
+def test_train_stack_branches_trains_the_same_weights(small_experiment, tmp_path, monkeypatch):
+    from branchadapt import batching
+    from branchadapt.checkpoint import read_tensors
+    from branchadapt.trainer import Trainer
+
+    mapped_calls = []
+    real = batching.run_stacked
+    monkeypatch.setattr(batching, "run_stacked", lambda *a, **k: mapped_calls.append(1) or real(*a, **k))
+    finals = {}
+    for value in (False, True):
+        exp = ba.load_experiment(small_experiment(), [f"train.stack_branches={str(value).lower()}"])
+        trainer = Trainer(exp, run_dir=tmp_path / f"run-{value}", device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the MLP's branch stages map: no fallback
+            trainer.run()
+        rt = trainer.build_stage(1, exp.stages[1], trainer.build_source())
+        assert rt.modules["model"].stacked is value
+        assert all(r.stacked is value for r in rt.modules["model"].modules() if hasattr(r, "_unstackable"))
+        assert bool(mapped_calls) is value  # the transfer stage's few-shot groups ran stacked
+        finals[value] = read_tensors(tmp_path / f"run-{value}" / "stages" / "transfer" / "final.safetensors")
+    assert finals[True].keys() == finals[False].keys()
+    for key, value in finals[False].items():
+        torch.testing.assert_close(finals[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
