@@ -26,27 +26,17 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 import branchadapt as ba
-from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d
+from branchadapt_cartoon.lowmem import unfused
 
 STAGES = {"low (ConvBlock1 + HourGlass1)": ("ConvBlock1", "HourGlass1"),
           "top (HourGlass4 + ConvBlock2)": ("HourGlass4", "ConvBlock2")}  # fmt: skip
-
-
-@contextmanager
-def unfused() -> Iterator[None]:
-    NormReluConv.fused = ReflectConv2d.fused = False
-    try:
-        yield
-    finally:
-        NormReluConv.fused = ReflectConv2d.fused = True
 
 
 def stage_copies(size: int, width: int, names: tuple[str, ...], groups: int) -> list[nn.Module]:

@@ -19,6 +19,8 @@ unfused. The class attribute ``fused = False`` on either class restores the plai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -208,4 +210,15 @@ class NormReluConv(nn.Sequential):
             return _NormReluPadConv.apply(x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype)
 
 
-__all__ = ["NormReluConv", "ReflectConv2d", "reflect_conv2d"]
+@contextmanager
+def unfused() -> Iterator[None]:
+    """Both unit classes on their plain path inside the block (autograd saves the ReLU output and
+    the padded map): A/B runs and tests. Restores the fused path afterwards."""
+    NormReluConv.fused = ReflectConv2d.fused = False
+    try:
+        yield
+    finally:
+        NormReluConv.fused = ReflectConv2d.fused = True
+
+
+__all__ = ["NormReluConv", "ReflectConv2d", "reflect_conv2d", "unfused"]

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d, reflect_conv2d
+from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d, reflect_conv2d, unfused
 from branchadapt_cartoon.networks import InstanceNorm, UGATITGenerator
-
-
-@contextlib.contextmanager
-def unfused() -> Iterator[None]:
-    """The plain modules (autograd saves the ReLU output and the padded map)."""
-    NormReluConv.fused = ReflectConv2d.fused = False
-    try:
-        yield
-    finally:
-        NormReluConv.fused = ReflectConv2d.fused = True
 
 
 def saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
