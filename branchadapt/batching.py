@@ -30,6 +30,11 @@ class NotStackable(Exception):
     """This stage cannot run as one mapped call (the reason is the message)."""
 
 
+def has_batch_dim(t: Any, batch: int) -> bool:
+    """Whether ``t`` is a tensor whose first dimension is the batch (``batch`` rows)."""
+    return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch
+
+
 def stackable(copies: Sequence[nn.Module]) -> str | None:
     """Why ``copies`` cannot be stacked, or None when they can."""
     if len(copies) < 2:
@@ -46,7 +51,7 @@ def meta_template(module: nn.Module) -> nn.Module:
 
 def _in_dims(tree: Any, batch: int) -> Any:
     """vmap's ``in_dims`` for ``tree``: 0 for tensors with the batch dimension, None otherwise."""
-    return tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch else None, tree)
+    return tree_map(lambda t: 0 if has_batch_dim(t, batch) else None, tree)
 
 
 def run_stacked(
@@ -68,7 +73,7 @@ def run_stacked(
     groups = len(copies)
 
     def grouped(t: Any) -> Any:
-        if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch:
+        if has_batch_dim(t, batch):
             return t.index_select(0, order.to(t.device)).view(groups, rows, *t.shape[1:])
         return t
 
@@ -97,4 +102,4 @@ def run_stacked(
     return tree_unflatten([ungrouped(t) for t in leaves], spec)
 
 
-__all__ = ["NotStackable", "meta_template", "run_stacked", "stackable"]
+__all__ = ["NotStackable", "has_batch_dim", "meta_template", "run_stacked", "stackable"]

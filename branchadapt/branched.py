@@ -70,7 +70,7 @@ def _tensors(tree: Any) -> list[Tensor]:
 
 def _select(tree: Any, index: Tensor, batch: int) -> Any:
     """Rows ``index`` of every tensor whose dim 0 is the batch; other leaves pass unchanged."""
-    return _map_tensors(tree, lambda t: t.index_select(0, index) if t.dim() and t.shape[0] == batch else t)
+    return _map_tensors(tree, lambda t: t.index_select(0, index) if batching.has_batch_dim(t, batch) else t)
 
 
 def _merge(parts: list[Any], order: Tensor) -> Any:
@@ -133,19 +133,25 @@ class GroupBranches(nn.Module):
         if self.stacked and self._unstackable is None and len(parts) > 1:
             positions = [ix for _, ix in parts if ix is not None]
             if len({len(ix) for ix in positions}) == 1:  # else this batch runs as a loop
-                copies = [self.branches[g] for g, _ in parts]
-                reason = batching.stackable(copies)
-                if reason is None:
-                    if not self._template:
-                        self._template.append(batching.meta_template(copies[0]))
-                    try:
-                        batch = _batch_size(args, kwargs)
-                        return batching.run_stacked(copies, self._template[0], positions, args, kwargs, batch)
-                    except batching.NotStackable as err:
-                        reason = str(err)
-                self._unstackable = reason
-                warnings.warn(f"branch stage runs group by group, not stacked: {reason}", stacklevel=2)
+                try:
+                    return self._run_stacked([g for g, _ in parts], positions, args, kwargs)
+                except batching.NotStackable as err:
+                    self._unstackable = str(err)
+                    warnings.warn(f"branch stage runs group by group, not stacked: {err}", stacklevel=2)
         return _run_split(parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
+
+    def _run_stacked(
+        self, groups: list[str], positions: list[Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        copies = [self.branches[g] for g in groups]
+        if not self._template:  # the copies share one structure: check and build once
+            reason = batching.stackable(copies)
+            if reason is not None:
+                raise batching.NotStackable(reason)
+            self._template.append(batching.meta_template(copies[0]))
+        return batching.run_stacked(
+            copies, self._template[0], positions, args, kwargs, _batch_size(args, kwargs)
+        )
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
