@@ -8,7 +8,9 @@ steps); rows:
 - ``transfer, branches``: the recipe (low = top = 2, selective BP);
 - ``transfer, branches, unfused units``: the same with the generator's low-memory units
   (``branchadapt_cartoon.lowmem``) switched off: autograd then also keeps every ReLU output and
-  padded map of the hourglass units and every padded map before a convolution.
+  padded map of the hourglass units and every padded map before a convolution;
+- ``transfer, stacked branches``: the recipe with ``train.stack_branches = true`` (the groups'
+  branch copies as one vmap call, inside which the low-memory units take their plain path).
 
 Theory for the branch rows: every extra copy of a branched stage holds its parameters, their
 gradients and Adam's two moments, 4 x 4 bytes per parameter; selective BP's detached views
@@ -37,11 +39,13 @@ from branchadapt.branched import BranchedModel
 from branchadapt.trainer import StageRuntime, Trainer
 
 UNFUSED = "transfer, branches, unfused units"
+STACKED = "transfer, stacked branches"
 CONFIGS = {
     "basic": (0, []),
     "transfer, no branches": (1, ['stages.transfer.splitter={type="finetune"}']),
     "transfer, branches": (1, []),
     UNFUSED: (1, []),
+    STACKED: (1, ["train.stack_branches=true"]),
 }
 
 
@@ -132,7 +136,7 @@ def main() -> None:
         print(
             f"| {name} | {r['params']:,} | {r['state_mb']:.1f} | {r['saved_mb']:.1f} | {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
         )
-    if any(name in failed for name in CONFIGS if name != UNFUSED):
+    if any(name in failed for name in CONFIGS if name not in (UNFUSED, STACKED)):
         return
     branched, plain, basic = rows["transfer, branches"], rows["transfer, no branches"], rows["basic"]
     theory = branched["extra_params"] * 16 / 2**20
@@ -156,6 +160,15 @@ def main() -> None:
         f"{branched['state_mb'] - basic['state_mb'] + branched['saved_mb'] - basic['saved_mb']:+.0f} MB, "
         f"measured peak {branched['peak_mb'] - basic['peak_mb']:+.0f} MB"
     )
+    if STACKED in rows:
+        stacked = rows[STACKED]
+        print(
+            f"stacked branches: saved activations {stacked['saved_mb']:.0f} vs {branched['saved_mb']:.0f} MB "
+            f"as a loop ({stacked['saved_mb'] / branched['saved_mb']:.2f}x), peak RSS {stacked['peak_mb']:.0f} vs "
+            f"{branched['peak_mb']:.0f} MB ({stacked['peak_mb'] / branched['peak_mb']:.2f}x)"
+        )
+    else:
+        print(f"stacked branches: {failed[STACKED]}")
     if UNFUSED in failed:
         print(
             f"low-memory units: peak RSS {branched['peak_mb']:.0f} MB; unfused, the step did not fit this machine"
@@ -167,7 +180,6 @@ def main() -> None:
         f"({branched['saved_mb'] / unfused['saved_mb']:.2f}x), peak RSS {branched['peak_mb']:.0f} vs "
         f"{unfused['peak_mb']:.0f} MB ({branched['peak_mb'] / unfused['peak_mb']:.2f}x)"
     )
-
 
 if __name__ == "__main__":
     main()
