@@ -243,7 +243,9 @@ class CAM(nn.Module):
 
 class UGATITOptions(PluginOptions):
     width: int = Field(32, ge=4, description="base channel width (photo2cartoon: 32)")
-    image_size: int = Field(256, ge=16, description="input size in pixels; a multiple of 16")
+    image_size: int = Field(
+        256, ge=32, description="input size in pixels; a multiple of 16, at least 32 (2 px at the deepest level)"
+    )
     n_blocks: int = Field(4, ge=1, description="encoder and decoder residual blocks")
     light: bool = Field(True, description="light FC (pooled features), as photo2cartoon")
 
@@ -307,8 +309,11 @@ class UGATITGenerator(Backbone):
                 *dec, "UpBlock1", "UpBlock2", "HourGlass3", "HourGlass4", "ConvBlock2"]  # fmt: skip
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if x.shape[-1] % 16 or x.shape[-2] % 16:
-            raise ValueError(f"image sides must be multiples of 16, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] % 16 or x.shape[-2] % 16 or min(x.shape[-2:]) < 32:
+            raise ValueError(
+                "image sides must be multiples of 16 and at least 32 (the hourglass halves them 4 times "
+                f"and reflection-pads the 2 px result), got {tuple(x.shape[-2:])}"
+            )
         x = self.HourGlass2(self.HourGlass1(self.ConvBlock1(x)))
         x = self.DownBlock2(self.DownBlock1(x))
         content = []

@@ -57,6 +57,10 @@ def test_forward_shapes_small_and_size_errors():
     assert min_size(7) == 96
     with pytest.raises(ValueError, match="multiple of 16"):
         UGATITGenerator.Options(image_size=40)
+    with pytest.raises(ValueError, match="greater than or equal to 32"):
+        UGATITGenerator.Options(image_size=16)  # 1 px at the deepest level: reflection pad fails
+    with pytest.raises(ValueError, match="at least 32"):
+        gen(torch.randn(1, 3, 16, 16))
 
 
 def test_weights_are_initialised_from_n_0_002():
