@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -142,3 +144,24 @@ def test_branch_batching_times_every_variant_and_checks_vmap_against_the_loop() 
         assert abs(loop_ratio - loop / one) < 0.01 + 0.03 * loop_ratio  # the ratios are of these times
         assert abs(vmap_ratio - mapped / loop) < 0.01 + 0.03 * vmap_ratio
         assert diff < 1e-4  # vmap over stacked copies computes the loop's gradients
+
+
+def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
+    out = run("step_time.py", "--sizes", "32", "--width", "4", "--steps", "1", "--warmup", "0",
+              "--skip-reference", "--no-bf16")  # fmt: skip
+    (row,) = table_rows(out, r"32$")
+    ours, plain, overhead, stacked, stacked_overhead, naive, copying, ref = map(float, row[1:9])
+    assert min(ours, plain, stacked, naive, ref) > 0
+    assert overhead == pytest.approx(ours / plain, abs=0.006)  # printed with 2 decimals
+    assert stacked_overhead == pytest.approx(stacked / plain, abs=0.006)
+    assert 0 < copying < naive  # the copies are timed inside the naive step
+    assert row[9] == "-"  # --no-bf16
+    assert "measured peak" in out
+
+
+def test_data_loading_compares_loader_throughput_with_training() -> None:
+    out = run("data_loading.py", "--sizes", "32", "--width", "4", "--batches", "4", "--workers", "1")
+    (row,) = table_rows(out, r"32$")
+    train, *loaders = (float(c) for c in row[1:5])
+    assert train > 0 and min(loaders) > 0
+    assert float(row[5].rstrip("x")) == pytest.approx(max(loaders) / train, rel=0.01, abs=1)
