@@ -181,5 +181,6 @@ def main() -> None:
         f"{unfused['peak_mb']:.0f} MB ({branched['peak_mb'] / unfused['peak_mb']:.2f}x)"
     )
 
+
 if __name__ == "__main__":
     main()

@@ -98,10 +98,12 @@ def naive_step(trainer: Trainer, rt: StageRuntime) -> Callable[[ba.Batch], objec
 
 
 def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]], args: argparse.Namespace,
-                extra_steps: dict[str, Callable[[int], object]] | None = None) -> dict[str, float]:  # fmt: skip
+                extra_steps: dict[str, Callable[[int], object]] | None = None,
+                rounds: dict[str, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
     """Median step time of each configuration (and of each ``extra_steps`` function of the step
     index), their steps interleaved so that drift in the machine's speed hits all alike, in reversed
-    order every other round (whichever runs first in a round measured up to ~10 % slower here)."""
+    order every other round (whichever runs first in a round measured up to ~10 % slower here).
+    ``rounds``, when given, receives every configuration's times, one per measured round."""
     steps: dict[str, Callable[[int], object]] = dict(extra_steps or {})
     for name, extra in configs.items():
         trainer, rt = build(size, width, stage, [e for e in extra if e != NAIVE])
@@ -119,6 +121,8 @@ def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]]
                 if NAIVE in configs.get(name, []):
                     copying.append(COPYING["seconds"] - copied)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    if rounds is not None:
+        rounds.update(times)
     if copying:
         medians["copying"] = statistics.median(copying)
     return medians
@@ -185,9 +189,9 @@ def main() -> None:
         print("Transfer stage (4 groups x (1 photo + 1 cartoon), six losses), seconds per step")
         print(
             "| size | ours | no branches | overhead | stacked branches | overhead, stacked | naive copy "
-            "| of which copying | ref order | ours bf16 |"
+            "| of which copying | ref order | ours bf16 | overhead per round (min-max) |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         configs = {
             "ours": [],
             "plain": ['stages.transfer.splitter={type="finetune"}'],
@@ -199,11 +203,15 @@ def main() -> None:
         if args.no_bf16:
             del configs["bf16"]
         for size in args.sizes:
-            t = interleaved(size, args.width, 1, configs, args)
+            per_round: dict[str, list[float]] = {}
+            t = interleaved(size, args.width, 1, configs, args, rounds=per_round)
             bf16 = f"{t['bf16']:.3f}" if "bf16" in t else "-"
+            # ours and no branches ran in the same round: their ratio is free of slower drift
+            ratios = [o / p for o, p in zip(per_round["ours"], per_round["plain"], strict=True)]
             print(f"| {size} | {t['ours']:.3f} | {t['plain']:.3f} | {t['ours'] / t['plain']:.2f} | {t['stacked']:.3f} | "
                   f"{t['stacked'] / t['plain']:.2f} | {t['naive']:.3f} | "
-                  f"{t['copying']:.3f} | {t['ref']:.3f} | {bf16} |", flush=True)  # fmt: skip
+                  f"{t['copying']:.3f} | {t['ref']:.3f} | {bf16} | {min(ratios):.2f}-{max(ratios):.2f} |",
+                  flush=True)  # fmt: skip
         print()
     if args.skip_reference:
         return

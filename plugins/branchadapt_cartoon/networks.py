@@ -244,7 +244,9 @@ class CAM(nn.Module):
 class UGATITOptions(PluginOptions):
     width: int = Field(32, ge=4, description="base channel width (photo2cartoon: 32)")
     image_size: int = Field(
-        256, ge=32, description="input size in pixels; a multiple of 16, at least 32 (2 px at the deepest level)"
+        256,
+        ge=32,
+        description="input size in pixels; a multiple of 16, at least 32 (2 px at the deepest level)",
     )
     n_blocks: int = Field(4, ge=1, description="encoder and decoder residual blocks")
     light: bool = Field(True, description="light FC (pooled features), as photo2cartoon")

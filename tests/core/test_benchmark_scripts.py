@@ -156,6 +156,8 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
     assert stacked_overhead == pytest.approx(stacked / plain, abs=0.006)
     assert 0 < copying < naive  # the copies are timed inside the naive step
     assert row[9] == "-"  # --no-bf16
+    low, high = map(float, row[10].split("-"))  # one step per configuration: one round
+    assert low == high == pytest.approx(overhead, abs=0.011)
     assert "measured peak" in out
 
 
