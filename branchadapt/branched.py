@@ -7,6 +7,12 @@ backbone as is; detached and frozen samples run through ``torch.func.functional_
 shared parameters swapped for ``.detach()``-ed views of themselves. Gradients therefore still flow
 through the shared stages into the group's lower branch stages, while the shared parameters get
 nothing from that group's losses -- without copying the shared module.
+
+With ``fused = True`` (``train.fuse_participation``) and a backbone that declares
+``rows_independent``, live and detached rows instead run as one call, live rows first, under
+:class:`branchadapt.rowgrad.LiveRows`: every operation meeting a shared parameter takes its weight
+gradient from the live rows only. Same gradients, half the calls through the shared stages; where
+the mode meets an operation it cannot restrict, the model says so once and runs separate calls.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import batching
+from . import batching, rowgrad, statekeys
 from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
+from .statekeys import check_shapes, diff_message, plain_from_any
 
-BRANCHES = "branches"  # attribute of GroupBranches holding the per-group copies
+BRANCHES = statekeys.BRANCHES  # attribute of GroupBranches holding the per-group copies
+_FUSABLE = {Participation.LIVE, Participation.DETACHED}  # participations one call can serve
 
 
 class Router:
@@ -161,7 +169,11 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class BranchedModel(nn.Module):
-    """A backbone with per-group branch stages and per-group participation in the shared stages."""
+    """A backbone with per-group branch stages and per-group participation in the shared stages.
+
+    ``stacked``: several groups' branch copies as one vmap call (:class:`GroupBranches`);
+    ``fused``: live and detached rows as one call through the shared stages (module docstring).
+    """
 
     def __init__(
         self,
@@ -170,6 +182,7 @@ class BranchedModel(nn.Module):
         branch_stages: Sequence[str] = (),
         participation: Mapping[str, Participation] | None = None,
         stacked: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if not groups:
@@ -198,6 +211,12 @@ class BranchedModel(nn.Module):
         branch_roots = {id(backbone.get_submodule(p)) for p in self.branch_paths}
         self._shared_modules = list(_modules_outside(backbone, branch_roots))
         self.stacked = stacked
+        self.fused = fused
+        self._unfusable: str | None = None  # why live and detached rows run as separate calls, once known
+        if not getattr(backbone, "rows_independent", False):
+            self._unfusable = f"{type(backbone).__name__} does not declare rows_independent"
+        elif any(True for _ in backbone.buffers()):
+            self._unfusable = f"{type(backbone).__name__} has buffers (detached rows must not update them)"
 
     @property
     def stacked(self) -> bool:
@@ -219,6 +238,12 @@ class BranchedModel(nn.Module):
         by_policy: dict[Participation, list[int]] = {}
         for g in torch.unique(ids).tolist():
             by_policy.setdefault(self.participation[self.groups[g]], []).append(g)
+        if self.fused and self._unfusable is None and set(by_policy) == _FUSABLE and torch.is_grad_enabled():
+            try:
+                return self._run_fused(ids, by_policy[Participation.LIVE], args, kwargs)
+            except rowgrad.NotFusable as err:
+                self._unfusable = str(err)
+                warnings.warn(f"live and detached groups run as separate calls: {err}", stacklevel=2)
         if len(by_policy) == 1:
             (policy,) = by_policy
             parts: list[tuple[Participation, Tensor | None]] = [(policy, None)]
@@ -237,6 +262,21 @@ class BranchedModel(nn.Module):
             return self._run(policy, a, k)
 
         return _run_split(parts, args, kwargs, call)
+
+    def _run_fused(
+        self, ids: Tensor, live_groups: list[int], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Live and detached rows as one call, live rows first (:class:`branchadapt.rowgrad.LiveRows`)."""
+        is_live = torch.isin(ids, torch.tensor(live_groups))
+        order = torch.cat((torch.nonzero(is_live).flatten(), torch.nonzero(~is_live).flatten()))
+        device = _first_device(args, kwargs)
+        batch = len(ids)
+        moved = order.to(device)
+        sub_args, sub_kwargs = _select(args, moved, batch), _select(kwargs, moved, batch)
+        self.router.set(ids.index_select(0, order), device)
+        with rowgrad.LiveRows(self.shared_parameters(), rows=batch, live=int(is_live.sum())):
+            out = self.backbone(*sub_args, **sub_kwargs)
+        return _merge([out], order)
 
     def _run(self, policy: Participation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if policy is Participation.LIVE:
@@ -310,12 +350,12 @@ class BranchedModel(nn.Module):
         """Load a state of the same layout, or a plain one (every group's branch starts from it)."""
         own = self.state_dict()
         if set(state) == set(own):
-            _check_shapes(own, state, source)
+            check_shapes(own, state, source)
             self.load_state_dict(state)
             return
         plain = dict(state)
         if any(f".{BRANCHES}." in k for k in plain):  # another split depth: go through the anchor
-            plain = _plain_from_any(plain, anchor)
+            plain = plain_from_any(plain, anchor)
         wanted = {}
         for key in own:
             single = key
@@ -327,9 +367,9 @@ class BranchedModel(nn.Module):
         missing = sorted({s for s in wanted.values() if s not in plain})
         unexpected = sorted(set(plain) - set(wanted.values()))
         if missing or unexpected:
-            raise CheckpointError(_diff_message(source, missing, unexpected, []))
+            raise CheckpointError(diff_message(source, missing, unexpected, []))
         mapped = {k: plain[s] for k, s in wanted.items()}
-        _check_shapes(own, mapped, source)
+        check_shapes(own, mapped, source)
         self.load_state_dict(mapped)
 
     def extract(self, group: str) -> Backbone:
@@ -340,21 +380,6 @@ class BranchedModel(nn.Module):
             assert isinstance(router, GroupBranches)
             _set_submodule(clone, path, router.branches[group])
         return clone
-
-
-def _plain_from_any(state: Mapping[str, Tensor], anchor: str) -> dict[str, Tensor]:
-    """Strip ``<stage>.branches.<anchor>.`` from keys of any split depth; drop other groups."""
-    out = {}
-    marker = f".{BRANCHES}."
-    for key, value in state.items():
-        if marker in key:
-            head, _, rest = key.partition(marker)
-            group, _, tail = rest.partition(".")
-            if group != anchor:
-                continue
-            key = f"{head}.{tail}"
-        out[key] = value
-    return out
 
 
 def _modules_outside(root: nn.Module, stop: set[int]) -> Iterator[nn.Module]:
@@ -368,26 +393,3 @@ def _modules_outside(root: nn.Module, stop: set[int]) -> Iterator[nn.Module]:
 def _first_device(args: Any, kwargs: Any) -> torch.device:
     found = _tensors((args, kwargs))
     return found[0].device if found else torch.device("cpu")
-
-
-def _check_shapes(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
-    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(_diff_message(source, [], [], bad))
-
-
-def _diff_message(
-    source: str, missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple, tuple]]
-) -> str:
-    def few(items: list[Any]) -> str:
-        shown = ", ".join(str(i) for i in items[:6])
-        return shown + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
-
-    lines = [f"{source} does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys: {few(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys: {few(unexpected)}")
-    if shapes:
-        lines.append("  shape mismatch: " + few([f"{k} (file {a} vs model {b})" for k, a, b in shapes]))
-    return "\n".join(lines)

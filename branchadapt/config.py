@@ -65,6 +65,13 @@ class TrainSpec(_Strict):
         description="run several groups' copies of a branch stage as one vmap call over stacked weights "
         "instead of a loop over the groups (same maths up to rounding; see docs/performance.md)",
     )
+    fuse_participation: bool = Field(
+        True,
+        description="run live and detached groups of a mixed batch as one call through the shared stages, "
+        "shared weight gradients taken from the live rows only (needs a backbone declaring "
+        "rows_independent; falls back to separate calls, with one warning, where it cannot; same maths up "
+        "to rounding, see docs/performance.md)",
+    )
     compile: Literal["off", "units", "auto"] = Field(
         "off",
         description="units: torch.compile the backbone's declared repeated blocks (compiles on the first "

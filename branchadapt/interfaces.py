@@ -52,6 +52,10 @@ class Backbone(nn.Module, ABC):
     #: block classes compiled one by one under ``train.compile = "units"`` (regional compilation;
     #: see :mod:`branchadapt.compiling`); empty: the backbone is never compiled
     compile_unit_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: the forward treats batch rows independently (no batch statistics, no mixing across rows), so
+    #: live and detached groups can share one call through the shared stages (``train.fuse_participation``,
+    #: :mod:`branchadapt.rowgrad`); False: they run as separate calls
+    rows_independent: ClassVar[bool] = False
 
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__()

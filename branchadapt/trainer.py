@@ -168,11 +168,14 @@ class Trainer:
         modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
         if stage.spec.init_from:
             self.load_stage_weights(stage.spec.init_from, modules)
+        compiling = compiles_units(self.spec.train.compile, self.device)
         for module in modules.values():
             module.to(self.device).train()
             if isinstance(module, BranchedModel):
                 module.stacked = self.spec.train.stack_branches
-        if compiles_units(self.spec.train.compile, self.device):
+                # compiled units would trace the row-restricting mode: keep the separate calls there
+                module.fused = self.spec.train.fuse_participation and not compiling
+        if compiling:
             n = compile_units(modules.values())
             self.progress.message(
                 f"stage {stage.name}: {n} backbone units compiled (the first steps are slow while they compile)"

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from branchadapt import rowgrad
+
 aten = torch.ops.aten
 
 
@@ -49,24 +51,35 @@ def _pad(x: Tensor, pad: int) -> Tensor:
 
 
 def _conv_backward(
-    grad: Tensor, padded: Tensor, weight: Tensor, has_bias: bool, stride: int, needs: tuple[bool, ...]
+    grad: Tensor,
+    padded: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    stride: int,
+    needs: tuple[bool, ...],
+    live: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``conv2d(padded, weight, bias, stride)`` for the inputs flagged in ``needs``."""
+    """Gradients of ``conv2d(padded, weight, bias, stride)`` for the inputs flagged in ``needs``;
+    the weight and bias gradients from the first ``live`` rows only when ``live`` is given
+    (:func:`branchadapt.rowgrad.live_rows`)."""
     bias_sizes = [weight.shape[0]] if has_bias else None
     mask = [needs[0], needs[1], needs[2] and has_bias]
-    g_in, g_w, g_b = aten.convolution_backward(
-        grad.to(padded.dtype),
-        padded,
-        weight,
-        bias_sizes,
-        [stride] * 2,
-        [0, 0],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        mask,
-    )
+    grad = grad.to(padded.dtype)
+
+    def run(g: Tensor, x: Tensor, which: list[bool]) -> tuple[Tensor | None, ...]:
+        return tuple(
+            aten.convolution_backward(
+                g, x, weight, bias_sizes, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, which
+            )
+        )
+
+    if live is None or live >= grad.shape[0]:
+        g_in, g_w, g_b = run(grad, padded, mask)
+        return g_in, g_w, g_b
+    g_in = run(grad, padded, [mask[0], False, False])[0] if mask[0] else None
+    g_w = g_b = None
+    if mask[1] or mask[2]:
+        _, g_w, g_b = run(grad[:live], padded[:live], [False, mask[1], mask[2]])
     return g_in, g_w, g_b
 
 
@@ -83,14 +96,15 @@ class _ReflectPadConv(torch.autograd.Function):
     ) -> Tensor:
         ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = pad, stride, dtype, bias is not None
         ctx.save_for_backward(x, weight)
-        return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+        with rowgrad.cooperating() as ctx.live:
+            return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         xc, wc = _cast(ctx.dtype, x), _cast(ctx.dtype, weight)
         g_pad, g_w, g_b = _conv_backward(
-            grad, _pad(xc, ctx.pad), wc, ctx.has_bias, ctx.stride, ctx.needs_input_grad[:3]
+            grad, _pad(xc, ctx.pad), wc, ctx.has_bias, ctx.stride, ctx.needs_input_grad[:3], ctx.live
         )
         g_x = None
         if g_pad is not None:
@@ -153,7 +167,8 @@ class _NormReluPadConv(torch.autograd.Function):
         y, mean, invstd = _norm_relu(x, eps)
         ctx.eps, ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = eps, pad, stride, dtype, bias is not None
         ctx.save_for_backward(x, weight, mean, invstd)
-        return F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+        with rowgrad.cooperating() as ctx.live:
+            return F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -161,7 +176,9 @@ class _NormReluPadConv(torch.autograd.Function):
         y, _, _ = _norm_relu(x, ctx.eps)  # the same kernels as forward: the same map, bit for bit
         yc, wc = _cast(ctx.dtype, y), _cast(ctx.dtype, weight)
         needs = ctx.needs_input_grad
-        g_pad, g_w, g_b = _conv_backward(grad, _pad(yc, ctx.pad), wc, ctx.has_bias, ctx.stride, needs[:3])
+        g_pad, g_w, g_b = _conv_backward(
+            grad, _pad(yc, ctx.pad), wc, ctx.has_bias, ctx.stride, needs[:3], ctx.live
+        )
         g_x = None
         if g_pad is not None:
             g_y = aten.reflection_pad2d_backward(g_pad, yc, [ctx.pad] * 4) if ctx.pad else g_pad

@@ -269,6 +269,8 @@ class UGATITGenerator(Backbone):
     options: UGATITOptions
     #: compiled one by one under ``train.compile = "units"`` (72 hourglass units, 8 residual blocks)
     compile_unit_types = (ConvBlock, ResnetBlock, SoftAdaLINBlock)
+    #: instance and layer-instance norms only: rows never mix (live and detached groups share one call)
+    rows_independent = True
 
     def __init__(self, options: UGATITOptions | None = None) -> None:
         super().__init__(options)

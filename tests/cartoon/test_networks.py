@@ -198,3 +198,41 @@ def test_the_generators_branch_stages_run_stacked_with_the_loops_gradients():
     for name, a, b in pairs:
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_gradients(stacked):
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    plain = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, n_blocks=1)).double()
+    names = plain.stage_names()
+    groups = ("anchor", "b", "c", "d")
+    policy = {g: Participation.DETACHED for g in groups[1:]}
+    split = BranchedModel(plain, groups, names[:2] + names[-2:], policy)
+    with torch.no_grad():
+        for p in split.branch_parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))
+    fused = copy.deepcopy(split)
+    fused.fused, fused.stacked = True, stacked
+
+    def no_split_path(*args, **kwargs):
+        raise AssertionError("the fused model ran the groups as separate calls")
+
+    fused._run = no_split_path
+    x = torch.randn(8, 3, 32, 32, dtype=torch.double)
+    ids = torch.tensor([1, 0, 2, 3, 3, 2, 0, 1])
+    outs = {}
+    for name, model in (("split", split), ("fused", fused)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every shared operation is restricted: no fallback
+            img, cam, heat = model(x, groups=ids)
+        (img.square().mean() + cam.square().mean() + heat.mean()).backward()
+        outs[name] = (img.detach(), cam.detach())
+    for got, want in zip(outs["fused"], outs["split"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for (name, p), q in zip(split.named_parameters(), fused.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-10, msg=name)

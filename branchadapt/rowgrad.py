@@ -1,0 +1,284 @@
+"""Parameter gradients from the leading rows of a batch only: live and detached rows in one call.
+
+Selective back-propagation gives the shared parameters gradients from the live rows (the anchor
+group) only, while the detached rows still back-propagate *through* the shared stages into their
+own branch stages. Run as two calls (live rows with the parameters, detached rows with detached
+views of them), every operation of the shared stages runs twice on a fraction of the batch, which
+costs more than the arithmetic when the inputs are small. :class:`LiveRows` runs them as one call:
+the batch is ordered live rows first, and every operation that combines a shared parameter with the
+batch computes that parameter's gradient from the first ``live`` rows only:
+
+- linear and convolution layers: the input gradient from every row, the weight and bias gradients
+  from the live rows (no extra work: the weight gradient of the detached rows is never computed);
+- element-wise operations (``x * p``, ``addcmul``, ...): the parameter-side operand is expanded along
+  the rows by a gate whose backward sums the live rows only;
+- operations on parameters alone (views, indexing, ``1 - p``) give *parameter-side* tensors, treated
+  like the parameters when they meet the batch;
+- custom autograd functions are opaque to a torch-function mode: one whose forward uses a shared
+  parameter must run inside :func:`cooperating` and take its weight gradients from the first
+  :func:`live_rows` rows itself.
+
+Anything else that combines a shared parameter with the batch raises :class:`NotFusable`, and the
+caller runs the groups as separate calls instead: the mode never guesses. It also assumes that the
+model treats rows independently (no batch statistics), which only the model can promise
+(:attr:`branchadapt.Backbone.rows_independent`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+_MARK = "_branchadapt_param_side"  # attribute set on tensors computed from shared parameters alone
+_live: list[int] = []  # live-row counts of the active LiveRows modes, innermost last
+_cooperating = [0]  # depth of cooperating() blocks
+
+
+class NotFusable(Exception):
+    """A shared parameter meets the batch in an operation the mode cannot restrict (the message says which)."""
+
+
+def live_rows() -> int | None:
+    """Rows (from the first) whose losses may reach the shared parameters; None: all of them."""
+    return _live[-1] if _live else None
+
+
+@contextmanager
+def cooperating() -> Iterator[int | None]:
+    """Mark a custom autograd function's forward as honouring :func:`live_rows` in its backward.
+
+    Yields the live-row count to keep for backward (None outside :class:`LiveRows`).
+    """
+    _cooperating[0] += 1
+    try:
+        yield live_rows()
+    finally:
+        _cooperating[0] -= 1
+
+
+def weight_rows(t: Tensor, live: int | None) -> Tensor:
+    """The rows of ``t`` that weight gradients are taken from (``live`` from :func:`live_rows`)."""
+    return t if live is None else t[:live]
+
+
+class _Gate(torch.autograd.Function):
+    """``t`` (one row) expanded to ``rows`` rows; its gradient sums the first ``live`` rows only."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, rows: int, live: int) -> Tensor:
+        ctx.live = live
+        return t.expand(rows, *t.shape[1:]).contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        return grad[: ctx.live].sum(0, keepdim=True), None, None
+
+
+class _LiveLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, live: int) -> Tensor:
+        ctx.live, ctx.has_bias = live, bias is not None
+        ctx.save_for_backward(x[:live], weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x_live, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g_x = grad @ weight if needs[0] else None
+        g_live = grad[: ctx.live].reshape(-1, grad.shape[-1])
+        g_w = g_live.t() @ x_live.reshape(-1, x_live.shape[-1]) if needs[1] else None
+        g_b = g_live.sum(0) if ctx.has_bias and needs[2] else None
+        return g_x, g_w, g_b, None
+
+
+class _LiveConv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        live: int,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> Tensor:
+        ctx.live, ctx.geometry, ctx.has_bias = live, (stride, padding, dilation, groups), bias is not None
+        ctx.save_for_backward(x, weight)
+        return aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        needs = ctx.needs_input_grad
+        zeros = [0] * len(stride)
+        g_x = g_w = g_b = None
+        if needs[0]:
+            g_x = aten.convolution_backward(
+                grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+            )[0]
+        if needs[1] or (ctx.has_bias and needs[2]):
+            live = ctx.live
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            mask = [False, needs[1], ctx.has_bias and needs[2]]
+            _, g_w, g_b = aten.convolution_backward(
+                grad[:live],
+                x[:live],
+                weight,
+                bias_sizes,
+                stride,
+                padding,
+                dilation,
+                False,
+                zeros,
+                groups,
+                mask,
+            )
+        return g_x, g_w, g_b, None, None, None, None, None
+
+
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+# element-wise operations (by ``__name__``): a parameter-side operand broadcast along the rows is
+# gated; anything not listed that mixes parameters and batch is refused
+_POINTWISE = frozenset(
+    {"add", "sub", "mul", "div", "true_divide", "rsub", "addcmul", "addcdiv", "where", "lerp",
+     "maximum", "minimum", "add_", "sub_", "mul_", "div_", "addcmul_", "addcdiv_",
+     "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__",
+     "__imul__", "__truediv__", "__rtruediv__", "__itruediv__"}
+)  # fmt: skip
+
+
+def _tuple(value: Any, dims: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)] * dims
+
+
+class LiveRows(TorchFunctionMode):
+    """While active, ``shared`` parameters get gradients from the first ``live`` of ``rows`` rows only.
+
+    The tensors of the batch are those whose first dimension has ``rows`` entries. Use it around
+    one forward pass whose batch is ordered live rows first; backward needs nothing active.
+    """
+
+    def __init__(self, shared: Iterable[Tensor], rows: int, live: int) -> None:
+        super().__init__()
+        if not 0 < live < rows:
+            raise ValueError(f"live rows must be between 1 and rows - 1 = {rows - 1}, got {live}")
+        self.rows, self.live = rows, live
+        self._shared = {id(p) for p in shared}
+        self._grad = True
+
+    def __enter__(self) -> LiveRows:
+        self._grad = torch.is_grad_enabled()
+        _live.append(self.live)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        _live.pop()
+
+    def _param_side(self, t: Any) -> bool:
+        return isinstance(t, Tensor) and (id(t) in self._shared or getattr(t, _MARK, False))
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        flat = [*args, *kwargs.values()]
+        flat += [t for a in flat if isinstance(a, list | tuple) for t in a]
+        params = [t for t in flat if self._param_side(t)]
+        if not params:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        if not torch.is_grad_enabled():
+            if self._grad and not _cooperating[0]:
+                raise NotFusable(
+                    f"{name} uses a shared parameter with gradients off: inside a custom autograd function "
+                    "that does not declare branchadapt.rowgrad.cooperating()"
+                )
+            return func(*args, **kwargs)
+        others = [t for t in flat if isinstance(t, Tensor) and not self._param_side(t)]
+        batch = [t for t in others if t.dim() and t.shape[0] == self.rows]
+        if not batch:
+            if any(t.requires_grad for t in others):
+                raise NotFusable(
+                    f"{name} combines a shared parameter with a non-batch tensor that needs gradients"
+                )
+            return _mark(func(*args, **kwargs))
+        if func is F.linear:
+            return self._linear(*args, **kwargs)
+        if func in _CONVS:
+            return self._conv(_CONVS[func], *args, **kwargs)
+        if name in _POINTWISE:
+            return self._pointwise(func, batch, args, kwargs)
+        raise NotFusable(f"{name} combines a shared parameter with the batch (only linear, convolution and "
+                         "element-wise operations can restrict its gradient to the live rows)")  # fmt: skip
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self._param_side(x) or x.dim() < 2:
+            raise NotFusable("linear with a shared parameter as its input")
+        return _LiveLinear.apply(x, weight, bias, self.live)
+
+    def _conv(
+        self,
+        dims: int,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> Tensor:
+        if isinstance(padding, str) or self._param_side(x) or x.dim() != dims + 2:
+            raise NotFusable(f"conv{dims}d with padding={padding!r} or a batch-free input")
+        geometry = (_tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims))
+        return _LiveConv.apply(x, weight, bias, self.live, *geometry, groups)
+
+    def _pointwise(self, func: Callable[..., Any], batch: list[Tensor], args: tuple, kwargs: dict) -> Any:
+        ndim = max(t.dim() for t in batch)
+
+        def gate(t: Any) -> Any:
+            if not self._param_side(t):
+                return t
+            if t.dim() > ndim:
+                raise NotFusable(
+                    f"{getattr(func, '__name__', func)}: a shared parameter has more dims than the batch"
+                )
+            shaped = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+            if shaped.shape[0] != 1:
+                raise NotFusable(
+                    f"a shared parameter of shape {tuple(t.shape)} is not broadcast along the rows"
+                )
+            return _Gate.apply(shaped, self.rows, self.live)
+
+        return func(*[gate(a) for a in args], **{k: gate(v) for k, v in kwargs.items()})
+
+
+def _mark(out: Any) -> Any:
+    """Mark the tensors in ``out`` as computed from shared parameters (and constants) alone."""
+    for t in out if isinstance(out, list | tuple) else (out,):
+        if isinstance(t, Tensor):
+            setattr(t, _MARK, True)
+    return out
+
+
+__all__ = ["LiveRows", "NotFusable", "cooperating", "live_rows", "weight_rows"]
