@@ -17,7 +17,7 @@ router falls back to the loop for good and says why once (:func:`run_stacked` ra
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,14 +55,16 @@ def _in_dims(tree: Any, batch: int) -> Any:
 
 
 def run_stacked(
-    copies: Sequence[nn.Module],
+    params: Sequence[Mapping[str, Tensor]],
     template: nn.Module,
     positions: Sequence[Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     batch: int,
 ) -> Any:
-    """Each copy ``copies[i]`` on the rows ``positions[i]`` (all of one length), as one vmap call.
+    """Copy ``i`` (``template`` called with ``params[i]``, its named parameters) on the rows
+    ``positions[i]`` (all of one length), as one vmap call; ``template`` must be in the copies'
+    train/eval mode.
 
     Returns the outputs in the batch's own row order, like the loop over the copies would.
     """
@@ -70,17 +72,14 @@ def run_stacked(
     if any(len(p) != rows for p in positions):
         raise ValueError("every copy needs the same number of rows")
     order = torch.cat(list(positions))
-    groups = len(copies)
+    groups = len(params)
 
     def grouped(t: Any) -> Any:
         if has_batch_dim(t, batch):
             return t.index_select(0, order.to(t.device)).view(groups, rows, *t.shape[1:])
         return t
 
-    names = [n for n, _ in copies[0].named_parameters()]
-    owned = [dict(c.named_parameters()) for c in copies]
-    stacked = {n: torch.stack([p[n] for p in owned]) for n in names}
-    template.train(copies[0].training)
+    stacked = {n: torch.stack([p[n] for p in params]) for n in params[0]}
     inputs = (tree_map(grouped, args), tree_map(grouped, kwargs))
 
     def one(params: dict[str, Tensor], a: tuple[Any, ...], k: dict[str, Any]) -> Any:

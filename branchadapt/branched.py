@@ -29,6 +29,7 @@ from torch.func import functional_call
 from . import batching, rowgrad, statekeys
 from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
+from .paramslots import ParamSlots
 from .statekeys import check_shapes, diff_message, plain_from_any
 
 BRANCHES = statekeys.BRANCHES  # attribute of GroupBranches holding the per-group copies
@@ -135,10 +136,11 @@ class GroupBranches(nn.Module):
         self.stacked = False
         self._unstackable: str | None = None  # why this stage runs as a loop, once known
         self._template: list[nn.Module] = []  # a meta copy for vmap, built on first use (not a child)
+        self._slots: dict[str, ParamSlots] = {}  # each copy's parameters, resolved on first stacked use
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parts = self._router.parts
-        if self.stacked and self._unstackable is None and len(parts) > 1:
+        if self.stacked and len(parts) > 1 and self._stackable():
             positions = [ix for _, ix in parts if ix is not None]
             if len({len(ix) for ix in positions}) == 1:  # else this batch runs as a loop
                 try:
@@ -148,18 +150,28 @@ class GroupBranches(nn.Module):
                     warnings.warn(f"branch stage runs group by group, not stacked: {err}", stacklevel=2)
         return _run_split(parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
 
+    def _stackable(self) -> bool:
+        """Whether the copies can be stacked; checked, and the vmap template built, once. A stage
+        that cannot be by its structure (buffers) runs as a loop without a warning: that is known
+        and documented, unlike an operation that fails under vmap."""
+        if self._unstackable is None and not self._template:
+            copies = list(self.branches.values())
+            reason = batching.stackable(copies)
+            if reason is not None:
+                self._unstackable = reason
+                return False
+            self._template.append(batching.meta_template(copies[0]))
+            self._slots = {g: ParamSlots(m) for g, m in self.branches.items()}
+        return self._unstackable is None
+
     def _run_stacked(
         self, groups: list[str], positions: list[Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        copies = [self.branches[g] for g in groups]
-        if not self._template:  # the copies share one structure: check and build once
-            reason = batching.stackable(copies)
-            if reason is not None:
-                raise batching.NotStackable(reason)
-            self._template.append(batching.meta_template(copies[0]))
-        return batching.run_stacked(
-            copies, self._template[0], positions, args, kwargs, _batch_size(args, kwargs)
-        )
+        template = self._template[0]
+        if template.training != self.training:
+            template.train(self.training)
+        params = [dict(self._slots[g].items()) for g in groups]
+        return batching.run_stacked(params, template, positions, args, kwargs, _batch_size(args, kwargs))
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -206,7 +218,8 @@ class BranchedModel(nn.Module):
             )
         self.backbone = backbone
         prefixes = tuple(f"{p}." for p in self.branch_paths)
-        self._shared_names = [n for n, _ in backbone.named_parameters() if not n.startswith(prefixes)]
+        self._shared = ParamSlots(backbone, keep=lambda n: not n.startswith(prefixes))
+        self._shared_names = self._shared.names
         self._shared_buffers = [n for n, _ in backbone.named_buffers() if not n.startswith(prefixes)]
         branch_roots = {id(backbone.get_submodule(p)) for p in self.branch_paths}
         self._shared_modules = list(_modules_outside(backbone, branch_roots))
@@ -281,8 +294,7 @@ class BranchedModel(nn.Module):
     def _run(self, policy: Participation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if policy is Participation.LIVE:
             return self.backbone(*args, **kwargs)
-        params = dict(self.backbone.named_parameters())
-        detached = {n: params[n].detach() for n in self._shared_names}
+        detached = {n: p.detach() for n, p in self._shared.items()}
         if policy is Participation.DETACHED:
             # shared statistics (e.g. BatchNorm running means) are shared state too: a detached group
             # normalises with its batch statistics but its updates land in throw-away copies
@@ -312,8 +324,7 @@ class BranchedModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        params = dict(self.backbone.named_parameters())
-        return (params[n] for n in self._shared_names)
+        return iter(self._shared.tensors())
 
     def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
         for path in self.branch_paths:

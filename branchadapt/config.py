@@ -61,9 +61,11 @@ class TrainSpec(_Strict):
         "rounding, see docs/performance.md",
     )
     stack_branches: bool = Field(
-        False,
+        True,
         description="run several groups' copies of a branch stage as one vmap call over stacked weights "
-        "instead of a loop over the groups (same maths up to rounding; see docs/performance.md)",
+        "instead of a loop over the groups, where the groups present have equal row counts and the stage "
+        "has no buffers (same maths up to rounding; more activation memory for the generator's low-memory "
+        "units; see docs/performance.md); false: always the loop",
     )
     fuse_participation: bool = Field(
         True,

@@ -37,7 +37,6 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
-_MARK = "_branchadapt_param_side"  # attribute set on tensors computed from shared parameters alone
 _live: list[int] = []  # live-row counts of the active LiveRows modes, innermost last
 _cooperating = [0]  # depth of cooperating() blocks
 
@@ -178,7 +177,8 @@ class LiveRows(TorchFunctionMode):
         if not 0 < live < rows:
             raise ValueError(f"live rows must be between 1 and rows - 1 = {rows - 1}, got {live}")
         self.rows, self.live = rows, live
-        self._shared = {id(p) for p in shared}
+        # parameter-side tensors by id; holding them keeps their ids from being reused meanwhile
+        self._side: dict[int, Tensor] = {id(p): p for p in shared}
         self._grad = True
 
     def __enter__(self) -> LiveRows:
@@ -192,7 +192,20 @@ class LiveRows(TorchFunctionMode):
         _live.pop()
 
     def _param_side(self, t: Any) -> bool:
-        return isinstance(t, Tensor) and (id(t) in self._shared or getattr(t, _MARK, False))
+        return id(t) in self._side  # only tensors are keys, and they stay alive: ids are unique
+
+    def _touches_side(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether any argument (or an element of a list/tuple argument) is parameter-side: the
+        fast exit for the many operations that use no shared parameter."""
+        side = self._side
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if id(a) in side:
+                return True
+            if type(a) is list or type(a) is tuple:
+                for t in a:
+                    if id(t) in side:
+                        return True
+        return False
 
     def __torch_function__(
         self,
@@ -202,11 +215,10 @@ class LiveRows(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if not self._touches_side(args, kwargs):
+            return func(*args, **kwargs)
         flat = [*args, *kwargs.values()]
         flat += [t for a in flat if isinstance(a, list | tuple) for t in a]
-        params = [t for t in flat if self._param_side(t)]
-        if not params:
-            return func(*args, **kwargs)
         name = getattr(func, "__name__", repr(func))
         if not torch.is_grad_enabled():
             if self._grad and not _cooperating[0]:
@@ -222,7 +234,7 @@ class LiveRows(TorchFunctionMode):
                 raise NotFusable(
                     f"{name} combines a shared parameter with a non-batch tensor that needs gradients"
                 )
-            return _mark(func(*args, **kwargs))
+            return self._mark(func(*args, **kwargs))
         if func is F.linear:
             return self._linear(*args, **kwargs)
         if func in _CONVS:
@@ -231,6 +243,13 @@ class LiveRows(TorchFunctionMode):
             return self._pointwise(func, batch, args, kwargs)
         raise NotFusable(f"{name} combines a shared parameter with the batch (only linear, convolution and "
                          "element-wise operations can restrict its gradient to the live rows)")  # fmt: skip
+
+    def _mark(self, out: Any) -> Any:
+        """Mark the tensors in ``out`` as computed from shared parameters (and constants) alone."""
+        for t in out if isinstance(out, list | tuple) else (out,):
+            if isinstance(t, Tensor):
+                self._side[id(t)] = t
+        return out
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._param_side(x) or x.dim() < 2:
@@ -271,14 +290,6 @@ class LiveRows(TorchFunctionMode):
             return _Gate.apply(shaped, self.rows, self.live)
 
         return func(*[gate(a) for a in args], **{k: gate(v) for k, v in kwargs.items()})
-
-
-def _mark(out: Any) -> Any:
-    """Mark the tensors in ``out`` as computed from shared parameters (and constants) alone."""
-    for t in out if isinstance(out, list | tuple) else (out,):
-        if isinstance(t, Tensor):
-            setattr(t, _MARK, True)
-    return out
 
 
 __all__ = ["LiveRows", "NotFusable", "cooperating", "live_rows", "weight_rows"]

@@ -17,6 +17,7 @@ and in the generator phase ``real_a, real_b, fake_a, fake_b, rec_a, rec_b, id_a,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 import branchadapt as ba
 from branchadapt import Phase, PluginOptions, Task
+from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
 
@@ -64,6 +66,10 @@ class Translate(Task):
 
     Options = TranslateOptions
     options: TranslateOptions
+
+    def __init__(self, options: PluginOptions | None, context: ba.TaskContext) -> None:
+        super().__init__(options, context)
+        self._clamp_slots: weakref.WeakKeyDictionary[nn.Module, ParamSlots] = weakref.WeakKeyDictionary()
 
     def build(self) -> dict[str, nn.Module]:
         o = self.options
@@ -143,9 +149,16 @@ class Translate(Task):
             return
         with torch.no_grad():
             for name in GENERATORS:
-                for pname, p in modules[name].named_parameters():
-                    if pname.rsplit(".", 1)[-1] in CLAMPED:
-                        p.clamp_(0.0, 1.0)
+                for p in self._clamped(modules[name]).tensors():
+                    p.clamp_(0.0, 1.0)
+
+    def _clamped(self, module: nn.Module) -> ParamSlots:
+        """The parameters of ``module`` clamped after each generator step, found once per module."""
+        slots = self._clamp_slots.get(module)
+        if slots is None:
+            slots = ParamSlots(module, keep=lambda n: n.rsplit(".", 1)[-1] in CLAMPED)
+            self._clamp_slots[module] = slots
+        return slots
 
     # ------------------------------------------------------------------ artefacts
     def samples(
