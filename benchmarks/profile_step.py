@@ -1,6 +1,7 @@
 """Where the paper's step spends its time, and how fast it could be if every convolution ran at peak.
 
-Stage 1 of the recipe (one photo + one cartoon, five losses, width ``--width``) at each size: one
+Stage 1 of the recipe (one photo + one cartoon, five losses, face-ID through a MobileFaceNet as in
+the reference, width ``--width``) at each size: one
 step under ``torch.profiler`` splits the self time into convolutions/matmuls and everything else
 (normalisation, padding, element-wise ops, pooling, optimiser); the shares are applied to the
 median unprofiled step time. The step's FLOPs (``torch.utils.flop_counter``, almost all in
@@ -26,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build, peak_gflops, repeat_times, step_flops
+from step_time import SAME_RECOGNIZER, build, peak_gflops, repeat_times, step_flops
 
 MATHS = {"aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
          "aten::_slow_conv2d_backward", "aten::addmm", "aten::mm", "aten::bmm", "aten::addmv_"}  # fmt: skip
@@ -36,7 +37,7 @@ MEASURED_REFERENCE = {128: 5.27, 256: 13.32}  # step_time.py --reference-repo (d
 def measure(size: int, width: int, steps: int) -> tuple[float, float, Counter[str]]:
     """Median step time (s) after a warm-up step, then one profiled step: the fraction of its self
     time in convolutions/matmuls, and the other ops' profiled times (s)."""
-    trainer, rt = build(size, width, 0, [])
+    trainer, rt = build(size, width, 0, SAME_RECOGNIZER)
     step = statistics.median(repeat_times(lambda: trainer.train_step(rt, rt.data[0]), steps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.train_step(rt, rt.data[1])
@@ -67,7 +68,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size in args.sizes:
         step, share, rest = measure(size, args.width, args.steps)
-        flops = step_flops(size, args.width, [])
+        flops = step_flops(size, args.width, SAME_RECOGNIZER)
         if args.reference_repo:
             from reference_step import ReferenceStep
 

@@ -13,7 +13,8 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    both generators' shared stages every step and running the few-shot groups through the copy;
    ``of which copying``: the part of its step spent copying, the work ours does not do);
    ``ref order`` (translations recomputed for the generator update, as the reference does).
-2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses):
+2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses, the
+   face-ID loss through a MobileFaceNet as in the reference, not the toonfaces recognizer):
    ``ours``, ``ref order`` and ``ours`` with ``train.compile = "units"`` (its first, compiling,
    step is a warm-up step) next to the reference code's iteration: measured in the same run when
    ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``), otherwise the
@@ -49,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NAIVE = "<naive>"  # marker: selective BP by copying the shared stages
 COPYING = {"seconds": 0.0}  # time the naive steps spent copying, summed
 REFERENCE_SECONDS = {128: 2.79, 256: 6.32}  # the reference code's iteration, measured on this machine
+# the reference's face-ID network for the reference-maths table (random weights, as reference_step.py)
+SAME_RECOGNIZER = ['losses.face_id.recognizer={type="mobilefacenet", allow_random=true}']
 
 
 def overrides(size: int, width: int) -> list[str]:
@@ -234,10 +237,15 @@ def main() -> None:
 
             reference = ReferenceStep(args.reference_repo, size, args.width)
             extra["code"] = lambda i, r=reference: r(*r.batch())
-        configs = {"ours": [], "ref": ["task.reuse_fakes=false"], "compiled": ['train.compile="units"']}
+        same = SAME_RECOGNIZER
+        configs = {
+            "ours": same,
+            "ref": [*same, "task.reuse_fakes=false"],
+            "compiled": [*same, 'train.compile="units"'],
+        }
         t = interleaved(size, args.width, 0, configs, args, extra)
         ours, ref = t["ours"], t["ref"]
-        flops = step_flops(size, args.width, [])
+        flops = step_flops(size, args.width, same)
         code = t.get("code", REFERENCE_SECONDS.get(size))
         measured = "measured now" if "code" in t else "quoted"
         code_s, ratio = (f"{code:.2f} ({measured})", f"{ours / code:.2f}") if code else ("-", "-")

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -198,6 +197,8 @@ def load_weights_into(model: nn.Module, path: Path, model_name: str, skip_classi
 # ---------------------------------------------------------------------------- backbone
 def create(options: TimmOptions) -> Any:  # a timm model: forward_features / forward_head are untyped
     """``timm.create_model`` without any download; unknown names list the closest timm names."""
+    import timm  # here, not at the top: importing timm costs seconds and registering the plugin needs none
+
     if not timm.is_model(options.model):
         names = timm.list_models()
         close = difflib.get_close_matches(options.model, names, n=6, cutoff=0.5)

@@ -44,16 +44,25 @@ def toon_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("toonfaces-cache")
 
 
+def tiny_config(cache: Path, base: str = "cartoon_cpu.toml", steps: int = 4, extra: str = "") -> str:
+    """The text of a tiny experiment extending ``examples/<base>``, toonfaces cached in ``cache``."""
+    text = TINY.format(base=(ROOT / "examples" / base).as_posix(), cache=cache.as_posix(), steps=steps)
+    return text + extra
+
+
+@pytest.fixture(scope="session")
+def tiny_cartoon_text(toon_cache):
+    """``tiny_config`` bound to the session's toonfaces cache (for fixtures wider than a test)."""
+    return lambda **kw: tiny_config(toon_cache, **kw)
+
+
 @pytest.fixture
 def tiny_cartoon(tmp_path, toon_cache):
     def write(
         base: str = "cartoon_cpu.toml", steps: int = 4, extra: str = "", name: str = "tiny.toml"
     ) -> Path:
         path = tmp_path / name
-        text = TINY.format(
-            base=(ROOT / "examples" / base).as_posix(), cache=toon_cache.as_posix(), steps=steps
-        )
-        path.write_text(text + extra)
+        path.write_text(tiny_config(toon_cache, base, steps, extra))
         return path
 
     return write

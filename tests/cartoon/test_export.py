@@ -13,10 +13,14 @@ from branchadapt.evaluation import load_stage
 from branchadapt.trainer import Trainer
 
 
-@pytest.fixture
-def trained(tiny_cartoon, tmp_path):
-    run = tmp_path / "run"
-    Trainer(ba.load_experiment(tiny_cartoon(steps=2)), run_dir=run, device="cpu").run()
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_cartoon_text):
+    """One tiny trained run shared by this module's tests (each export writes its own file)."""
+    folder = tmp_path_factory.mktemp("export")
+    config = folder / "tiny.toml"
+    config.write_text(tiny_cartoon_text(steps=2))
+    run = folder / "run"
+    Trainer(ba.load_experiment(config), run_dir=run, device="cpu").run()
     return run
 
 
@@ -59,6 +63,11 @@ def test_bad_requests_exit_2_and_write_nothing(trained, run_cli):
         (["--group", "men", "--module", "dis_ga"], "--module 'dis_ga' is not a branched module"),
         (["--group", "men", "--stage", "warmup"], "--stage 'warmup' is not a stage of this run"),
     ):
+        before = _listing(trained / "export")
         done = run_cli("export", str(trained), *args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert not (trained / "export").exists() or not any((trained / "export").iterdir())
+        assert _listing(trained / "export") == before  # nothing written, nothing removed
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir()) if folder.exists() else []
