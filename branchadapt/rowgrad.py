@@ -15,8 +15,8 @@ batch computes that parameter's gradient from the first ``live`` rows only:
 - operations on parameters alone (views, indexing, ``1 - p``) give *parameter-side* tensors, treated
   like the parameters when they meet the batch;
 - custom autograd functions are opaque to a torch-function mode: one whose forward uses a shared
-  parameter must run inside :func:`cooperating` and take its weight gradients from the first
-  :func:`live_rows` rows itself.
+  parameter must run inside :func:`cooperating` (given its parameters) and take its weight
+  gradients from the first rows that yields itself.
 
 Anything else that combines a shared parameter with the batch raises :class:`NotFusable`, and the
 caller runs the groups as separate calls instead: the mode never guesses. It also assumes that the
@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
-_live: list[int] = []  # live-row counts of the active LiveRows modes, innermost last
+_active: list[LiveRows] = []  # the active LiveRows modes, innermost last
 _cooperating = [0]  # depth of cooperating() blocks
 
 
@@ -47,18 +47,22 @@ class NotFusable(Exception):
 
 def live_rows() -> int | None:
     """Rows (from the first) whose losses may reach the shared parameters; None: all of them."""
-    return _live[-1] if _live else None
+    return _active[-1].live if _active else None
 
 
 @contextmanager
-def cooperating() -> Iterator[int | None]:
-    """Mark a custom autograd function's forward as honouring :func:`live_rows` in its backward.
+def cooperating(*params: Tensor | None) -> Iterator[int | None]:
+    """Mark a custom autograd function's forward as honouring the live rows in its backward.
 
-    Yields the live-row count to keep for backward (None outside :class:`LiveRows`).
+    ``params`` are the parameters the function computes gradients for. Yields the live-row count
+    to keep for backward when one of them is a shared parameter of the active :class:`LiveRows`,
+    else None: outside the mode, and for a group's own branch copy, whose weights take their
+    gradient from every row it is given.
     """
+    mode = _active[-1] if _active else None
     _cooperating[0] += 1
     try:
-        yield live_rows()
+        yield mode.live if mode is not None and any(mode._param_side(p) for p in params) else None
     finally:
         _cooperating[0] -= 1
 
@@ -183,13 +187,13 @@ class LiveRows(TorchFunctionMode):
 
     def __enter__(self) -> LiveRows:
         self._grad = torch.is_grad_enabled()
-        _live.append(self.live)
+        _active.append(self)
         super().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        _live.pop()
+        _active.pop()
 
     def _param_side(self, t: Any) -> bool:
         return id(t) in self._side  # only tensors are keys, and they stay alive: ids are unique

@@ -61,7 +61,7 @@ def _conv_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of ``conv2d(padded, weight, bias, stride)`` for the inputs flagged in ``needs``;
     the weight and bias gradients from the first ``live`` rows only when ``live`` is given
-    (:func:`branchadapt.rowgrad.live_rows`)."""
+    (:func:`branchadapt.rowgrad.cooperating`)."""
     bias_sizes = [weight.shape[0]] if has_bias else None
     mask = [needs[0], needs[1], needs[2] and has_bias]
     grad = grad.to(padded.dtype)
@@ -96,7 +96,7 @@ class _ReflectPadConv(torch.autograd.Function):
     ) -> Tensor:
         ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = pad, stride, dtype, bias is not None
         ctx.save_for_backward(x, weight)
-        with rowgrad.cooperating() as ctx.live:
+        with rowgrad.cooperating(weight, bias) as ctx.live:
             return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
 
     @staticmethod
@@ -167,7 +167,7 @@ class _NormReluPadConv(torch.autograd.Function):
         y, mean, invstd = _norm_relu(x, eps)
         ctx.eps, ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = eps, pad, stride, dtype, bias is not None
         ctx.save_for_backward(x, weight, mean, invstd)
-        with rowgrad.cooperating() as ctx.live:
+        with rowgrad.cooperating(weight, bias) as ctx.live:
             return F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
 
     @staticmethod

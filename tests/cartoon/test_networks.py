@@ -201,7 +201,14 @@ def test_the_generators_branch_stages_run_stacked_with_the_loops_gradients():
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_gradients(stacked):
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [1, 0, 2, 3, 3, 2, 0, 1],  # two rows each (the paper's batch)
+        [1, 0, 1, 3, 1, 2, 2, 3],  # one anchor row, three of b: a branch copy sees more rows than live
+    ],
+)
+def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_gradients(stacked, ids):
     import copy
     import warnings
 
@@ -222,7 +229,7 @@ def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_g
 
     fused._run = no_split_path
     x = torch.randn(8, 3, 32, 32, dtype=torch.double)
-    ids = torch.tensor([1, 0, 2, 3, 3, 2, 0, 1])
+    ids = torch.tensor(ids)
     outs = {}
     for name, model in (("split", split), ("fused", fused)):
         with warnings.catch_warnings():

@@ -64,11 +64,18 @@ def test_one_call_equals_separate_calls_in_value_and_every_gradient():
 def test_live_rows_are_visible_only_inside_the_mode():
     net = nn.Linear(2, 2)
     assert rowgrad.live_rows() is None
+    own = nn.Parameter(torch.ones(2))  # e.g. a group's branch copy: not a shared parameter
     with rowgrad.LiveRows(net.parameters(), rows=4, live=3):
         assert rowgrad.live_rows() == 3
+        with rowgrad.cooperating(net.weight, None) as live:
+            assert live == 3  # a shared weight: gradients from the live rows
+        with rowgrad.cooperating(own) as live:
+            assert live is None  # its own weight: gradients from every row it is given
         with rowgrad.cooperating() as live:
-            assert live == 3
+            assert live is None
     assert rowgrad.live_rows() is None
+    with rowgrad.cooperating(net.weight) as live:
+        assert live is None
     with pytest.raises(ValueError, match="between 1 and rows - 1"):
         rowgrad.LiveRows(net.parameters(), rows=4, live=4)
 
@@ -89,7 +96,7 @@ class _Cooperating(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x)
-        with rowgrad.cooperating() as ctx.live:
+        with rowgrad.cooperating(w) as ctx.live:
             return x * w
 
     @staticmethod
