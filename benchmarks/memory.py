@@ -6,9 +6,9 @@ steps); rows:
 - ``basic``: stage 1, one photo + one cartoon, one shared model;
 - ``transfer, no branches``: stage 2's batch (4 groups) with one shared model (``finetune``);
 - ``transfer, branches``: the recipe (low = top = 2, selective BP, the groups' branch copies as
-  one vmap call, inside which the generator's low-memory units take their plain path);
+  one vmap call, the generator's low-memory units through their stacked rules);
 - ``transfer, branches as a loop``: the recipe with ``train.stack_branches = false`` (the copies
-  one group after the other, every unit on its low-memory path);
+  one group after the other);
 - ``transfer, branches as a loop, unfused units``: the loop with the generator's low-memory units
   (``branchadapt_cartoon.lowmem``) switched off: autograd then also keeps every ReLU output and
   padded map of the hourglass units and every padded map before a convolution.
@@ -78,8 +78,10 @@ def _state_bytes(rt: StageRuntime) -> int:
     return total
 
 
-def child(name: str, size: int, width: int, steps: int) -> dict[str, float]:
+def child(name: str, size: int, width: int, steps: int, min_mb: float | None) -> dict[str, float]:
     stage, extra = CONFIGS[name]
+    if min_mb is not None:
+        extra = [*extra, f"model.low_memory_min_mb={min_mb}"]
     if name == UNFUSED:
         from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d
 
@@ -106,17 +108,25 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--low-memory-min-mb",
+        type=float,
+        default=None,
+        help="the generator's low_memory_min_mb (default: the recipe's); 0: every unit saves memory",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.width, args.steps)))
+        print(json.dumps(child(args.child, args.size, args.width, args.steps, args.low_memory_min_mb)))
         return
     rows: dict[str, dict[str, float]] = {}
     failed: dict[str, str] = {}
     for name in CONFIGS:
         cmd = [sys.executable, __file__, "--child", name, *map(str, ["--size", args.size, "--width", args.width,
                "--steps", args.steps, "--threads", args.threads])]  # fmt: skip
+        if args.low_memory_min_mb is not None:
+            cmd += ["--low-memory-min-mb", str(args.low_memory_min_mb)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
             failed[name] = "killed (out of memory)"
@@ -124,7 +134,9 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{name}: the child process failed:\n{done.stderr[-3000:]}")
         rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{args.size} px, width {args.width}, peak RSS after {args.steps} steps (fresh process each)\n")
+    threshold = "the recipe's" if args.low_memory_min_mb is None else f"{args.low_memory_min_mb:g} MiB"
+    print(f"{args.size} px, width {args.width}, peak RSS after {args.steps} steps (fresh process each), "
+          f"low_memory_min_mb: {threshold}\n")  # fmt: skip
     print(
         "| configuration | parameters | weights+grads+Adam (MB) | saved activations (MB) | RSS after build (MB) | peak RSS (MB) |"
     )

@@ -19,6 +19,8 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   ReLUs): what the latter saves;
 - ``unfused units``: the generator's low-memory units (``branchadapt_cartoon.lowmem``) switched
   off, so autograd keeps the ReLU outputs and padded maps: what keeping less costs or saves in time;
+- ``all units low-memory``: ``model.low_memory_min_mb = 0``, every unit on its low-memory path
+  however small its input (by default only inputs of 8 MiB and more): what the threshold saves;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -134,6 +136,7 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
         "bf16 autocast": ['precision="bf16"'],
         "ref order": ["task.reuse_fakes=false"],
         "torch.compile": ['train.compile="units"'],
+        "all units low-memory": ["model.low_memory_min_mb=0"],
     }.get(name, [])
     if name == "classic spectral norm":
         with _classic_spectral_norm():
@@ -204,6 +207,7 @@ def main() -> None:
         "two-pass LIN",
         "torch instance norm",
         "unfused units",
+        "all units low-memory",
         "classic spectral norm",
     ]
     names += ["torch.compile"] if args.compile else []

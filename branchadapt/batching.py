@@ -10,8 +10,9 @@ convolution); gradients reach every copy's own parameters through the stacking.
 This needs every group to have the same number of rows, copies without buffers (running statistics
 could not be updated per copy) and operations with vmap rules. When a stage cannot be mapped the
 router falls back to the loop for good and says why once (:func:`run_stacked` raises
-:class:`NotStackable`). Inside vmap, autograd functions that test ``tensor.requires_grad`` see
-``False`` (the tensors are vmap wrappers), so modules with such fast paths take their plain path.
+:class:`NotStackable`). Inside vmap, code that tests ``tensor.requires_grad`` sees ``False`` (the
+tensors are vmap wrappers); a module with its own autograd function takes part by giving the
+function a ``vmap`` rule (``torch.autograd.Function.vmap``), which sees the stacked tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+#: ``stacked = "auto"`` stacks a CPU batch whose tensor inputs take at most this many bytes. On small
+#: maps per-operation overhead dominates and one call for every copy wins; on large ones a loop is
+#: faster on a CPU, each copy's smaller working set staying in cache (docs/performance.md).
+AUTO_MAX_BYTES = 8 << 20
+
+
+def worth_stacking(tree: Any, batch: int) -> bool:
+    """``stacked = "auto"``: whether this batch (the tensors with ``batch`` rows in ``tree``) is
+    small enough to stack, or lives on an accelerator, where one launch for every copy is the point."""
+    leaves = [t for t in tree_flatten(tree)[0] if has_batch_dim(t, batch)]
+    if any(t.device.type != "cpu" for t in leaves):
+        return True
+    return sum(t.numel() * t.element_size() for t in leaves) <= AUTO_MAX_BYTES
 
 
 class NotStackable(Exception):
@@ -101,4 +116,12 @@ def run_stacked(
     return tree_unflatten([ungrouped(t) for t in leaves], spec)
 
 
-__all__ = ["NotStackable", "has_batch_dim", "meta_template", "run_stacked", "stackable"]
+__all__ = [
+    "AUTO_MAX_BYTES",
+    "NotStackable",
+    "has_batch_dim",
+    "meta_template",
+    "run_stacked",
+    "stackable",
+    "worth_stacking",
+]

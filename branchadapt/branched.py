@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -133,7 +133,7 @@ class GroupBranches(nn.Module):
         super().__init__()
         self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
         self._router: Router = router  # a plain object, not a sub-module
-        self.stacked = False
+        self.stacked: bool | Literal["auto"] = False
         self._unstackable: str | None = None  # why this stage runs as a loop, once known
         self._template: list[nn.Module] = []  # a meta copy for vmap, built on first use (not a child)
         self._slots: dict[str, ParamSlots] = {}  # each copy's parameters, resolved on first stacked use
@@ -142,7 +142,10 @@ class GroupBranches(nn.Module):
         parts = self._router.parts
         if self.stacked and len(parts) > 1 and self._stackable():
             positions = [ix for _, ix in parts if ix is not None]
-            if len({len(ix) for ix in positions}) == 1:  # else this batch runs as a loop
+            auto_says_no = self.stacked == "auto" and not batching.worth_stacking(
+                (args, kwargs), _batch_size(args, kwargs)
+            )
+            if len({len(ix) for ix in positions}) == 1 and not auto_says_no:  # else this batch loops
                 try:
                     return self._run_stacked([g for g, _ in parts], positions, args, kwargs)
                 except batching.NotStackable as err:
@@ -193,7 +196,7 @@ class BranchedModel(nn.Module):
         groups: Sequence[str],
         branch_stages: Sequence[str] = (),
         participation: Mapping[str, Participation] | None = None,
-        stacked: bool = False,
+        stacked: bool | Literal["auto"] = False,
         fused: bool = False,
     ) -> None:
         super().__init__()
@@ -232,13 +235,16 @@ class BranchedModel(nn.Module):
             self._unfusable = f"{type(backbone).__name__} has buffers (detached rows must not update them)"
 
     @property
-    def stacked(self) -> bool:
-        """Whether several groups' branch copies run as one ``vmap`` call (see :class:`GroupBranches`)."""
+    def stacked(self) -> bool | Literal["auto"]:
+        """Whether several groups' branch copies run as one ``vmap`` call (see :class:`GroupBranches`);
+        ``"auto"``: where the batch is small or on an accelerator (:func:`batching.worth_stacking`)."""
         return self._stacked
 
     @stacked.setter
-    def stacked(self, value: bool) -> None:
-        self._stacked = bool(value)
+    def stacked(self, value: bool | Literal["auto"]) -> None:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"stacked must be True, False or 'auto', got {value!r}")
+        self._stacked = value
         for path in self.branch_paths:
             router = self.backbone.get_submodule(path)
             assert isinstance(router, GroupBranches)

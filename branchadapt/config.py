@@ -60,12 +60,13 @@ class TrainSpec(_Strict):
         "false: torch's default kernels (a per-parameter loop on CPU, foreach on CUDA). Same maths up to "
         "rounding, see docs/performance.md",
     )
-    stack_branches: bool = Field(
-        True,
-        description="run several groups' copies of a branch stage as one vmap call over stacked weights "
+    stack_branches: bool | Literal["auto"] = Field(
+        "auto",
+        description="true: run several groups' copies of a branch stage as one vmap call over stacked weights "
         "instead of a loop over the groups, where the groups present have equal row counts and the stage "
-        "has no buffers (same maths up to rounding; more activation memory for the generator's low-memory "
-        "units; see docs/performance.md); false: always the loop",
+        "has no buffers (same maths up to rounding); auto: only for batches of at most 8 MiB on a CPU "
+        "(larger ones are faster as a loop there) and always on an accelerator; false: always the loop "
+        "(see docs/performance.md)",
     )
     fuse_participation: bool = Field(
         True,

@@ -224,15 +224,20 @@ class LiveRows(TorchFunctionMode):
         flat = [*args, *kwargs.values()]
         flat += [t for a in flat if isinstance(a, list | tuple) for t in a]
         name = getattr(func, "__name__", repr(func))
-        if not torch.is_grad_enabled():
-            if self._grad and not _cooperating[0]:
-                raise NotFusable(
-                    f"{name} uses a shared parameter with gradients off: inside a custom autograd function "
-                    "that does not declare branchadapt.rowgrad.cooperating()"
-                )
-            return func(*args, **kwargs)
         others = [t for t in flat if isinstance(t, Tensor) and not self._param_side(t)]
         batch = [t for t in others if t.dim() and t.shape[0] == self.rows]
+        if not torch.is_grad_enabled():
+            if not self._grad or _cooperating[0]:
+                return func(*args, **kwargs)
+            # gradients off inside a forward that records them: a custom autograd function. Working on
+            # the parameters alone is harmless (and marked, so a later use with the batch is caught);
+            # meeting the batch there makes a gradient this mode cannot restrict.
+            if batch:
+                raise NotFusable(
+                    f"{name} uses a shared parameter with the batch with gradients off: inside a custom "
+                    "autograd function that does not declare branchadapt.rowgrad.cooperating()"
+                )
+            return self._mark(func(*args, **kwargs))
         if not batch:
             if any(t.requires_grad for t in others):
                 raise NotFusable(

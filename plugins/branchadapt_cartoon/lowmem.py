@@ -13,7 +13,15 @@ generator's activations are most of a training step's memory (4 groups at 256 px
   autograd's through the unfused modules.
 
 Both fall back to the plain modules when no gradient is recorded (inference, export, sampling), so
-they cost nothing there. Under autocast the convolution runs in the autocast dtype, as it would
+they cost nothing there. Under ``vmap`` (stacked branch copies, ``train.stack_branches``) their
+``vmap`` rules in :mod:`.lowmem_stacked` run every copy at once and still keep only the input.
+
+Recomputing costs time (an extra norm and padding pass in backward, and a Python autograd function
+per unit), and on small maps the memory it saves is small too: a unit takes its low-memory path
+only when its input is at least ``min_bytes`` (8 MiB by default; the generator's option
+``low_memory_min_mb``). Measured on the CPU of docs/performance.md, the plain path made the whole
+step 18 % faster at 64 px and about 10 % at 128 px, and the same at 256 px, where the units are
+what lets the transfer stage fit in memory. Under autocast the convolution runs in the autocast dtype, as it would
 unfused. The class attribute ``fused = False`` on either class restores the plain path (A/B runs).
 """
 
@@ -32,8 +40,30 @@ from branchadapt import rowgrad
 aten = torch.ops.aten
 
 
+MIN_BYTES = 8 << 20  # default smallest input the units recompute rather than keep (module docstring)
+
+
+def _small(x: Tensor, min_bytes: int) -> bool:
+    return x.numel() * x.element_size() < min_bytes
+
+
 def _records_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether the low-memory function should run: gradients are being recorded, or the call is
+    inside ``vmap`` (stacked branch copies), whose wrapped tensors report ``requires_grad=False``."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and (t.requires_grad or _batched(t)) for t in tensors)
+
+
+def _batched(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never batched
+    return bool(check(t)) if check is not None else False
+
+
+def _live_rows(*params: Tensor | None) -> int | None:
+    """Rows whose gradients reach ``params`` (:func:`branchadapt.rowgrad.cooperating`)."""
+    with rowgrad.cooperating(*params) as live:
+        return live
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -85,19 +115,16 @@ def _conv_backward(
 
 class _ReflectPadConv(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        pad: int,
-        stride: int,
-        dtype: torch.dtype | None,
-    ) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int, dtype: Any) -> Tensor:
+        with rowgrad.cooperating(weight, bias):
+            return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, bias, pad, stride, dtype = inputs
         ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = pad, stride, dtype, bias is not None
         ctx.save_for_backward(x, weight)
-        with rowgrad.cooperating(weight, bias) as ctx.live:
-            return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+        ctx.live = _live_rows(weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -111,6 +138,12 @@ class _ReflectPadConv(torch.autograd.Function):
             g_x = aten.reflection_pad2d_backward(g_pad, xc, [ctx.pad] * 4) if ctx.pad else g_pad
             g_x = g_x.to(x.dtype)
         return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Tensor, int]:
+        from .lowmem_stacked import reflect_conv_rule
+
+        return reflect_conv_rule(info.batch_size, in_dims, *args)
 
 
 def reflect_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int = 1) -> Tensor:
@@ -127,6 +160,7 @@ class ReflectConv2d(nn.Conv2d):
     state-dict keys as the plain convolution, so it replaces a ``ReflectionPad2d`` + ``Conv2d`` pair."""
 
     fused = True
+    min_bytes = MIN_BYTES  # inputs smaller than this take the plain path (module docstring)
 
     def __init__(
         self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, *, reflect: int, bias: bool = True
@@ -135,7 +169,7 @@ class ReflectConv2d(nn.Conv2d):
         self.reflect = reflect
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fused:
+        if not self.fused or _small(x, self.min_bytes):
             return self._conv_forward(_pad(x, self.reflect), self.weight, self.bias)
         return reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride[0])
 
@@ -155,23 +189,24 @@ def _norm_relu(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 class _NormReluPadConv(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        eps: float,
-        pad: int,
-        stride: int,
-        dtype: torch.dtype | None,
-    ) -> Tensor:
+        x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, pad: int, stride: int, dtype: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, invstd = _norm_relu(x, eps)
-        ctx.eps, ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = eps, pad, stride, dtype, bias is not None
-        ctx.save_for_backward(x, weight, mean, invstd)
-        with rowgrad.cooperating(weight, bias) as ctx.live:
-            return F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+        with rowgrad.cooperating(weight, bias):
+            out = F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+        return out, mean, invstd  # the statistics are outputs so that backward may keep them
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, eps, pad, stride, dtype = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.eps, ctx.pad, ctx.stride, ctx.dtype, ctx.has_bias = eps, pad, stride, dtype, bias is not None
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.live = _live_rows(weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_statistics: Any) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         y, _, _ = _norm_relu(x, ctx.eps)  # the same kernels as forward: the same map, bit for bit
         yc, wc = _cast(ctx.dtype, y), _cast(ctx.dtype, weight)
@@ -179,16 +214,30 @@ class _NormReluPadConv(torch.autograd.Function):
         g_pad, g_w, g_b = _conv_backward(
             grad, _pad(yc, ctx.pad), wc, ctx.has_bias, ctx.stride, needs[:3], ctx.live
         )
-        g_x = None
-        if g_pad is not None:
-            g_y = aten.reflection_pad2d_backward(g_pad, yc, [ctx.pad] * 4) if ctx.pad else g_pad
-            g_y = aten.threshold_backward(g_y.to(x.dtype), y, 0)
-            b, c, h, w = x.shape
-            g_x = aten.native_batch_norm_backward(
-                g_y.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
-                mean, invstd, True, ctx.eps, [True, False, False],
-            )[0].view(b, c, h, w)  # fmt: skip
+        g_x = None if g_pad is None else _norm_relu_backward(g_pad, x, y, yc, mean, invstd, ctx.eps, ctx.pad)
         return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], *args: Any
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        from .lowmem_stacked import norm_relu_conv_rule
+
+        return norm_relu_conv_rule(info.batch_size, in_dims, *args)
+
+
+def _norm_relu_backward(
+    g_pad: Tensor, x: Tensor, y: Tensor, yc: Tensor, mean: Tensor, invstd: Tensor, eps: float, pad: int
+) -> Tensor:
+    """The gradient at the norm's input ``x`` from the gradient at the padded map (``y``: the
+    rectified map, ``yc``: it in the convolution's dtype)."""
+    g_y = aten.reflection_pad2d_backward(g_pad, yc, [pad] * 4) if pad else g_pad
+    g_y = aten.threshold_backward(g_y.to(x.dtype), y, 0)
+    b, c, h, w = x.shape
+    return aten.native_batch_norm_backward(
+        g_y.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
+        mean, invstd, True, eps, [True, False, False],
+    )[0].view(b, c, h, w)  # fmt: skip
 
 
 class NormReluConv(nn.Sequential):
@@ -200,6 +249,7 @@ class NormReluConv(nn.Sequential):
     """
 
     fused = True
+    min_bytes = MIN_BYTES  # inputs smaller than this take the plain path (module docstring)
 
     def __init__(self, norm: nn.InstanceNorm2d, placeholder: nn.Module, conv: nn.Conv2d) -> None:
         if norm.affine or norm.track_running_stats:
@@ -219,12 +269,20 @@ class NormReluConv(nn.Sequential):
         norm, conv = cast(nn.InstanceNorm2d, self[0]), cast(nn.Conv2d, self[3])
         reflect = isinstance(conv, ReflectConv2d)
         fused = self.fused and (not reflect or conv.fused)
-        if not fused or x.dim() != 4 or not _records_grad(x, conv.weight, conv.bias):
+        if (
+            not fused
+            or x.dim() != 4
+            or _small(x, self.min_bytes)
+            or not _records_grad(x, conv.weight, conv.bias)
+        ):
             return super().forward(x)
         pad = conv.reflect if isinstance(conv, ReflectConv2d) else 0
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _NormReluPadConv.apply(x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype)
+            out, _, _ = _NormReluPadConv.apply(
+                x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype
+            )
+            return out
 
 
 @contextmanager

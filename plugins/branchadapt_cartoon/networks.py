@@ -250,6 +250,13 @@ class UGATITOptions(PluginOptions):
     )
     n_blocks: int = Field(4, ge=1, description="encoder and decoder residual blocks")
     light: bool = Field(True, description="light FC (pooled features), as photo2cartoon")
+    low_memory_min_mb: float = Field(
+        8.0,
+        ge=0,
+        description="convolution units whose input has at least this many MiB keep only that input for "
+        "backward and recompute the rest (less memory, some time); smaller ones keep their maps. 0: every "
+        "unit saves memory",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UGATITOptions:
@@ -301,6 +308,9 @@ class UGATITGenerator(Backbone):
             nn.Identity(), ReflectConv2d(3, 3, 7, reflect=3, bias=False), nn.Tanh()
         )
         init_normal(self)
+        for m in self.modules():
+            if isinstance(m, NormReluConv | ReflectConv2d):
+                m.min_bytes = int(o.low_memory_min_mb * 2**20)
 
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
         size = self.options.image_size

@@ -13,6 +13,13 @@ from branchadapt_cartoon.lowmem import NormReluConv, ReflectConv2d, reflect_conv
 from branchadapt_cartoon.networks import InstanceNorm, UGATITGenerator
 
 
+@pytest.fixture(autouse=True)
+def _every_unit_saves_memory(monkeypatch):
+    """These tests use small maps, which by default take the plain path (``min_bytes``)."""
+    monkeypatch.setattr(NormReluConv, "min_bytes", 0)
+    monkeypatch.setattr(ReflectConv2d, "min_bytes", 0)
+
+
 def saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
     """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs."""
     seen: dict[int, int] = {}
@@ -133,7 +140,7 @@ def test_bf16_autocast_matches_the_unfused_modules():
 
 def test_generator_saves_about_half_and_trains_to_the_same_gradients():
     torch.manual_seed(3)
-    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, low_memory_min_mb=0))
     x = torch.randn(2, 3, 32, 32)
 
     def step() -> torch.Tensor:
@@ -183,3 +190,73 @@ def test_compiled_hourglass_unit_matches_eager():
             assert b is None
         else:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "stride", "bias"),
+    [("norm_relu_conv", 1, False), ("reflect_conv", 2, True), ("reflect_conv", 1, False)],
+)
+def test_units_under_vmap_match_the_loop_over_copies_and_keep_only_the_input(
+    monkeypatch, grouped, kind, stride, bias
+):
+    """Stacked branch copies (``train.stack_branches``): the units' vmap rules run norm and padding once
+    over every copy's rows and the convolutions grouped or one per copy, keeping only the input."""
+    from torch.func import functional_call, vmap
+
+    from branchadapt_cartoon import lowmem_stacked
+
+    monkeypatch.setattr(lowmem_stacked, "GROUPED_MAX_MACS", 10**12 if grouped else 0)
+    calls = []
+    choose = lowmem_stacked._grouped
+    monkeypatch.setattr(lowmem_stacked, "_grouped", lambda *a: calls.append(choose(*a)) or calls[-1])
+    torch.manual_seed(0)
+    if kind == "norm_relu_conv":
+        unit: nn.Module = NormReluConv(
+            InstanceNorm(4), nn.Identity(), ReflectConv2d(4, 6, 3, stride, reflect=1, bias=bias)
+        )
+    else:
+        unit = ReflectConv2d(4, 6, 3, stride, reflect=1, bias=bias)
+    copies = 3
+    # grouped kernels accumulate in another order: compare them in float64, dense ones bit for bit
+    dtype = torch.float64 if grouped else torch.float32
+    params = {
+        n: torch.randn(copies, *p.shape, dtype=dtype, requires_grad=True) for n, p in unit.named_parameters()
+    }
+    x = torch.randn(copies, 2, 4, 10, 10, dtype=dtype, requires_grad=True)
+
+    def stacked():  # type: ignore[no-untyped-def]
+        return vmap(lambda p, xi: functional_call(unit, p, (xi,)))(params, x)
+
+    saved, out = saved_bytes(stacked)
+    assert calls == [grouped]  # the unit's own rule ran, with the requested convolution kind
+    grads = torch.autograd.grad(out.square().sum(), [x, *params.values()])
+    loop = torch.stack(
+        [functional_call(unit, {n: p[i] for n, p in params.items()}, (x[i],)) for i in range(copies)]
+    )
+    want = torch.autograd.grad(loop.square().sum(), [x, *params.values()])
+    exact = {"rtol": 1e-10, "atol": 1e-12} if grouped else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(out, loop, **exact)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected, **exact)
+    size = x.element_size()
+    weights = sum(p.numel() for p in params.values()) * size
+    statistics = 2 * copies * 2 * 4 * size if kind == "norm_relu_conv" else 0  # mean, inverse std per row
+    assert saved <= x.numel() * size + weights + statistics  # the input only: no rectified or padded maps
+
+
+def test_units_below_min_bytes_keep_their_maps_and_the_generator_option_sets_it():
+    unit = _unit(8, 8)
+    x = torch.randn(1, 8, 32, 32, requires_grad=True)  # 32 KiB
+    unit.min_bytes = unit[3].min_bytes = x.numel() * 4  # at the threshold: the low-memory path
+    at, _ = saved_bytes(lambda: unit(x))
+    unit.min_bytes = unit[3].min_bytes = x.numel() * 4 + 1  # below it: the plain modules, which keep more
+    below, _ = saved_bytes(lambda: unit(x))
+    with unfused():
+        plain, _ = saved_bytes(lambda: unit(x))
+    assert at < below == plain
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, low_memory_min_mb=0.5))
+    sizes = {m.min_bytes for m in gen.modules() if isinstance(m, NormReluConv | ReflectConv2d)}
+    assert sizes == {2**19}
+    default = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32))
+    assert {m.min_bytes for m in default.modules() if isinstance(m, NormReluConv)} == {8 * 2**20}

@@ -116,6 +116,28 @@ def test_stacked_mode_really_maps_and_unequal_groups_fall_back_to_the_loop():
     assert router._unstackable is None  # the next equal batch is stacked again
 
 
+def test_auto_stacks_small_batches_on_a_cpu_and_loops_large_ones(monkeypatch):
+    from branchadapt import batching
+
+    loop, stacked = pair(Participation.LIVE, low=CountCalls())
+    stacked.stacked = "auto"
+    ids = [0, 1, 2, 0, 1, 2]
+    x_bytes = len(ids) * 2 * 6 * 6 * 4  # run()'s input, the low stage's: 6 rows of 2 x 6 x 6 floats
+    monkeypatch.setattr(batching, "AUTO_MAX_BYTES", x_bytes)
+    CountCalls.calls = 0
+    out_small, _ = run(stacked, ids)
+    assert CountCalls.calls == 1  # at the limit: one mapped call
+    monkeypatch.setattr(batching, "AUTO_MAX_BYTES", x_bytes - 1)
+    CountCalls.calls = 0
+    out_large, _ = run(stacked, ids)
+    assert CountCalls.calls == 3  # over it: the loop, and only for this batch
+    torch.testing.assert_close(out_small, out_large)
+    torch.testing.assert_close(out_large, run(loop, ids)[0])
+    assert stacked.backbone.low._unstackable is None
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        stacked.stacked = "yes"  # type: ignore[assignment]
+
+
 def test_a_stage_that_cannot_be_mapped_warns_once_and_loops_for_good():
     loop, stacked = pair(Participation.DETACHED, low=NeedsItem())
     ids = [0, 1, 2, 0, 1, 2]

@@ -116,7 +116,8 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
 
 
 def test_memory_table_shows_what_the_low_memory_units_save() -> None:
-    out = run("memory.py", "--size", "32", "--width", "4", "--steps", "1")
+    # 32 px maps are below the units' default size threshold: make every unit save memory
+    out = run("memory.py", "--size", "32", "--width", "4", "--steps", "1", "--low-memory-min-mb", "0")
     rows = {r[0]: r for r in table_rows(out, r"(basic|transfer)")}
     assert set(rows) == {
         "basic",
@@ -129,8 +130,8 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
     loop = saved["transfer, branches as a loop"]
     assert loop < 0.75 * saved["transfer, branches as a loop, unfused units"]
     assert saved["basic"] < loop  # a quarter of the batch
-    # inside vmap the branch stages' low-memory units take their plain path: more is saved
-    assert loop < saved["transfer, branches"]
+    # stacked copies: the low-memory units keep only their inputs under vmap too
+    assert saved["transfer, branches"] < 1.1 * loop
     assert "low-memory units (loop): saved activations" in out
     assert "stacked branches: saved activations" in out
 
