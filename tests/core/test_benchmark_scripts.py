@@ -152,16 +152,18 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
     out = run("step_time.py", "--sizes", "32", "--width", "4", "--steps", "1", "--warmup", "0",
               "--skip-reference", "--no-bf16")  # fmt: skip
     (row,) = table_rows(out, r"32$")
-    ours, plain, overhead, loop, loop_overhead, separate, separate_overhead, naive, copying, ref = map(
-        float, row[1:11]
+    ours, plain, overhead, loop, loop_overhead, stacked, stacked_overhead, separate, separate_overhead = map(
+        float, row[1:10]
     )
-    assert min(ours, plain, loop, separate, naive, ref) > 0
+    naive, copying, ref = map(float, row[10:13])
+    assert min(ours, plain, loop, stacked, separate, naive, ref) > 0
     assert overhead == pytest.approx(ours / plain, abs=0.006)  # printed with 2 decimals
     assert loop_overhead == pytest.approx(loop / plain, abs=0.006)
+    assert stacked_overhead == pytest.approx(stacked / plain, abs=0.006)
     assert separate_overhead == pytest.approx(separate / plain, abs=0.006)
     assert 0 < copying < naive  # the copies are timed inside the naive step
-    assert row[11] == "-"  # --no-bf16
-    low, high = map(float, row[12].split("-"))  # one step per configuration: one round
+    assert row[13] == "-"  # --no-bf16
+    low, high = map(float, row[14].split("-"))  # one step per configuration: one round
     assert low == high == pytest.approx(overhead, abs=0.011)
     assert "measured peak" in out
 
