@@ -56,6 +56,17 @@ REFERENCE_SECONDS = {128: 2.79, 256: 6.32}  # the reference code's iteration, me
 SAME_RECOGNIZER = ['losses.face_id.recognizer={type="mobilefacenet", allow_random=true}']
 
 
+# the transfer table's variants besides ours and no branches (``--only`` picks some)
+OPTIONAL_VARIANTS = {
+    "loop": ["train.stack_branches=false"],
+    "stacked": ["train.stack_branches=true"],
+    "separate": ["train.fuse_participation=false"],
+    "naive": [NAIVE],
+    "ref": ["task.reuse_fakes=false"],
+    "bf16": ['precision="bf16"'],
+}
+
+
 def overrides(size: int, width: int) -> list[str]:
     """The recipe at ``size`` px: generator/discriminator width, discriminator depth, tiny data."""
     layers = max(3, min(7, (size // 3).bit_length() + 1))
@@ -189,6 +200,13 @@ def main() -> None:
     ap.add_argument(
         "--reference-repo", type=Path, help="photo2cartoon checkout: time its iteration in the same run"
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(OPTIONAL_VARIANTS),
+        help="transfer table: time only these variants next to ours and no branches (the others print '-'); "
+        "each variant holds a whole trainer, and seven of them at 256 px exceed 24 GiB",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak, peak_name = peak_gflops()
@@ -202,30 +220,25 @@ def main() -> None:
             "| overhead per round (min-max) |"
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-        configs = {
-            "ours": [],
-            "plain": ['stages.transfer.splitter={type="finetune"}'],
-            "loop": ["train.stack_branches=false"],
-            "stacked": ["train.stack_branches=true"],
-            "separate": ["train.fuse_participation=false"],
-            "naive": [NAIVE],
-            "ref": ["task.reuse_fakes=false"],
-            "bf16": ['precision="bf16"'],
-        }
-        if args.no_bf16:
-            del configs["bf16"]
+        wanted = set(args.only or OPTIONAL_VARIANTS) - ({"bf16"} if args.no_bf16 else set())
+        configs = {"ours": [], "plain": ['stages.transfer.splitter={type="finetune"}']}
+        configs |= {k: v for k, v in OPTIONAL_VARIANTS.items() if k in wanted}
         for size in args.sizes:
             per_round: dict[str, list[float]] = {}
             t = interleaved(size, args.width, 1, configs, args, rounds=per_round)
-            bf16 = f"{t['bf16']:.3f}" if "bf16" in t else "-"
+
+            def cell(name: str, ratio: bool = False, t: dict[str, float] = t) -> str:
+                if name not in t:
+                    return "-"
+                return f"{t[name] / t['plain']:.2f}" if ratio else f"{t[name]:.3f}"
+
             # ours and no branches ran in the same round: their ratio is free of slower drift
             ratios = [o / p for o, p in zip(per_round["ours"], per_round["plain"], strict=True)]
-            print(f"| {size} | {t['ours']:.3f} | {t['plain']:.3f} | {t['ours'] / t['plain']:.2f} | "
-                  f"{t['loop']:.3f} | {t['loop'] / t['plain']:.2f} | {t['stacked']:.3f} | "
-                  f"{t['stacked'] / t['plain']:.2f} | {t['separate']:.3f} | "
-                  f"{t['separate'] / t['plain']:.2f} | {t['naive']:.3f} | "
-                  f"{t['copying']:.3f} | {t['ref']:.3f} | {bf16} | {min(ratios):.2f}-{max(ratios):.2f} |",
-                  flush=True)  # fmt: skip
+            cells = [cell("ours"), cell("plain"), cell("ours", True), cell("loop"), cell("loop", True),
+                     cell("stacked"), cell("stacked", True), cell("separate"), cell("separate", True),
+                     cell("naive"), cell("copying"), cell("ref"), cell("bf16"),
+                     f"{min(ratios):.2f}-{max(ratios):.2f}"]  # fmt: skip
+            print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
         print()
     if args.skip_reference:
         return

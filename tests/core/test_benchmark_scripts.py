@@ -174,3 +174,11 @@ def test_data_loading_compares_loader_throughput_with_training() -> None:
     train, *loaders = (float(c) for c in row[1:5])
     assert train > 0 and min(loaders) > 0
     assert float(row[5].rstrip("x")) == pytest.approx(max(loaders) / train, rel=0.01, abs=1)
+
+
+def test_step_time_only_times_the_variants_asked_for() -> None:
+    out = run("step_time.py", "--sizes", "32", "--width", "4", "--steps", "1", "--warmup", "0",
+              "--skip-reference", "--only", "loop")  # fmt: skip
+    (row,) = table_rows(out, r"32$")
+    assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) > 0  # ours, no branches, loop
+    assert row[6:14] == ["-"] * 8  # stacked, separate, naive, copying, ref order, bf16: not run
