@@ -13,9 +13,9 @@ one warm-up, variants interleaved in reversed order every other round:
 - ``one copy``: a single copy on the whole batch (no branches: the floor);
 - ``loop``: one copy per group on its rows, as ``GroupBranches`` runs them (low-memory units);
 - ``loop, unfused units``: the same with the generator's low-memory units switched off;
-- ``vmap``: the stacked copies under ``torch.func.vmap(functional_call)``. Inside vmap the
-  low-memory units take their plain path (their custom autograd functions have no vmap rule), so
-  this runs the unfused maths; its gradients are checked against the loop's.
+- ``vmap``: the stacked copies under ``torch.func.vmap(functional_call)``; the low-memory units
+  run through their vmap rules (``branchadapt_cartoon.lowmem_stacked``) wherever they would
+  recompute in the loop. Its gradients are checked against the loop's.
 
     .venv/bin/python benchmarks/branch_batching.py --sizes 64 128 --repeat 5 --threads 2
 """

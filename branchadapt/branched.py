@@ -13,6 +13,9 @@ With ``fused = True`` (``train.fuse_participation``) and a backbone that declare
 :class:`branchadapt.rowgrad.LiveRows`: every operation meeting a shared parameter takes its weight
 gradient from the live rows only. Same gradients, half the calls through the shared stages; where
 the mode meets an operation it cannot restrict, the model says so once and runs separate calls.
+``fused = "auto"`` fuses a batch on an accelerator, and on a CPU only while its inputs take at most
+:data:`FUSE_AUTO_MAX_BYTES`: on small inputs the per-call cost dominates and one call wins; on large
+ones separate calls were faster on a CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
 from .paramslots import ParamSlots
 from .statekeys import check_shapes, diff_message, plain_from_any
+
+#: ``fused = "auto"`` fuses a CPU batch whose batched inputs take at most this many bytes
+FUSE_AUTO_MAX_BYTES = 512 << 10
 
 BRANCHES = statekeys.BRANCHES  # attribute of GroupBranches holding the per-group copies
 _FUSABLE = {Participation.LIVE, Participation.DETACHED}  # participations one call can serve
@@ -197,7 +203,7 @@ class BranchedModel(nn.Module):
         branch_stages: Sequence[str] = (),
         participation: Mapping[str, Participation] | None = None,
         stacked: bool | Literal["auto"] = False,
-        fused: bool = False,
+        fused: bool | Literal["auto"] = False,
     ) -> None:
         super().__init__()
         if not groups:
@@ -257,7 +263,7 @@ class BranchedModel(nn.Module):
         by_policy: dict[Participation, list[int]] = {}
         for g in torch.unique(ids).tolist():
             by_policy.setdefault(self.participation[self.groups[g]], []).append(g)
-        if self.fused and self._unfusable is None and set(by_policy) == _FUSABLE and torch.is_grad_enabled():
+        if self._fuses(by_policy, args, kwargs, len(ids)):
             try:
                 return self._run_fused(ids, by_policy[Participation.LIVE], args, kwargs)
             except rowgrad.NotFusable as err:
@@ -281,6 +287,14 @@ class BranchedModel(nn.Module):
             return self._run(policy, a, k)
 
         return _run_split(parts, args, kwargs, call)
+
+    def _fuses(self, by_policy: Mapping[Participation, list[int]], args: Any, kwargs: Any, rows: int) -> bool:
+        """Whether this batch runs as one call (``fused``; live and detached groups, gradients on)."""
+        if not self.fused or self._unfusable is not None or set(by_policy) != _FUSABLE:
+            return False
+        if not torch.is_grad_enabled():
+            return False
+        return self.fused is True or batching.worth_stacking((args, kwargs), rows, FUSE_AUTO_MAX_BYTES)
 
     def _run_fused(
         self, ids: Tensor, live_groups: list[int], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -68,12 +68,14 @@ class TrainSpec(_Strict):
         "(larger ones are faster as a loop there) and always on an accelerator; false: always the loop "
         "(see docs/performance.md)",
     )
-    fuse_participation: bool = Field(
-        True,
-        description="run live and detached groups of a mixed batch as one call through the shared stages, "
-        "shared weight gradients taken from the live rows only (needs a backbone declaring "
+    fuse_participation: bool | Literal["auto"] = Field(
+        "auto",
+        description="true: run live and detached groups of a mixed batch as one call through the shared "
+        "stages, shared weight gradients taken from the live rows only (needs a backbone declaring "
         "rows_independent; falls back to separate calls, with one warning, where it cannot; same maths up "
-        "to rounding, see docs/performance.md)",
+        "to rounding); auto: only for batches whose inputs take at most 512 KiB on a CPU (larger ones "
+        "were faster as separate calls there) and always on an accelerator; false: separate calls "
+        "(see docs/performance.md)",
     )
     compile: Literal["off", "units", "auto"] = Field(
         "off",

@@ -174,7 +174,7 @@ class Trainer:
             if isinstance(module, BranchedModel):
                 module.stacked = self.spec.train.stack_branches
                 # compiled units would trace the row-restricting mode: keep the separate calls there
-                module.fused = self.spec.train.fuse_participation and not compiling
+                module.fused = False if compiling else self.spec.train.fuse_participation
         if compiling:
             n = compile_units(modules.values())
             self.progress.message(

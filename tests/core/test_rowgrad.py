@@ -204,6 +204,36 @@ def test_branched_model_in_one_call_learns_what_separate_calls_learn(stacked):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fused.shared_parameters())
 
 
+def test_auto_fuses_small_cpu_batches_only(monkeypatch):
+    import branchadapt.branched as branched_mod
+
+    split, auto = _pair(Independent())
+    auto.fused = "auto"
+    calls = {"fused": 0, "separate": 0}
+    run_fused, run = auto._run_fused, auto._run
+
+    def counting(kind, fn):
+        def wrapped(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    auto._run_fused = counting("fused", run_fused)  # type: ignore[method-assign]
+    auto._run = counting("separate", run)  # type: ignore[method-assign]
+    x, ids = torch.randn(6, 2, 6, 6), torch.tensor([1, 0, 2, 2, 0, 1])  # 1,728 bytes of input
+    out_small = _step(auto, x, ids)
+    assert calls == {"fused": 1, "separate": 0}
+    monkeypatch.setattr(branched_mod, "FUSE_AUTO_MAX_BYTES", x.numel() * x.element_size() - 1)
+    out_large = _step(auto, x, ids)
+    assert calls == {"fused": 1, "separate": 2}  # live and detached rows as two calls
+    torch.testing.assert_close(out_large, out_small)
+    torch.testing.assert_close(out_large, _step(split, x, ids))
+    auto.fused = True  # forced: fuses whatever the size
+    _step(auto, x, ids)
+    assert calls == {"fused": 2, "separate": 2}
+
+
 def test_branched_model_falls_back_once_with_a_warning_and_the_same_gradients():
     split, fused = _pair(Independent(matmul=True))
     x, ids = torch.randn(4, 2, 6, 6), torch.tensor([0, 1, 2, 0])
