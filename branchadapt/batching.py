@@ -32,14 +32,15 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 AUTO_MAX_BYTES = 8 << 20
 
 
-def worth_stacking(tree: Any, batch: int, limit: int = AUTO_MAX_BYTES) -> bool:
+def worth_stacking(tree: Any, batch: int, limit: int | None = None) -> bool:
     """``stacked = "auto"``: whether this batch (the tensors with ``batch`` rows in ``tree``) takes at
-    most ``limit`` bytes, or lives on an accelerator, where fewer, larger calls are the point. Also
-    the ``"auto"`` rule of :attr:`branchadapt.BranchedModel.fused`, with its own limit."""
+    most ``limit`` bytes (default: :data:`AUTO_MAX_BYTES`, read at call time), or lives on an
+    accelerator, where fewer, larger calls are the point. Also the ``"auto"`` rule of
+    :attr:`branchadapt.BranchedModel.fused`, with its own limit."""
     leaves = [t for t in tree_flatten(tree)[0] if has_batch_dim(t, batch)]
     if any(t.device.type != "cpu" for t in leaves):
         return True
-    return sum(t.numel() * t.element_size() for t in leaves) <= limit
+    return sum(t.numel() * t.element_size() for t in leaves) <= (AUTO_MAX_BYTES if limit is None else limit)
 
 
 class NotStackable(Exception):
