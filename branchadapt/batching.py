@@ -32,15 +32,19 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 AUTO_MAX_BYTES = 8 << 20
 
 
-def worth_stacking(tree: Any, batch: int, limit: int | None = None) -> bool:
-    """``stacked = "auto"``: whether this batch (the tensors with ``batch`` rows in ``tree``) takes at
-    most ``limit`` bytes (default: :data:`AUTO_MAX_BYTES`, read at call time), or lives on an
-    accelerator, where fewer, larger calls are the point. Also the ``"auto"`` rule of
-    :attr:`branchadapt.BranchedModel.fused`, with its own limit."""
+def small_or_on_accelerator(tree: Any, batch: int, limit: int) -> bool:
+    """Whether the tensors with ``batch`` rows in ``tree`` take at most ``limit`` bytes, or live on
+    an accelerator, where fewer, larger calls are the point: the rule of every ``"auto"`` switch
+    that trades one large call for several small ones (``stacked``, ``fused``), each with its limit."""
     leaves = [t for t in tree_flatten(tree)[0] if has_batch_dim(t, batch)]
     if any(t.device.type != "cpu" for t in leaves):
         return True
-    return sum(t.numel() * t.element_size() for t in leaves) <= (AUTO_MAX_BYTES if limit is None else limit)
+    return sum(t.numel() * t.element_size() for t in leaves) <= limit
+
+
+def worth_stacking(tree: Any, batch: int) -> bool:
+    """``stacked = "auto"``: :func:`small_or_on_accelerator` with :data:`AUTO_MAX_BYTES`."""
+    return small_or_on_accelerator(tree, batch, AUTO_MAX_BYTES)
 
 
 class NotStackable(Exception):
@@ -124,6 +128,7 @@ __all__ = [
     "has_batch_dim",
     "meta_template",
     "run_stacked",
+    "small_or_on_accelerator",
     "stackable",
     "worth_stacking",
 ]

@@ -183,6 +183,12 @@ class GroupBranches(nn.Module):
         return batching.run_stacked(params, template, positions, args, kwargs, _batch_size(args, kwargs))
 
 
+def _auto_switch(name: str, value: Any) -> bool | Literal["auto"]:
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+    return value
+
+
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -248,13 +254,21 @@ class BranchedModel(nn.Module):
 
     @stacked.setter
     def stacked(self, value: bool | Literal["auto"]) -> None:
-        if value != "auto" and not isinstance(value, bool):
-            raise ValueError(f"stacked must be True, False or 'auto', got {value!r}")
-        self._stacked = value
+        self._stacked = _auto_switch("stacked", value)
         for path in self.branch_paths:
             router = self.backbone.get_submodule(path)
             assert isinstance(router, GroupBranches)
             router.stacked = self._stacked
+
+    @property
+    def fused(self) -> bool | Literal["auto"]:
+        """Whether live and detached groups of a batch run as one call (module docstring);
+        ``"auto"``: where the batch is small (:data:`FUSE_AUTO_MAX_BYTES`) or on an accelerator."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | Literal["auto"]) -> None:
+        self._fused = _auto_switch("fused", value)
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, groups: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Any:
@@ -294,7 +308,9 @@ class BranchedModel(nn.Module):
             return False
         if not torch.is_grad_enabled():
             return False
-        return self.fused is True or batching.worth_stacking((args, kwargs), rows, FUSE_AUTO_MAX_BYTES)
+        return self.fused is True or batching.small_or_on_accelerator(
+            (args, kwargs), rows, FUSE_AUTO_MAX_BYTES
+        )
 
     def _run_fused(
         self, ids: Tensor, live_groups: list[int], args: tuple[Any, ...], kwargs: dict[str, Any]

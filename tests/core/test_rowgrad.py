@@ -232,6 +232,8 @@ def test_auto_fuses_small_cpu_batches_only(monkeypatch):
     auto.fused = True  # forced: fuses whatever the size
     _step(auto, x, ids)
     assert calls == {"fused": 2, "separate": 2}
+    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+        auto.fused = "yes"  # type: ignore[assignment]
 
 
 def test_branched_model_falls_back_once_with_a_warning_and_the_same_gradients():
