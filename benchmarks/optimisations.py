@@ -21,6 +21,8 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   off, so autograd keeps the ReLU outputs and padded maps: what keeping less costs or saves in time;
 - ``all units low-memory``: ``model.low_memory_min_mb = 0``, every unit on its low-memory path
   however small its input (by default only inputs of 8 MiB and more): what the threshold saves;
+- ``torch pad backward``: torch's own CPU kernel for every reflection pad's gradient instead of
+  ``branchadapt_cartoon.padding``'s strided fold of large maps: what the fold saves;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -164,6 +166,17 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
         for opt in rt.optimizers.values():
             for group in opt.param_groups:
                 group.update(foreach=None, fused=None)
+    if name == "torch pad backward":  # a module switch: off around this variant's steps only
+        from branchadapt_cartoon import padding
+
+        def step(i: int) -> object:
+            padding.fold_enabled = False
+            try:
+                return trainer.train_step(rt, rt.data[i])
+            finally:
+                padding.fold_enabled = True
+
+        return step, threads
     return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
 
 
@@ -209,6 +222,7 @@ def main() -> None:
         "unfused units",
         "all units low-memory",
         "classic spectral norm",
+        "torch pad backward",
     ]
     names += ["torch.compile"] if args.compile else []
     if args.only:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .networks import init_normal
+from .padding import ReflectionPad2d
 from .spectral import spectral_norm
 
 
@@ -49,16 +50,16 @@ class Discriminator(nn.Module):
         convs: list[nn.Module] = []
         c_in, c_out = 3, width
         for _ in range(n_layers - 2):  # stride-2 convs
-            convs += [nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 4, 2), nn.LeakyReLU(0.2, True)]
+            convs += [ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 4, 2), nn.LeakyReLU(0.2, True)]
             c_in, c_out = c_out, c_out * 2
-        convs += [nn.ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 4, 1), nn.LeakyReLU(0.2, True)]
+        convs += [ReflectionPad2d(1), nn.Conv2d(c_in, c_out, 4, 1), nn.LeakyReLU(0.2, True)]
         channels = c_out
         self.model = nn.Sequential(*convs)
         self.gap_fc = nn.Linear(channels, 1, bias=False)
         self.gmp_fc = nn.Linear(channels, 1, bias=False)
         self.conv1x1 = nn.Conv2d(2 * channels, channels, 1)
         self.leaky_relu = nn.LeakyReLU(0.2, True)
-        self.pad = nn.ReflectionPad2d(1)
+        self.pad = ReflectionPad2d(1)
         self.conv = nn.Conv2d(channels, 1, 4, 1, bias=False)
         self.group_head = nn.Linear(2 * channels, n_groups) if n_groups > 0 else None
         init_normal(self)

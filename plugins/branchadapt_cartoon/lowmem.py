@@ -37,6 +37,8 @@ from torch import Tensor, nn
 
 from branchadapt import rowgrad
 
+from .padding import reflect_pad, reflect_pad_backward
+
 aten = torch.ops.aten
 
 
@@ -77,7 +79,7 @@ def _cast(dtype: torch.dtype | None, t: Tensor | None) -> Any:
 
 
 def _pad(x: Tensor, pad: int) -> Tensor:
-    return F.pad(x, (pad,) * 4, mode="reflect") if pad else x
+    return reflect_pad(x, pad)
 
 
 def _conv_backward(
@@ -135,8 +137,7 @@ class _ReflectPadConv(torch.autograd.Function):
         )
         g_x = None
         if g_pad is not None:
-            g_x = aten.reflection_pad2d_backward(g_pad, xc, [ctx.pad] * 4) if ctx.pad else g_pad
-            g_x = g_x.to(x.dtype)
+            g_x = reflect_pad_backward(g_pad, ctx.pad).to(x.dtype)
         return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None
 
     @staticmethod
@@ -231,7 +232,7 @@ def _norm_relu_backward(
 ) -> Tensor:
     """The gradient at the norm's input ``x`` from the gradient at the padded map (``y``: the
     rectified map, ``yc``: it in the convolution's dtype)."""
-    g_y = aten.reflection_pad2d_backward(g_pad, yc, [pad] * 4) if pad else g_pad
+    g_y = reflect_pad_backward(g_pad, pad)
     g_y = aten.threshold_backward(g_y.to(x.dtype), y, 0)
     b, c, h, w = x.shape
     return aten.native_batch_norm_backward(

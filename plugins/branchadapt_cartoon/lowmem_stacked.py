@@ -36,6 +36,7 @@ from .lowmem import (
     _ReflectPadConv,
     aten,
 )
+from .padding import reflect_pad_backward
 
 #: on CPU, a copy's convolution with at least this many multiply-adds runs dense, one per copy
 GROUPED_MAX_MACS = 20_000_000
@@ -139,8 +140,7 @@ class _StackedReflectPadConv(torch.autograd.Function):
         g_x = None
         if g_pad is not None:
             g_flat = g_pad.flatten(0, 1)
-            g_x = aten.reflection_pad2d_backward(g_flat, flat, [ctx.pad] * 4) if ctx.pad else g_flat
-            g_x = g_x.to(x.dtype).unflatten(0, (copies, rows))
+            g_x = reflect_pad_backward(g_flat, ctx.pad).to(x.dtype).unflatten(0, (copies, rows))
         return g_x, _cast(weight.dtype, g_w), _cast(weight.dtype, g_b), None, None, None
 
 

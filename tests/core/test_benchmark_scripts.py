@@ -100,12 +100,23 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     ours = Discriminator(width=4, n_layers=3)
     assert type(classic.model[1]) is torch.nn.Conv2d and classic.model[1]._forward_pre_hooks
     assert isinstance(ours.model[1], SNConv2d)
+    from branchadapt_cartoon import padding
+
+    seen: list[bool] = []
+    foldable = padding._foldable
+    padding._foldable = lambda g, p: seen.append(padding.fold_enabled) or foldable(g, p)  # type: ignore[assignment]
+    try:
+        step, _ = optimisations.variant("torch pad backward", 32, 4)
+        step(0)
+    finally:
+        padding._foldable = foldable
+    assert seen and not any(seen) and padding.fold_enabled  # off in that variant's step only
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
               "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm",
-              "for-loop Adam")  # fmt: skip
+              "for-loop Adam", "torch pad backward")  # fmt: skip
     names = ["default", "for-loop Adam", "two-pass LIN", "torch instance norm", "unfused units",
-             "classic spectral norm"]  # fmt: skip
+             "classic spectral norm", "torch pad backward"]  # fmt: skip
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
