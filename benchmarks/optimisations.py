@@ -23,6 +23,8 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   however small its input (by default only inputs of 8 MiB and more): what the threshold saves;
 - ``torch pad backward``: torch's own CPU kernel for every reflection pad's gradient instead of
   ``branchadapt_cartoon.padding``'s strided fold of large maps: what the fold saves;
+- ``torch IN forward``: torch's batch-norm kernel for the instance norms' training forward instead
+  of ``branchadapt_cartoon.instnorm``'s four vectorised ops: what the latter saves;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
 import sys
 import time
@@ -132,6 +135,13 @@ def _unfuse(module: torch.nn.Module) -> None:
             m.fused = False  # this instance only: the other variants in the process keep theirs
 
 
+#: variants that turn off a module-level switch of the cartoon plugins for their own steps
+SWITCHES = {
+    "torch pad backward": ("branchadapt_cartoon.padding", "fold_enabled"),
+    "torch IN forward": ("branchadapt_cartoon.instnorm", "fast_forward"),
+}
+
+
 def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {
@@ -166,15 +176,16 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
         for opt in rt.optimizers.values():
             for group in opt.param_groups:
                 group.update(foreach=None, fused=None)
-    if name == "torch pad backward":  # a module switch: off around this variant's steps only
-        from branchadapt_cartoon import padding
+    if name in SWITCHES:  # a module-level switch: off around this variant's steps only
+        module_name, attr = SWITCHES[name]
+        module = importlib.import_module(module_name)
 
         def step(i: int) -> object:
-            padding.fold_enabled = False
+            setattr(module, attr, False)
             try:
                 return trainer.train_step(rt, rt.data[i])
             finally:
-                padding.fold_enabled = True
+                setattr(module, attr, True)
 
         return step, threads
     return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
@@ -223,6 +234,7 @@ def main() -> None:
         "all units low-memory",
         "classic spectral norm",
         "torch pad backward",
+        "torch IN forward",
     ]
     names += ["torch.compile"] if args.compile else []
     if args.only:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from branchadapt import rowgrad
 
+from .instnorm import norm_backward, norm_stats
 from .padding import reflect_pad, reflect_pad_backward
 
 aten = torch.ops.aten
@@ -179,12 +180,9 @@ class ReflectConv2d(nn.Conv2d):
 
 
 def _norm_relu(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Instance norm (no affine) with the batch-norm kernel, then ReLU: (output, mean, inverse std)."""
-    b, c, h, w = x.shape
-    out, mean, invstd = aten.native_batch_norm(
-        x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps
-    )
-    return out.view(b, c, h, w).relu_(), mean, invstd
+    """Instance norm (no affine, :func:`.instnorm.norm_stats`), then ReLU: (output, mean, inverse std)."""
+    out, mean, invstd = norm_stats(x, eps)
+    return out.relu_(), mean, invstd
 
 
 class _NormReluPadConv(torch.autograd.Function):
@@ -234,11 +232,7 @@ def _norm_relu_backward(
     rectified map, ``yc``: it in the convolution's dtype)."""
     g_y = reflect_pad_backward(g_pad, pad)
     g_y = aten.threshold_backward(g_y.to(x.dtype), y, 0)
-    b, c, h, w = x.shape
-    return aten.native_batch_norm_backward(
-        g_y.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
-        mean, invstd, True, eps, [True, False, False],
-    )[0].view(b, c, h, w)  # fmt: skip
+    return norm_backward(g_y, x, mean, invstd, eps)
 
 
 class NormReluConv(nn.Sequential):

@@ -100,23 +100,27 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     ours = Discriminator(width=4, n_layers=3)
     assert type(classic.model[1]) is torch.nn.Conv2d and classic.model[1]._forward_pre_hooks
     assert isinstance(ours.model[1], SNConv2d)
-    from branchadapt_cartoon import padding
+    from branchadapt_cartoon import instnorm, padding
 
-    seen: list[bool] = []
-    foldable = padding._foldable
-    padding._foldable = lambda g, p: seen.append(padding.fold_enabled) or foldable(g, p)  # type: ignore[assignment]
+    seen: dict[str, list[bool]] = {"pad": [], "norm": []}
+    foldable, norm_stats = padding._foldable, instnorm.norm_stats
+    padding._foldable = lambda g, p: seen["pad"].append(padding.fold_enabled) or foldable(g, p)  # type: ignore[assignment]
+    instnorm.norm_stats = lambda x, e: seen["norm"].append(instnorm.fast_forward) or norm_stats(x, e)  # type: ignore[assignment]
     try:
-        step, _ = optimisations.variant("torch pad backward", 32, 4)
-        step(0)
+        for name in ("torch pad backward", "torch IN forward"):
+            step, _ = optimisations.variant(name, 32, 4)
+            step(0)
     finally:
-        padding._foldable = foldable
-    assert seen and not any(seen) and padding.fold_enabled  # off in that variant's step only
+        padding._foldable, instnorm.norm_stats = foldable, norm_stats
+    # each switch is off in its own variant's steps only, and on again afterwards
+    assert seen["pad"] and seen["norm"] and padding.fold_enabled and instnorm.fast_forward
+    assert False in seen["pad"] and True in seen["pad"] and False in seen["norm"] and True in seen["norm"]
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
               "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm",
-              "for-loop Adam", "torch pad backward")  # fmt: skip
+              "for-loop Adam", "torch pad backward", "torch IN forward")  # fmt: skip
     names = ["default", "for-loop Adam", "two-pass LIN", "torch instance norm", "unfused units",
-             "classic spectral norm", "torch pad backward"]  # fmt: skip
+             "classic spectral norm", "torch pad backward", "torch IN forward"]  # fmt: skip
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)

@@ -1,0 +1,85 @@
+"""Instance norm (no affine parameters) for training: torch's maths, a faster forward on the CPU.
+
+torch computes an instance norm as a batch norm of the input reshaped to ``(1, B*C, H, W)``. On
+this project's CPU that kernel's training forward took 2-4x as long as a mean, a subtraction,
+a vector norm of the deviations and a scaling, the same two-pass maths written as four vectorised
+torch ops (``docs/performance.md``, "Instance-norm forward"); its backward kernel stayed the fastest,
+so the gradient is still torch's ``native_batch_norm_backward`` from the same saved input, mean
+and inverse standard deviation.
+
+:func:`norm_stats` is the forward (output, per-row mean, per-row inverse std, shaped like
+``native_batch_norm``'s); :func:`instance_norm` is it under autograd. Both fall back to torch's
+kernel off the CPU (measured only here) and when :data:`fast_forward` is False (A/B runs).
+
+The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
+in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
+gradient in backward (``CopySlices``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+fast_forward = True  # False: torch's batch-norm kernel for the forward too (A/B runs)
+
+
+def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Instance-normalised ``x`` (B, C, H, W), and each (sample, channel) row's mean and inverse
+    standard deviation (biased variance), both of shape ``(B * C,)``."""
+    b, c, h, w = x.shape
+    if not fast_forward or x.device.type != "cpu":
+        out, mean, invstd = aten.native_batch_norm(
+            x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps
+        )
+        return aten._unsafe_view(out, x.shape), mean, invstd
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    out = x - mean
+    norm = torch.linalg.vector_norm(out, dim=(2, 3), keepdim=True)  # one pass, vectorised
+    invstd = torch.rsqrt(norm * norm / (h * w) + eps)  # (tiny tensors: out of place, vmap has rules)
+    return out.mul_(invstd), mean.view(b * c), invstd.view(b * c)
+
+
+def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
+    """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
+    b, c, h, w = x.shape
+    return aten.native_batch_norm_backward(
+        grad.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
+        mean, invstd, True, eps, [True, False, False],
+    )[0].view(b, c, h, w)  # fmt: skip
+
+
+class _InstanceNorm(torch.autograd.Function):
+    generate_vmap_rule = True  # stacked branch copies run it under torch.func.vmap
+
+    @staticmethod
+    def forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return norm_stats(x, eps)  # the statistics are outputs so that backward may keep them
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, invstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_statistics: Any) -> tuple[Tensor | None, None]:
+        if grad is None:
+            return None, None
+        x, mean, invstd = ctx.saved_tensors
+        return norm_backward(grad, x, mean, invstd, ctx.eps), None
+
+
+def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
+    return _InstanceNorm.apply(x, eps)[0]
+
+
+__all__ = ["instance_norm", "norm_backward", "norm_stats"]

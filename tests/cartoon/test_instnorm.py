@@ -1,0 +1,40 @@
+"""The training instance norm: torch's outputs, statistics and gradients, also under vmap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import branchadapt_cartoon.instnorm as instnorm
+from branchadapt_cartoon.instnorm import instance_norm, norm_stats
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_statistics_are_the_batch_norm_kernels(monkeypatch, fast):
+    monkeypatch.setattr(instnorm, "fast_forward", fast)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64) * 4 + 2
+    out, mean, invstd = norm_stats(x, 1e-5)
+    t_out, t_mean, t_invstd = torch.ops.aten.native_batch_norm(
+        x.reshape(1, 6, 5, 7), None, None, None, None, True, 0.0, 1e-5
+    )
+    assert out.shape == x.shape and mean.shape == invstd.shape == (6,)
+    torch.testing.assert_close(out, t_out.view_as(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, t_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(invstd, t_invstd, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_and_vmap_match_torchs_instance_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(instance_norm, (x,))
+    out = instance_norm(x)
+    assert out._base is None  # not a view: no CopySlices behind an in-place ReLU
+    stacked = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)  # copies, rows, C, H, W
+    weights = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+
+    def grad_of(norm):  # type: ignore[no-untyped-def]
+        return torch.func.vmap(torch.func.grad(lambda t: (norm(t).relu() * weights).sum()))(stacked)
+
+    torch.testing.assert_close(grad_of(instance_norm), grad_of(F.instance_norm), rtol=1e-10, atol=1e-12)
