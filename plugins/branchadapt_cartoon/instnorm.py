@@ -9,7 +9,8 @@ and inverse standard deviation.
 
 :func:`norm_stats` is the forward (output, per-row mean, per-row inverse std, shaped like
 ``native_batch_norm``'s); :func:`instance_norm` is it under autograd. Both fall back to torch's
-kernel off the CPU (measured only here) and when :data:`fast_forward` is False (A/B runs).
+kernel off the CPU (measured only here), for inputs under :data:`FAST_MIN_NUMEL` elements and
+when :data:`fast_forward` is False (A/B runs).
 
 The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
 in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
@@ -21,18 +22,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 aten = torch.ops.aten
 
 fast_forward = True  # False: torch's batch-norm kernel for the forward too (A/B runs)
+#: smaller inputs take torch's kernel: its speed there is the same, and a Python autograd
+#: function's own cost (tens of microseconds a call) would be a loss
+FAST_MIN_NUMEL = 1 << 16
+
+
+def _fast(x: Tensor) -> bool:
+    return fast_forward and x.device.type == "cpu" and x.numel() >= FAST_MIN_NUMEL
 
 
 def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Instance-normalised ``x`` (B, C, H, W), and each (sample, channel) row's mean and inverse
     standard deviation (biased variance), both of shape ``(B * C,)``."""
     b, c, h, w = x.shape
-    if not fast_forward or x.device.type != "cpu":
+    if not _fast(x):
         out, mean, invstd = aten.native_batch_norm(
             x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps
         )
@@ -79,7 +88,13 @@ class _InstanceNorm(torch.autograd.Function):
 
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
-    return _InstanceNorm.apply(x, eps)[0]
+    if _fast(x):
+        return _InstanceNorm.apply(x, eps)[0]
+    # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
+    # because nothing else holds the batch norm's output (its backward keeps the input and statistics)
+    b, c, h, w = x.shape
+    out = F.batch_norm(x.reshape(1, b * c, h, w), None, None, training=True, eps=eps)
+    return aten._unsafe_view(out, x.shape)
 
 
-__all__ = ["instance_norm", "norm_backward", "norm_stats"]
+__all__ = ["FAST_MIN_NUMEL", "instance_norm", "norm_backward", "norm_stats"]

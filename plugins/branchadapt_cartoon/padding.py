@@ -84,7 +84,16 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     """``F.pad(x, (pad,) * 4, mode="reflect")``, differentiated by :func:`reflect_pad_backward`."""
     if not pad:
         return x
-    if not torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4:
+    padded = (
+        x.numel() // max(1, x.shape[-1] * x.shape[-2]) * (x.shape[-2] + 2 * pad) * (x.shape[-1] + 2 * pad)
+    )
+    if (
+        not torch.is_grad_enabled()
+        or not fold_enabled
+        or x.device.type != "cpu"
+        or x.dim() != 4
+        or padded < FOLD_MIN_NUMEL  # torch's kernel would run in backward: no Python function to pay
+    ):
         return F.pad(x, (pad,) * 4, mode="reflect")
     return _ReflectPad.apply(x, pad)
 

@@ -12,7 +12,7 @@ from branchadapt_cartoon.instnorm import instance_norm, norm_stats
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_statistics_are_the_batch_norm_kernels(monkeypatch, fast):
-    monkeypatch.setattr(instnorm, "fast_forward", fast)
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0 if fast else 10**9)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64) * 4 + 2
     out, mean, invstd = norm_stats(x, 1e-5)
@@ -25,11 +25,14 @@ def test_statistics_are_the_batch_norm_kernels(monkeypatch, fast):
     torch.testing.assert_close(invstd, t_invstd, rtol=1e-12, atol=1e-12)
 
 
-def test_gradient_and_vmap_match_torchs_instance_norm():
+@pytest.mark.parametrize("fast", [True, False])
+def test_gradient_and_vmap_match_torchs_instance_norm(monkeypatch, fast):
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0 if fast else 10**9)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(instance_norm, (x,))
     out = instance_norm(x)
+    assert (type(out.grad_fn).__name__ == "_InstanceNormBackward") == fast  # the fast forward or torch's
     assert out._base is None  # not a view: no CopySlices behind an in-place ReLU
     stacked = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)  # copies, rows, C, H, W
     weights = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -38,3 +41,10 @@ def test_gradient_and_vmap_match_torchs_instance_norm():
         return torch.func.vmap(torch.func.grad(lambda t: (norm(t).relu() * weights).sum()))(stacked)
 
     torch.testing.assert_close(grad_of(instance_norm), grad_of(F.instance_norm), rtol=1e-10, atol=1e-12)
+
+
+def test_small_inputs_take_torchs_kernel_large_ones_the_fast_forward():
+    small = torch.randn(1, 4, 8, 8, requires_grad=True)  # 256 elements
+    large = torch.randn(1, 16, 64, 64, requires_grad=True)  # 65,536 = FAST_MIN_NUMEL
+    assert type(instance_norm(small).grad_fn).__name__ != "_InstanceNormBackward"
+    assert type(instance_norm(large).grad_fn).__name__ == "_InstanceNormBackward"

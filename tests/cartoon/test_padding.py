@@ -58,6 +58,8 @@ def test_reflect_pad_is_torchs_pad_with_the_folded_gradient(monkeypatch):
     with torch.no_grad():  # nothing recorded: torch's pad itself
         assert reflect_pad(x, 2).grad_fn is None
     assert reflect_pad(x, 0) is x
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 2 * 3 * 13 * 11 + 1)  # the padded map is smaller:
+    assert type(reflect_pad(x, 2).grad_fn).__name__ != "_ReflectPadBackward"  # torch's pad and gradient
 
 
 def test_module_replaces_nn_reflection_pad():

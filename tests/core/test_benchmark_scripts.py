@@ -103,15 +103,19 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     from branchadapt_cartoon import instnorm, padding
 
     seen: dict[str, list[bool]] = {"pad": [], "norm": []}
-    foldable, norm_stats = padding._foldable, instnorm.norm_stats
-    padding._foldable = lambda g, p: seen["pad"].append(padding.fold_enabled) or foldable(g, p)  # type: ignore[assignment]
-    instnorm.norm_stats = lambda x, e: seen["norm"].append(instnorm.fast_forward) or norm_stats(x, e)  # type: ignore[assignment]
+    reflect_pad, fast = padding.reflect_pad, instnorm._fast
+    thresholds = padding.FOLD_MIN_NUMEL, instnorm.FAST_MIN_NUMEL
+    padding.FOLD_MIN_NUMEL = instnorm.FAST_MIN_NUMEL = 0  # 32 px maps are below both
+    # the discriminators' pads call padding.reflect_pad, the generators' norms instnorm._fast
+    padding.reflect_pad = lambda x, p: seen["pad"].append(padding.fold_enabled) or reflect_pad(x, p)  # type: ignore[assignment]
+    instnorm._fast = lambda x: seen["norm"].append(instnorm.fast_forward) or fast(x)  # type: ignore[assignment]
     try:
         for name in ("torch pad backward", "torch IN forward"):
             step, _ = optimisations.variant(name, 32, 4)
             step(0)
     finally:
-        padding._foldable, instnorm.norm_stats = foldable, norm_stats
+        padding.reflect_pad, instnorm._fast = reflect_pad, fast
+        padding.FOLD_MIN_NUMEL, instnorm.FAST_MIN_NUMEL = thresholds
     # each switch is off in its own variant's steps only, and on again afterwards
     assert seen["pad"] and seen["norm"] and padding.fold_enabled and instnorm.fast_forward
     assert False in seen["pad"] and True in seen["pad"] and False in seen["norm"] and True in seen["norm"]
