@@ -205,3 +205,15 @@ def test_step_time_only_times_the_variants_asked_for() -> None:
     (row,) = table_rows(out, r"32$")
     assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) > 0  # ours, no branches, loop
     assert row[6:16] == ["-"] * 10  # stacked, fused, separate, naive, copying, ref order, bf16: not run
+
+
+def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
+    out = run("kernels.py", "--repeat", "1")
+    rows = table_rows(out, r"\(")
+    assert len(rows) == 8  # benchmarks/kernels.py SHAPES
+    for row in rows:
+        pad_torch, pad_fold, pad_ratio, in_torch, in_ours, in_ratio = (float(v) for v in row[2:])
+        for slow, fast, ratio in ((pad_torch, pad_fold, pad_ratio), (in_torch, in_ours, in_ratio)):
+            assert slow > 0 and fast > 0 and ratio > 0
+            if fast >= 0.1:  # printed to 3 decimals: the ratio is recomputable where they are large
+                assert ratio == pytest.approx(slow / fast, rel=0.02, abs=0.01)

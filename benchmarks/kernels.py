@@ -1,0 +1,87 @@
+"""torch's CPU kernels against the cartoon plugins' replacements, op by op, on the step's map shapes.
+
+- reflection-pad gradient: ``aten.reflection_pad2d_backward`` against
+  ``branchadapt_cartoon.padding.reflect_pad_backward`` (one strided copy of the interior plus the
+  mirrored rows, columns and corners);
+- instance-norm training forward: ``aten.native_batch_norm`` on ``(1, B*C, H, W)`` (what
+  ``nn.InstanceNorm2d`` runs) against ``branchadapt_cartoon.instnorm.norm_stats`` (mean,
+  subtraction, vector norm, scaling).
+
+Shapes are those of the photo2cartoon generator at width 32 (the hourglass units' 8-32 channels
+at full and half resolution, the 128-channel bottleneck), batch 1 and 2; median of ``--repeat``
+calls after two warm-up calls, the two implementations interleaved. Both replacements apply only
+from 65,536 elements (``FOLD_MIN_NUMEL``, ``FAST_MIN_NUMEL``); the rows below that show why.
+
+    .venv/bin/python benchmarks/kernels.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from branchadapt_cartoon import instnorm, padding
+
+SHAPES = [(2, 32, 256, 256), (2, 8, 256, 256), (1, 32, 128, 128), (2, 32, 128, 128), (2, 128, 64, 64),
+          (1, 128, 32, 32), (1, 16, 32, 32), (2, 8, 16, 16)]  # fmt: skip
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median milliseconds per call of each function, calls interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(2):
+        for f in fns.values():
+            f()
+    for _ in range(repeat):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    aten = torch.ops.aten
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeat} calls (ms)\n")
+    print("| input shape | MiB | pad grad: torch | pad grad: fold | torch / fold "
+          "| IN forward: torch | IN forward: ours | torch / ours |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for b, c, h, w in SHAPES:
+        x = torch.randn(b, c, h, w) * 3 + 1
+        grad = torch.randn(b, c, h + 2, w + 2)
+        flat = x.reshape(1, b * c, h, w)
+        saved = (padding.FOLD_MIN_NUMEL, instnorm.FAST_MIN_NUMEL)
+        padding.FOLD_MIN_NUMEL = instnorm.FAST_MIN_NUMEL = 0  # time the replacements at every size
+        try:
+            torch.testing.assert_close(
+                padding.reflect_pad_backward(grad, 1), aten.reflection_pad2d_backward(grad, x, [1] * 4)
+            )
+            ms = median_ms(
+                {
+                    "pad torch": lambda: aten.reflection_pad2d_backward(grad, x, [1] * 4),  # noqa: B023
+                    "pad fold": lambda: padding.reflect_pad_backward(grad, 1),  # noqa: B023
+                    "in torch": lambda: aten.native_batch_norm(flat, None, None, None, None, True, 0.0, 1e-5),  # noqa: B023
+                    "in ours": lambda: instnorm.norm_stats(x, 1e-5),  # noqa: B023
+                },
+                args.repeat,
+            )
+        finally:
+            padding.FOLD_MIN_NUMEL, instnorm.FAST_MIN_NUMEL = saved
+        mib = x.numel() * 4 / 2**20
+        print(f"| {(b, c, h, w)} | {mib:.2f} | {ms['pad torch']:.3f} | {ms['pad fold']:.3f} "
+              f"| {ms['pad torch'] / ms['pad fold']:.2f} | {ms['in torch']:.3f} | {ms['in ours']:.3f} "
+              f"| {ms['in torch'] / ms['in ours']:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
