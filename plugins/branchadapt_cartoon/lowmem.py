@@ -80,7 +80,9 @@ def _cast(dtype: torch.dtype | None, t: Tensor | None) -> Any:
 
 
 def _pad(x: Tensor, pad: int) -> Tensor:
-    return reflect_pad(x, pad)
+    """Torch's reflection pad: inside the units' autograd functions nothing records its gradient
+    (which those functions fold themselves), so no second autograd function is nested there."""
+    return F.pad(x, (pad,) * 4, mode="reflect") if pad else x
 
 
 def _conv_backward(
@@ -172,7 +174,7 @@ class ReflectConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fused or _small(x, self.min_bytes):
-            return self._conv_forward(_pad(x, self.reflect), self.weight, self.bias)
+            return self._conv_forward(reflect_pad(x, self.reflect), self.weight, self.bias)
         return reflect_conv2d(x, self.weight, self.bias, self.reflect, self.stride[0])
 
     def extra_repr(self) -> str:

@@ -168,28 +168,36 @@ def test_rejects_what_it_cannot_fuse():
         NormReluConv(InstanceNorm(4), nn.Identity(), nn.Conv2d(4, 4, 3, padding=1))
 
 
-def test_compiled_hourglass_unit_matches_eager():
-    """``train.compile = "units"`` compiles ConvBlocks, whose units are these autograd functions."""
+def test_compiled_hourglass_unit_matches_eager(monkeypatch):
+    """``train.compile = "units"`` compiles ConvBlocks, whose units are these autograd functions,
+    with the plugins' pad gradient and instance-norm forward inside (on maps of any size here)."""
     import copy
 
+    import branchadapt_cartoon.instnorm as instnorm
+    import branchadapt_cartoon.padding as padding
     from branchadapt_cartoon.networks import ConvBlock
 
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
     torch.manual_seed(4)
-    block = ConvBlock(8, 8)
+    block = ConvBlock(8, 16).double()  # c_in != c_out: the residual's own instance norm runs too
     compiled = copy.deepcopy(block)
     compiled.compile()
-    x = torch.randn(2, 8, 16, 16, requires_grad=True)
-    outs, grads = [], []
-    for module in (block, compiled):
-        out = module(x)
-        outs.append(out)
-        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()], allow_unused=True))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(*grads, strict=True):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for size in (16, 32):  # the second size recompiles with dynamic shapes
+        x = torch.randn(2, 8, size, size, dtype=torch.float64, requires_grad=True)
+        outs, grads = [], []
+        for module in (block, compiled):
+            out = module(x)
+            outs.append(out)
+            grads.append(
+                torch.autograd.grad(out.square().sum(), [x, *module.parameters()], allow_unused=True)
+            )
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+        for a, b in zip(*grads, strict=True):
+            if a is None:
+                assert b is None
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
