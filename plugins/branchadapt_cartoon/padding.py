@@ -2,9 +2,9 @@
 
 The gradient of a reflection pad adds each border pixel of the padded map's gradient onto the
 pixel it mirrors. torch's CPU kernel (``reflection_pad2d_backward``) zero-fills the result and
-then visits every element with index arithmetic; on the photo2cartoon maps that took 3-5x longer
-than copying the gradient's interior once and adding the ``pad`` mirrored rows, columns and
-corners as strided slices (:func:`reflect_pad_backward`; measured in ``docs/performance.md``).
+then visits every element with index arithmetic; on the photo2cartoon maps of 0.5-16 MiB that
+took 1.6-2.5x as long as copying the gradient's interior once and adding the ``pad`` mirrored
+rows, columns and corners as strided slices (:func:`reflect_pad_backward`; ``benchmarks/kernels.py``).
 On small maps a handful of slice operations cost more than torch's one call, so maps under
 :data:`FOLD_MIN_NUMEL` elements, and every device other than the CPU, keep torch's kernel.
 
@@ -84,15 +84,13 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     """``F.pad(x, (pad,) * 4, mode="reflect")``, differentiated by :func:`reflect_pad_backward`."""
     if not pad:
         return x
-    padded = (
-        x.numel() // max(1, x.shape[-1] * x.shape[-2]) * (x.shape[-2] + 2 * pad) * (x.shape[-1] + 2 * pad)
-    )
     if (
-        not torch.is_grad_enabled()
+        x.dim() != 4
+        or not torch.is_grad_enabled()
         or not fold_enabled
         or x.device.type != "cpu"
-        or x.dim() != 4
-        or padded < FOLD_MIN_NUMEL  # torch's kernel would run in backward: no Python function to pay
+        # the padded map is small: torch's kernel would run in backward, no Python function to pay
+        or x.shape[0] * x.shape[1] * (x.shape[2] + 2 * pad) * (x.shape[3] + 2 * pad) < FOLD_MIN_NUMEL
     ):
         return F.pad(x, (pad,) * 4, mode="reflect")
     return _ReflectPad.apply(x, pad)
