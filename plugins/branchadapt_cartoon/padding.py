@@ -27,27 +27,23 @@ FOLD_MIN_NUMEL = 1 << 16  # smaller padded gradients go through torch's kernel (
 fold_enabled = True  # False: torch's kernel everywhere (A/B runs in benchmarks/optimisations.py)
 
 
-def _foldable(grad: Tensor, pad: int) -> bool:
-    h, w = grad.shape[-2] - 2 * pad, grad.shape[-1] - 2 * pad
+def _foldable(padded: tuple[int, ...], device: torch.device, pad: int) -> bool:
+    """Whether the gradient of a map padded to shape ``padded`` on ``device`` is folded here."""
+    if not fold_enabled or device.type != "cpu" or len(padded) != 4:
+        return False
+    b, c, h, w = padded
     # the corner slices below need two distinct mirrored rows and columns per pad step
-    return (
-        fold_enabled
-        and grad.device.type == "cpu"
-        and grad.dim() == 4
-        and grad.numel() >= FOLD_MIN_NUMEL
-        and min(h, w) >= 2 * pad + 2
-    )
+    return b * c * h * w >= FOLD_MIN_NUMEL and min(h, w) - 2 * pad >= 2 * pad + 2
 
 
 def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
     """The gradient at ``x`` from ``grad``, the gradient at ``F.pad(x, (pad,) * 4, mode="reflect")``."""
     if not pad:
         return grad
-    if not _foldable(grad, pad):
-        h, w = grad.shape[-2] - 2 * pad, grad.shape[-1] - 2 * pad
+    h, w = grad.shape[-2] - 2 * pad, grad.shape[-1] - 2 * pad
+    if not _foldable(tuple(grad.shape), grad.device, pad):
         like = grad.new_empty((*grad.shape[:-2], h, w))  # torch's kernel reads only the shape
         return torch.ops.aten.reflection_pad2d_backward(grad, like, [pad] * 4)
-    h, w = grad.shape[-2] - 2 * pad, grad.shape[-1] - 2 * pad
     rows, cols = slice(pad, pad + h), slice(pad, pad + w)
     out = grad[..., rows, cols].clone(memory_format=torch.contiguous_format)
     for k in range(1, pad + 1):
@@ -84,14 +80,11 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     """``F.pad(x, (pad,) * 4, mode="reflect")``, differentiated by :func:`reflect_pad_backward`."""
     if not pad:
         return x
-    if (
-        x.dim() != 4
-        or not torch.is_grad_enabled()
-        or not fold_enabled
-        or x.device.type != "cpu"
-        # the padded map is small: torch's kernel would run in backward, no Python function to pay
-        or x.shape[0] * x.shape[1] * (x.shape[2] + 2 * pad) * (x.shape[3] + 2 * pad) < FOLD_MIN_NUMEL
-    ):
+    if x.dim() != 4 or not torch.is_grad_enabled():
+        return F.pad(x, (pad,) * 4, mode="reflect")
+    b, c, h, w = x.shape
+    # where backward would take torch's kernel anyway, torch's pad: no Python function to pay
+    if not _foldable((b, c, h + 2 * pad, w + 2 * pad), x.device, pad):
         return F.pad(x, (pad,) * 4, mode="reflect")
     return _ReflectPad.apply(x, pad)
 
