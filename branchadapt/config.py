@@ -60,6 +60,13 @@ class TrainSpec(_Strict):
         "false: torch's default kernels (a per-parameter loop on CPU, foreach on CUDA). Same maths up to "
         "rounding, see docs/performance.md",
     )
+    retain_freed_memory: bool = Field(
+        True,
+        description="on a CPU device with glibc, keep freed memory in the process for reuse instead of "
+        "returning it to the kernel (fewer page faults; the process stays at its peak memory between "
+        "steps); skipped when MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set; process-wide. "
+        "See docs/performance.md",
+    )
     stack_branches: bool | Literal["auto"] = Field(
         "auto",
         description="true: run several groups' copies of a branch stage as one vmap call over stacked weights "

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import hostmem
 from .errors import UserError
 
 
@@ -30,17 +31,21 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def configure_backend(device: torch.device) -> None:
+def configure_backend(device: torch.device, retain_memory: bool = True) -> None:
     """Backend defaults for the fastest correct training on ``device``.
 
     On CUDA: ``cudnn.benchmark`` (every stage trains at one fixed input size, so cuDNN's autotuner
     picks each convolution's fastest algorithm once and reuses it) and TF32 for fp32 matmuls
-    (``"high"``, the precision cuDNN already uses for fp32 convolutions by default). On CPU and MPS
-    nothing changes: the CPU defaults were measured fastest (``docs/performance.md``).
+    (``"high"``, the precision cuDNN already uses for fp32 convolutions by default). On CPU, with
+    ``retain_memory``: the C allocator keeps freed blocks for reuse
+    (:func:`branchadapt.hostmem.retain_freed_memory`; CUDA's caching allocator already does that
+    for device memory). Torch's own CPU defaults were measured fastest (``docs/performance.md``).
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+    elif device.type == "cpu" and retain_memory:
+        hostmem.retain_freed_memory()
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

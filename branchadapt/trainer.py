@@ -146,7 +146,7 @@ class Trainer:
         self.dist = distributed.setup(device_) if join_process_group else distributed.DistInfo()
         # under torchrun this rank's own GPU, whether or not it joins the group
         self.device = distributed.local_device(device_, distributed.from_env())
-        configure_backend(self.device)
+        configure_backend(self.device, self.spec.train.retain_freed_memory)
         mode = self.spec.train.progress if self.dist.is_main else "none"
         self.progress = progress or ProgressReporter(mode)
         self.groups = tuple(self.spec.groups)

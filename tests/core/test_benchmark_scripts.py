@@ -217,3 +217,15 @@ def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
             assert slow > 0 and fast > 0 and ratio > 0
             if fast >= 0.1:  # printed to 3 decimals: the ratio is recomputable where they are large
                 assert ratio == pytest.approx(slow / fast, rel=0.02, abs=0.01)
+
+
+def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
+    out = run(
+        "allocator.py", "--sizes", "32", "--width", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"
+    )
+    (row,) = table_rows(out, r"32$")
+    assert row[1] == "ours"
+    default, retained, ratio = (float(v) for v in row[2:5])
+    assert default > 0 and retained > 0 and ratio == pytest.approx(retained / default, abs=0.01)
+    faults = [float(v.replace(",", "")) for v in row[5].split(" -> ")]
+    assert len(faults) == 2 and min(faults) > 0

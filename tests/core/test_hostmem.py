@@ -1,0 +1,78 @@
+"""Keeping freed host memory for reuse: what it changes, when it applies, who applies it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import branchadapt as ba
+from branchadapt import device, hostmem
+from branchadapt.trainer import Trainer
+
+glibc = pytest.mark.skipif(hostmem._glibc() is None, reason="needs glibc")
+
+# A child process allocates, touches and frees a 64 MiB tensor, then does it again, and prints the
+# page faults of the second round: glibc's default serves it from a fresh mapping (16,384 faults).
+CHILD = """
+import resource, sys, torch
+from branchadapt import hostmem
+if sys.argv[1] == "retain":
+    assert hostmem.retain_freed_memory()
+t = torch.ones(1 << 24); del t
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = torch.ones(1 << 24); del t
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _second_round_faults(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in hostmem.ENVIRONMENT}
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@glibc
+def test_freed_blocks_are_reused_instead_of_faulted_in_again():
+    assert _second_round_faults("default") > 8_000  # half the pages, at least
+    assert _second_round_faults("retain") < 1_000
+
+
+@glibc
+def test_the_environment_wins(monkeypatch):
+    called = []
+    monkeypatch.setattr(hostmem, "_glibc", lambda: called.append(1))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert hostmem.retain_freed_memory() is False
+    assert called == []  # mallopt was not even looked up
+    with pytest.raises(ValueError, match="positive C int"):
+        hostmem.retain_freed_memory(2**31)
+
+
+@pytest.mark.parametrize(
+    ("where", "retain", "expected"),
+    [("cpu", True, 1), ("cpu", False, 0), ("cuda", True, 0), ("meta", True, 0)],
+)
+def test_configure_backend_applies_it_on_cpu_only_when_asked(monkeypatch, where, retain, expected):
+    calls: list[int] = []
+    monkeypatch.setattr(hostmem, "retain_freed_memory", lambda: calls.append(1) or True)
+    saved = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        device.configure_backend(torch.device(where), retain)
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+    assert len(calls) == expected
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_the_trainer_passes_the_option(monkeypatch, small_experiment, tmp_path, value):
+    seen: list[bool] = []
+    monkeypatch.setattr("branchadapt.trainer.configure_backend", lambda dev, retain: seen.append(retain))
+    exp = ba.load_experiment(small_experiment(), [f"train.retain_freed_memory={str(value).lower()}"])
+    Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    assert seen == [value]
