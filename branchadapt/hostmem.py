@@ -6,8 +6,9 @@ gradients, weight gradients). glibc's ``malloc`` serves blocks above its mmap th
 memory at the top of its heap to the kernel beyond its trim threshold; the next step then takes a
 page fault, and a zero-filled page from the kernel, for every 4 KiB of those buffers again.
 :func:`retain_freed_memory` raises both thresholds so that freed blocks stay in the process and
-are reused. The price: the process keeps its peak resident memory between steps instead of
-shrinking back.
+are reused. The first steps still take faults while the heap grows to hold every size (an
+aligned request may not fit the block freed just before it); after that, few. The price: the
+process keeps its peak resident memory between steps instead of shrinking back.
 
 Process-wide, and only with glibc (Linux): a no-op returning False elsewhere, and when the
 environment already sets ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (the user's
