@@ -78,8 +78,11 @@ def _state_bytes(rt: StageRuntime) -> int:
     return total
 
 
-def child(name: str, size: int, width: int, steps: int, min_mb: float | None) -> dict[str, float]:
+def child(
+    name: str, size: int, width: int, steps: int, min_mb: float | None, retain: bool = True
+) -> dict[str, float]:
     stage, extra = CONFIGS[name]
+    extra = [*extra, f"train.retain_freed_memory={str(retain).lower()}"]
     if min_mb is not None:
         extra = [*extra, f"model.low_memory_min_mb={min_mb}"]
     if name == UNFUSED:
@@ -114,11 +117,19 @@ def main() -> None:
         default=None,
         help="the generator's low_memory_min_mb (default: the recipe's); 0: every unit saves memory",
     )
+    ap.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="train.retain_freed_memory = false: glibc returns freed memory to the kernel as usual",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.width, args.steps, args.low_memory_min_mb)))
+        result = child(
+            args.child, args.size, args.width, args.steps, args.low_memory_min_mb, not args.glibc_defaults
+        )
+        print(json.dumps(result))
         return
     rows: dict[str, dict[str, float]] = {}
     failed: dict[str, str] = {}
@@ -127,6 +138,8 @@ def main() -> None:
                "--steps", args.steps, "--threads", args.threads])]  # fmt: skip
         if args.low_memory_min_mb is not None:
             cmd += ["--low-memory-min-mb", str(args.low_memory_min_mb)]
+        if args.glibc_defaults:
+            cmd += ["--glibc-defaults"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
             failed[name] = "killed (out of memory)"
@@ -135,8 +148,9 @@ def main() -> None:
             sys.exit(f"{name}: the child process failed:\n{done.stderr[-3000:]}")
         rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
     threshold = "the recipe's" if args.low_memory_min_mb is None else f"{args.low_memory_min_mb:g} MiB"
+    allocator = "glibc's defaults" if args.glibc_defaults else "freed memory retained (the default)"
     print(f"{args.size} px, width {args.width}, peak RSS after {args.steps} steps (fresh process each), "
-          f"low_memory_min_mb: {threshold}\n")  # fmt: skip
+          f"low_memory_min_mb: {threshold}, allocator: {allocator}\n")  # fmt: skip
     print(
         "| configuration | parameters | weights+grads+Adam (MB) | saved activations (MB) | RSS after build (MB) | peak RSS (MB) |"
     )
