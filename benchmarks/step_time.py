@@ -20,7 +20,9 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    face-ID loss through a MobileFaceNet as in the reference, not the toonfaces recognizer):
    ``ours``, ``ref order`` and ``ours`` with ``train.compile = "units"`` (its first, compiling,
    step is a warm-up step) next to the reference code's iteration: measured in the same run when
-   ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``), otherwise the
+   ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``; it runs in this
+   process, after our trainer set ``train.retain_freed_memory``, so with freed memory retained
+   too: ``allocator.py`` times each side with and without it), otherwise the
    figure quoted in ``../shared/reference/photo2cartoon.md`` (2.79 s at 128 px, 6.32 s at 256 px,
    taken on this kind of machine in another session), the step's FLOPs
    (``torch.utils.flop_counter``), achieved GFLOP/s and its fraction of the machine's measured peak
