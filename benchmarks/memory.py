@@ -5,13 +5,20 @@ steps); rows:
 
 - ``basic``: stage 1, one photo + one cartoon, one shared model;
 - ``transfer, no branches``: stage 2's batch (4 groups) with one shared model (``finetune``);
-- ``transfer, branches``: the recipe (low = top = 2, selective BP, the groups' branch copies as
-  one vmap call, the generator's low-memory units through their stacked rules);
+- ``transfer, branches``: the recipe with the defaults (low = top = 2, selective BP; branch
+  copies stacked into one vmap call and live/detached rows fused only where ``"auto"`` picks it);
 - ``transfer, branches as a loop``: the recipe with ``train.stack_branches = false`` (the copies
   one group after the other);
 - ``transfer, branches as a loop, unfused units``: the loop with the generator's low-memory units
   (``branchadapt_cartoon.lowmem``) switched off: autograd then also keeps every ReLU output and
-  padded map of the hourglass units and every padded map before a convolution.
+  padded map of the hourglass units and every padded map before a convolution;
+- ``transfer, branches, fused rows``: the recipe with ``train.fuse_participation = true`` (the
+  live and detached groups' rows through the shared stages in one call at every size).
+
+Saved activations are counted by a ``saved_tensors_hooks`` pair over one more step, storages
+once however many nodes save them: the most bytes alive at once (what adds to the peak: autograd
+frees a node's saved tensors after its backward) and the sum of every distinct storage saved in
+the step (an upper bound, which also counts what an earlier backward already freed).
 
 Theory for the branch rows: every extra copy of a branched stage holds its parameters, their
 gradients and Adam's two moments, 4 x 4 bytes per parameter; selective BP's detached views
@@ -41,27 +48,76 @@ from branchadapt.trainer import StageRuntime, Trainer
 
 LOOP = "transfer, branches as a loop"
 UNFUSED = "transfer, branches as a loop, unfused units"
+FUSED = "transfer, branches, fused rows"
 CONFIGS = {
     "basic": (0, []),
     "transfer, no branches": (1, ['stages.transfer.splitter={type="finetune"}']),
     "transfer, branches": (1, []),
     LOOP: (1, ["train.stack_branches=false"]),
     UNFUSED: (1, ["train.stack_branches=false"]),
+    FUSED: (1, ["train.fuse_participation=true"]),
 }
 
 
-def _saved_bytes(trainer: Trainer, rt: StageRuntime, batch: ba.Batch) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during one step."""
-    seen: dict[int, int] = {}
+class _SavedStorages:
+    """Storages autograd keeps for backward during a step: every distinct one, and the most alive at once.
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    Each saved tensor is packed into a :class:`_Held` whose deletion (autograd frees a node's saved
+    tensors after its backward, or with the graph) releases its storage; storages are counted once
+    however many nodes save them. ``total`` sums every distinct storage saved in the step, an upper
+    bound that ignores what backward frees before the next forward saves more; ``peak`` is the most
+    bytes alive at once, which is what adds to the peak memory.
+    """
+
+    def __init__(self) -> None:
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.seen: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> _Held:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if not self.refs.get(ptr):
+            self.sizes[ptr] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[ptr] = self.refs.get(ptr, 0) + 1
+        self.seen[ptr] = nbytes
+        # detached: the same storage without the autograd history, which for a saved output would
+        # hold the node that holds this object (a cycle through C++ that gc cannot break)
+        return _Held(self, ptr, t.detach())
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def release(self, ptr: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            del self.refs[ptr]
+            self.live -= self.sizes.pop(ptr)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+class _Held:
+    """A saved tensor and the counter to tell when autograd lets go of it."""
+
+    __slots__ = ("counter", "ptr", "tensor")
+
+    def __init__(self, counter: _SavedStorages, ptr: int, tensor: torch.Tensor) -> None:
+        self.counter, self.ptr, self.tensor = counter, ptr, tensor
+
+    def __del__(self) -> None:
+        self.counter.release(self.ptr)
+
+
+def _saved_bytes(trainer: Trainer, rt: StageRuntime, batch: ba.Batch) -> tuple[int, int]:
+    """Bytes of the tensors autograd saves for backward during one step: the most alive at once,
+    and every distinct storage saved (see :class:`_SavedStorages`)."""
+    counter = _SavedStorages()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
         trainer.train_step(rt, batch)
-    return sum(seen.values())
+    return counter.peak, counter.total
 
 
 def _state_bytes(rt: StageRuntime) -> int:
@@ -94,7 +150,7 @@ def child(
     for i in range(steps):
         trainer.train_step(rt, rt.data[i])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    saved = _saved_bytes(trainer, rt, rt.data[steps])
+    saved, saved_total = _saved_bytes(trainer, rt, rt.data[steps])
     params = sum(p.numel() for m in rt.modules.values() for p in m.parameters())
     extra_params = 0  # parameters beyond one copy of every branched stage
     for module in rt.modules.values():
@@ -102,7 +158,8 @@ def child(
             per_group = sum(p.numel() for p in module.branch_parameters(module.groups[0]))
             extra_params += per_group * (len(module.groups) - 1)
     return {"peak_mb": peak, "built_mb": before, "params": params, "extra_params": extra_params,
-            "state_mb": _state_bytes(rt) / 2**20, "saved_mb": saved / 2**20}  # fmt: skip
+            "state_mb": _state_bytes(rt) / 2**20, "saved_mb": saved / 2**20,
+            "saved_total_mb": saved_total / 2**20}  # fmt: skip
 
 
 def main() -> None:
@@ -152,18 +209,20 @@ def main() -> None:
     print(f"{args.size} px, width {args.width}, peak RSS after {args.steps} steps (fresh process each), "
           f"low_memory_min_mb: {threshold}, allocator: {allocator}\n")  # fmt: skip
     print(
-        "| configuration | parameters | weights+grads+Adam (MB) | saved activations (MB) | RSS after build (MB) | peak RSS (MB) |"
+        "| configuration | parameters | weights+grads+Adam (MB) | saved activations, most alive (MB) "
+        "| saved activations, all distinct (MB) | RSS after build (MB) | peak RSS (MB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in CONFIGS:
         if name in failed:
-            print(f"| {name} | | | | | {failed[name]} |")
+            print(f"| {name} | | | | | | {failed[name]} |")
             continue
         r = rows[name]
         print(
-            f"| {name} | {r['params']:,} | {r['state_mb']:.1f} | {r['saved_mb']:.1f} | {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
+            f"| {name} | {r['params']:,} | {r['state_mb']:.1f} | {r['saved_mb']:.1f} | {r['saved_total_mb']:.1f} "
+            f"| {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
         )
-    if any(name in failed for name in CONFIGS if name not in (UNFUSED, LOOP)):
+    if any(name in failed for name in CONFIGS if name not in (UNFUSED, LOOP, FUSED)):
         return
     branched, plain, basic = rows["transfer, branches"], rows["transfer, no branches"], rows["basic"]
     theory = branched["extra_params"] * 16 / 2**20
@@ -187,6 +246,14 @@ def main() -> None:
         f"{branched['state_mb'] - basic['state_mb'] + branched['saved_mb'] - basic['saved_mb']:+.0f} MB, "
         f"measured peak {branched['peak_mb'] - basic['peak_mb']:+.0f} MB"
     )
+    if FUSED in rows:
+        fused = rows[FUSED]
+        print(
+            f"fused rows: saved activations {fused['saved_mb']:.0f} vs {branched['saved_mb']:.0f} MB with the "
+            f"defaults ({fused['saved_mb'] / branched['saved_mb']:.2f}x), all distinct {fused['saved_total_mb']:.0f} "
+            f"vs {branched['saved_total_mb']:.0f} MB, peak RSS {fused['peak_mb']:.0f} vs {branched['peak_mb']:.0f} MB "
+            f"({fused['peak_mb'] / branched['peak_mb']:.2f}x)"
+        )
     if LOOP not in rows:
         print(f"branches as a loop: {failed[LOOP]}")
         return

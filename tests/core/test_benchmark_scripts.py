@@ -144,8 +144,14 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
         "transfer, branches",
         "transfer, branches as a loop",
         "transfer, branches as a loop, unfused units",
+        "transfer, branches, fused rows",
     }
     saved = {name: float(r[3]) for name, r in rows.items()}
+    distinct = {name: float(r[4]) for name, r in rows.items()}
+    # the most alive at once is part of everything saved in the step, and backward frees some of it
+    # before the generator phase saves more
+    assert all(0 < saved[name] <= distinct[name] for name in rows)
+    assert saved["basic"] < distinct["basic"]
     loop = saved["transfer, branches as a loop"]
     assert loop < 0.75 * saved["transfer, branches as a loop, unfused units"]
     assert saved["basic"] < loop  # a quarter of the batch
@@ -153,6 +159,29 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
     assert saved["transfer, branches"] < 1.1 * loop
     assert "low-memory units (loop): saved activations" in out
     assert "stacked branches: saved activations" in out
+    assert "fused rows: saved activations" in out
+
+
+def test_memory_counts_saved_storages_once_and_releases_them_with_the_graph() -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from memory import _SavedStorages
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    counter = _SavedStorages()
+    x = torch.randn(1000, requires_grad=True)  # 4000 bytes per map below
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
+        z = x * 2
+        first = z.sin() * z.cos()  # z saved twice (one storage), sin(z) and cos(z) once each
+        second = (x * 3).exp()  # exp saves its 4000-byte result
+    assert counter.live == counter.peak == 4 * 4000
+    first.sum().backward()  # backward frees the first graph's saved tensors
+    assert counter.live == 4000 and counter.peak == 4 * 4000
+    del second  # so does dropping a graph that never ran backward
+    assert counter.live == 0 and counter.total == 4 * 4000
+    assert torch.allclose(x.grad, 2 * torch.cos(2 * x.detach()) ** 2 - 2 * torch.sin(2 * x.detach()) ** 2)
 
 
 def test_branch_batching_times_every_variant_and_checks_vmap_against_the_loop() -> None:
