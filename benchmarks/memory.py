@@ -70,16 +70,14 @@ class _SavedStorages:
     """
 
     def __init__(self) -> None:
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-        self.seen: dict[int, int] = {}
+        self.refs: dict[int, int] = {}  # live storages: how many saved tensors hold each
+        self.seen: dict[int, int] = {}  # every storage saved: its bytes (a live one's address is its own)
         self.live = self.peak = 0
 
     def pack(self, t: torch.Tensor) -> _Held:
         storage = t.untyped_storage()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if not self.refs.get(ptr):
-            self.sizes[ptr] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         self.refs[ptr] = self.refs.get(ptr, 0) + 1
@@ -92,7 +90,7 @@ class _SavedStorages:
         self.refs[ptr] -= 1
         if not self.refs[ptr]:
             del self.refs[ptr]
-            self.live -= self.sizes.pop(ptr)
+            self.live -= self.seen[ptr]
 
     @property
     def total(self) -> int:
