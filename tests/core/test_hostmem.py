@@ -44,7 +44,9 @@ def _late_faults(mode: str) -> int:
 @glibc
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     assert _late_faults("default") > 3 * 8_000  # half the large tensor's pages each round, at least
-    assert _late_faults("retain") < 1_000
+    # Retained: the large tensor is never faulted in again (that alone would be 16,384 per round).
+    # A late heap growth for the small one (1,024 pages) happened once in CI under load: allowed.
+    assert _late_faults("retain") < 16_384 // 4
 
 
 @glibc
