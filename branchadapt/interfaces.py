@@ -238,6 +238,15 @@ class Task(ABC):
     ) -> dict[str, Any]:
         """Outputs for ``phase``; ``scratch`` persists across the phases of one step."""
 
+    def backward(self, phase: str, loss: Tensor, scratch: dict[str, Any]) -> None:
+        """Back-propagate ``phase``'s weighted total ``loss``; default ``loss.backward()``.
+
+        A task may split the backward pass at tensors it kept in ``scratch`` (e.g. to run
+        independent parts at once, :mod:`branchadapt.concurrency`); the parameters' gradients
+        must end up as ``loss.backward()`` would leave them.
+        """
+        loss.backward()
+
     def after_step(self, phase: str, modules: Mapping[str, nn.Module]) -> None:
         """Hook after a phase's optimiser step (e.g. clamping parameters); default: nothing."""
 

@@ -364,7 +364,7 @@ class Trainer:
                 raise FloatingPointError(f"stage {rt.stage.name}: loss {bad} became non-finite")
             optimizer = rt.optimizers[phase.name]
             optimizer.zero_grad(set_to_none=True)
-            total.backward()  # under torchrun, DDP averages the gradients here
+            rt.task.backward(phase.name, total, scratch)  # under torchrun, DDP averages the gradients here
             optimizer.step()
             rt.schedulers[phase.name].step()
             rt.task.after_step(phase.name, rt.modules)

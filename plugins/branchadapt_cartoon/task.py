@@ -20,14 +20,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor, nn
 
 import branchadapt as ba
 from branchadapt import Phase, PluginOptions, Task
+from branchadapt.concurrency import concurrency_applies, run_concurrently
 from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
@@ -46,6 +48,11 @@ class TranslateOptions(PluginOptions):
     group_head: bool = Field(True, description="group-classification head on the global discriminators")
     reuse_fakes: bool = Field(
         True, description="run the generators once per step (exact); false: as the reference"
+    )
+    concurrent: bool | Literal["auto"] = Field(
+        "auto",
+        description="run the two directions' generators and discriminators at once, each on its own "
+        "thread, splitting the backward pass where they meet (exact); auto: on CPU with >= 2 threads",
     )
     clamp: bool = Field(True, description="clamp rho / w_gamma / w_beta to [0, 1] after each generator step")
     sample_count: int = Field(4, ge=1, description="images per group in the training sample grids")
@@ -70,6 +77,7 @@ class Translate(Task):
     def __init__(self, options: PluginOptions | None, context: ba.TaskContext) -> None:
         super().__init__(options, context)
         self._clamp_slots: weakref.WeakKeyDictionary[nn.Module, ParamSlots] = weakref.WeakKeyDictionary()
+        self._concurrent = False  # decided per step by the discriminator phase's forward
 
     def build(self) -> dict[str, nn.Module]:
         o = self.options
@@ -90,20 +98,29 @@ class Translate(Task):
         return [Phase("discriminator", tuple(DISCRIMINATORS.values())), Phase("generator", GENERATORS)]
 
     # ------------------------------------------------------------------ step
-    def translate(self, modules: Mapping[str, nn.Module], batch: ba.Batch) -> dict[str, Tensor]:
-        """Both generators on both domains at once (instance-normalised nets: batching is exact)."""
+    def translate(self, modules: Mapping[str, nn.Module], batch: ba.Batch) -> dict[str, Any]:
+        """Both generators on both domains at once (instance-normalised nets: batching is exact).
+
+        ``raw`` keeps each generator's whole (image, CAM logits) output for a split backward pass."""
         real_a, ga = batch["photo"]["image"], batch["photo"]["group"]
         real_b, gb = batch["cartoon"]["image"], batch["cartoon"]["group"]
         na = real_a.shape[0]
         nb = real_b.shape[0]
-        img, cam, _ = modules["gen_a2b"](torch.cat([real_a, real_b]), groups=torch.cat([ga, gb]))
+        a2b, b2a = self._maybe_concurrent(
+            lambda: modules["gen_a2b"](torch.cat([real_a, real_b]), groups=torch.cat([ga, gb]))[:2],
+            lambda: modules["gen_b2a"](torch.cat([real_b, real_a]), groups=torch.cat([gb, ga]))[:2],
+        )
+        (img, cam), (img2, cam2) = a2b, b2a
         fake_b, id_b, cam_a2b, cam_b2b = img[:na], img[na:], cam[:na], cam[na:]
-        img, cam, _ = modules["gen_b2a"](torch.cat([real_b, real_a]), groups=torch.cat([gb, ga]))
-        fake_a, id_a, cam_b2a, cam_a2a = img[:nb], img[nb:], cam[:nb], cam[nb:]
+        fake_a, id_a, cam_b2a, cam_a2a = img2[:nb], img2[nb:], cam2[:nb], cam2[nb:]
         return {
             "real_a": real_a, "real_b": real_b, "fake_a": fake_a, "fake_b": fake_b, "id_a": id_a, "id_b": id_b,
             "cam_a2b": cam_a2b, "cam_b2b": cam_b2b, "cam_b2a": cam_b2a, "cam_a2a": cam_a2a,
+            "raw": {"a2b": (img, cam), "b2a": (img2, cam2)},
         }  # fmt: skip
+
+    def _maybe_concurrent(self, *calls: Any) -> list[Any]:
+        return run_concurrently(calls) if self._concurrent else [call() for call in calls]
 
     def forward(
         self, phase: str, modules: Mapping[str, nn.Module], batch: ba.Batch, scratch: dict[str, Any]
@@ -111,38 +128,102 @@ class Translate(Task):
         ga, gb = batch["photo"]["group"], batch["cartoon"]["group"]
         groups = {"A": ga, "B": gb}
         fake_groups = {"A": gb, "B": ga}  # fake_a comes from cartoons, fake_b from photos
+        distributed = dist.is_available() and dist.is_initialized()
+        device = batch["photo"]["image"].device
+        self._concurrent = concurrency_applies(self.options.concurrent, device, distributed=distributed)
         if phase == "discriminator":
             if self.options.reuse_fakes:
                 scratch["fakes"] = t = self.translate(modules, batch)
             else:
                 with torch.no_grad():
                     t = self.translate(modules, batch)
+
+            def judge(domain: str) -> dict[str, Tensor]:
+                real, fake = (t["real_a"], t["fake_a"]) if domain == "A" else (t["real_b"], t["fake_b"])
+                both = torch.cat([real, fake.detach()])
+                return {k: modules[n](both) for k, n in DISCRIMINATORS.items() if k[1] == domain}
+
+            outs = {
+                k: v
+                for d in self._maybe_concurrent(lambda: judge("A"), lambda: judge("B"))
+                for k, v in d.items()
+            }
+            scratch["cut"] = [[outs["GA"], outs["LA"]], [outs["GB"], outs["LB"]]]
             d_real, d_fake = {}, {}
-            for key, name in DISCRIMINATORS.items():
-                real, fake = (t["real_a"], t["fake_a"]) if key[1] == "A" else (t["real_b"], t["fake_b"])
-                out = modules[name](torch.cat([real, fake.detach()]))
-                n = real.shape[0]
+            for key, out in outs.items():
+                n = (t["real_a"] if key[1] == "A" else t["real_b"]).shape[0]
                 d_real[key], d_fake[key] = out.split(n)
             return {"d_real": d_real, "d_fake": d_fake, "groups": groups, "fake_groups": fake_groups}
         t = scratch.pop("fakes", None) or self.translate(modules, batch)
-        rec_a = modules["gen_b2a"](t["fake_b"], groups=ga)[0]
-        rec_b = modules["gen_a2b"](t["fake_a"], groups=gb)[0]
+        # With a split backward the cycles start from leaves: their gradient reaches the
+        # translations in a later stage (see backward).
+        fake_a, fake_b = t["fake_a"], t["fake_b"]
+        if self._concurrent:
+            fake_a, fake_b = fake_a.detach().requires_grad_(), fake_b.detach().requires_grad_()
+        rec_a, rec_b = self._maybe_concurrent(
+            lambda: modules["gen_b2a"](fake_b, groups=ga)[0], lambda: modules["gen_a2b"](fake_a, groups=gb)[0]
+        )
         dis = [modules[n] for n in DISCRIMINATORS.values()]
         flags = [[p.requires_grad for p in d.parameters()] for d in dis]
         for d in dis:  # D's parameters need no gradient in the generator phase
             d.requires_grad_(False)
         try:
-            d_fake = {
-                key: modules[name](t["fake_a"] if key[1] == "A" else t["fake_b"])
-                for key, name in DISCRIMINATORS.items()
-            }
+
+            def judge_fake(domain: str) -> dict[str, Tensor]:
+                fake = t["fake_a"] if domain == "A" else t["fake_b"]
+                return {k: modules[n](fake) for k, n in DISCRIMINATORS.items() if k[1] == domain}
+
+            halves = self._maybe_concurrent(lambda: judge_fake("A"), lambda: judge_fake("B"))
+            d_fake = {k: v for d in halves for k, v in d.items()}
         finally:
             for d, fl in zip(dis, flags, strict=True):
                 for p, f in zip(d.parameters(), fl, strict=True):
                     p.requires_grad_(f)
+        if self._concurrent:
+            scratch["cycles"] = {"rec": (rec_a, rec_b), "starts": (fake_b, fake_a), "raw": t["raw"]}
         cam = {"a2b": t["cam_a2b"], "b2b": t["cam_b2b"], "b2a": t["cam_b2a"], "a2a": t["cam_a2a"]}
+        t = {k: v for k, v in t.items() if k != "raw"}
         return {**t, "rec_a": rec_a, "rec_b": rec_b, "cam": cam, "d_fake": d_fake,
                 "groups": groups, "fake_groups": fake_groups}  # fmt: skip
+
+    def backward(self, phase: str, loss: Tensor, scratch: dict[str, Any]) -> None:
+        """``loss.backward()``, or with ``concurrent``: in stages that run each direction's part at once.
+
+        Discriminator phase: the loss's gradient at the four discriminator outputs first, then the
+        A-side and B-side discriminators at once. Generator phase: the gradient at the cycles'
+        outputs and at the translations' outputs first (through the discriminators, face-ID and
+        the other losses), then both cycle passes at once, then both translation passes at once,
+        each with the gradient its cycle sent back to the translated image added."""
+        if not self._concurrent:
+            loss.backward()
+            return
+        if phase == "discriminator":
+            sides = scratch.pop("cut")  # each side's discriminator outputs (DOut tuples)
+            cut = [[t for out in side for t in out if t is not None and t.requires_grad] for side in sides]
+            grads = list(torch.autograd.grad(loss, [*cut[0], *cut[1]], materialize_grads=True))
+            self._backward_both(cut, [grads[: len(cut[0])], grads[len(cut[0]) :]])
+            return
+        scratch.pop("cut", None)
+        cycles = scratch.pop("cycles")
+        (rec_a, rec_b), (start_b, start_a), raw = cycles["rec"], cycles["starts"], cycles["raw"]
+        targets = [rec_a, rec_b, *raw["a2b"], *raw["b2a"]]
+        found = iter(
+            torch.autograd.grad(loss, [t for t in targets if t.requires_grad], materialize_grads=True)
+        )
+        g_rec_a, g_rec_b, *g_ends = [next(found) if t.requires_grad else None for t in targets]
+        self._backward_both([[rec_a], [rec_b]], [[g_rec_a], [g_rec_b]])
+        for g_img, start in ((g_ends[0], start_b), (g_ends[2], start_a)):
+            if g_img is not None and start.grad is not None:  # the cycle's gradient at the translated rows
+                g_img[: start.shape[0]] += start.grad
+        self._backward_both([list(raw["a2b"]), list(raw["b2a"])], [g_ends[:2], g_ends[2:]])
+
+    def _backward_both(self, tensors: list[list[Tensor]], grads: list[list[Tensor | None]]) -> None:
+        def one(i: int) -> None:
+            pairs = [(t, g) for t, g in zip(tensors[i], grads[i], strict=True) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+        run_concurrently([lambda: one(0), lambda: one(1)])
 
     def after_step(self, phase: str, modules: Mapping[str, nn.Module]) -> None:
         if phase != "generator" or not self.options.clamp:

@@ -1,0 +1,100 @@
+"""Running independent pieces of a step at once (inter-op parallelism on CPU).
+
+On a CPU with few cores, torch's intra-op threads scale poorly on the mid-sized operators of a
+small network: two independent computations, each on its own thread with one intra-op thread,
+finish sooner than the same two one after the other on all threads. :func:`run_concurrently`
+runs callables that way. Each worker thread gets the caller's grad mode and a copy of its
+``contextvars``; autocast and saved-tensor hooks are thread-local in torch and are *not* carried
+over, so callers must not use this under autocast (:func:`concurrency_applies` says no there).
+
+Gradients of disjoint parameter sets may be accumulated from two threads at once (torch's
+autograd engine supports concurrent ``backward`` calls from different threads); the callables
+must not share parameters that both accumulate into.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_WORKER = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="branchadapt-concurrent")
+            atexit.register(_POOL.shutdown, wait=False)
+        return _POOL
+
+
+def concurrency_applies(
+    setting: bool | Literal["auto"], device: torch.device, *, distributed: bool = False
+) -> bool:
+    """Whether to run independent work concurrently: ``True``/``False`` as given, ``"auto"`` on a CPU
+    device with at least two intra-op threads, outside autocast and outside a distributed run
+    (whose gradient hooks expect one backward per forward)."""
+    if setting != "auto":
+        return bool(setting)
+    return (
+        device.type == "cpu"
+        and torch.get_num_threads() >= 2
+        and not torch.is_autocast_enabled("cpu")
+        and not distributed
+        and not in_worker()
+    )
+
+
+def in_worker() -> bool:
+    """True inside a callable run by :func:`run_concurrently` (no nesting: it runs serially there)."""
+    return bool(getattr(_WORKER, "active", False))
+
+
+def run_concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Results of ``calls``, run at once on worker threads, each with an equal share of the caller's
+    intra-op threads (at least one); serially when there are fewer than two calls, fewer than two
+    threads, or when already inside a worker. The first exception raised is re-raised here after
+    every call has finished."""
+    threads = torch.get_num_threads()
+    if len(calls) < 2 or threads < 2 or in_worker():
+        return [call() for call in calls]
+    if len(calls) > 2:
+        raise ValueError(f"run_concurrently takes at most 2 calls, got {len(calls)}")
+    share = max(1, threads // len(calls))
+    grad = torch.is_grad_enabled()
+
+    def worker(call: Callable[[], T], context: contextvars.Context) -> T:
+        torch.set_num_threads(share)  # this thread's OpenMP team (and, process-wide, MKL's)
+        _WORKER.active = True
+        try:
+            with torch.set_grad_enabled(grad):
+                return context.run(call)
+        finally:
+            _WORKER.active = False
+
+    pool = _pool()
+    try:
+        futures = [pool.submit(worker, call, contextvars.copy_context()) for call in calls]
+        errors: list[BaseException] = []
+        results: list[T] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as err:  # re-raised below, after every call has ended
+                errors.append(err)
+        if errors:
+            raise errors[0]
+        return results
+    finally:
+        torch.set_num_threads(threads)  # the workers changed the process-wide count
