@@ -18,7 +18,9 @@ steps); rows:
 Saved activations are counted by a ``saved_tensors_hooks`` pair over one more step, storages
 once however many nodes save them: the most bytes alive at once (what adds to the peak: autograd
 frees a node's saved tensors after its backward) and the sum of every distinct storage saved in
-the step (an upper bound, which also counts what an earlier backward already freed).
+the step (an upper bound, which also counts what an earlier backward already freed). That step
+runs with ``task.concurrent = false``: saved-tensor hooks are thread-local, and the two directions'
+worker threads would escape them (both orders save the same tensors).
 
 Theory for the branch rows: every extra copy of a branched stage holds its parameters, their
 gradients and Adam's two moments, 4 x 4 bytes per parameter; selective BP's detached views
@@ -113,8 +115,13 @@ def _saved_bytes(trainer: Trainer, rt: StageRuntime, batch: ba.Batch) -> tuple[i
     """Bytes of the tensors autograd saves for backward during one step: the most alive at once,
     and every distinct storage saved (see :class:`_SavedStorages`)."""
     counter = _SavedStorages()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
-        trainer.train_step(rt, batch)
+    # saved-tensor hooks are thread-local: this step runs both directions on this thread
+    options, rt.task.options = rt.task.options, rt.task.options.model_copy(update={"concurrent": False})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
+            trainer.train_step(rt, batch)
+    finally:
+        rt.task.options = options
     return counter.peak, counter.total
 
 

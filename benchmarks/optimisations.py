@@ -147,6 +147,7 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
     extra = {
         "bf16 autocast": ['precision="bf16"'],
         "ref order": ["task.reuse_fakes=false"],
+        "serial directions": ["task.concurrent=false"],
         "torch.compile": ['train.compile="units"'],
         "all units low-memory": ["model.low_memory_min_mb=0"],
     }.get(name, [])
@@ -227,6 +228,7 @@ def main() -> None:
         "bf16 autocast",
         "for-loop Adam",
         "ref order",
+        "serial directions",
         "1 thread",
         "two-pass LIN",
         "torch instance norm",

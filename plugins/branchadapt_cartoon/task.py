@@ -148,7 +148,8 @@ class Translate(Task):
                 for d in self._maybe_concurrent(lambda: judge("A"), lambda: judge("B"))
                 for k, v in d.items()
             }
-            scratch["cut"] = [[outs["GA"], outs["LA"]], [outs["GB"], outs["LB"]]]
+            if self._concurrent:
+                scratch["cut"] = [[outs["GA"], outs["LA"]], [outs["GB"], outs["LB"]]]
             d_real, d_fake = {}, {}
             for key, out in outs.items():
                 n = (t["real_a"] if key[1] == "A" else t["real_b"]).shape[0]
