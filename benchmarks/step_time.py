@@ -153,7 +153,9 @@ def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]]
 
 
 def step_flops(size: int, width: int, extra: list[str]) -> int:
-    trainer, rt = build(size, width, 0, extra)
+    """FLOPs of one stage-1 step. Counted with ``task.concurrent = false``: the counter is a
+    dispatch mode of this thread and would miss the worker threads (the FLOPs are the same)."""
+    trainer, rt = build(size, width, 0, [*extra, "task.concurrent=false"])
     trainer.train_step(rt, rt.data[0])
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(rt, rt.data[1])

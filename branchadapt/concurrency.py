@@ -40,11 +40,16 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def concurrency_applies(
-    setting: bool | Literal["auto"], device: torch.device, *, distributed: bool = False
+    setting: bool | Literal["auto"],
+    device: torch.device,
+    *,
+    distributed: bool = False,
+    compiled: bool = False,
 ) -> bool:
     """Whether to run independent work concurrently: ``True``/``False`` as given, ``"auto"`` on a CPU
-    device with at least two intra-op threads, outside autocast and outside a distributed run
-    (whose gradient hooks expect one backward per forward)."""
+    device with at least two intra-op threads, outside autocast, outside a distributed run (whose
+    gradient hooks expect one backward per forward) and without compiled modules (their graphs
+    are specialised to the thread count, so worker threads would recompile them)."""
     if setting != "auto":
         return bool(setting)
     return (
@@ -52,6 +57,7 @@ def concurrency_applies(
         and torch.get_num_threads() >= 2
         and not torch.is_autocast_enabled("cpu")
         and not distributed
+        and not compiled
         and not in_worker()
     )
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 import branchadapt as ba
 from branchadapt import Phase, PluginOptions, Task
+from branchadapt.compiling import has_compiled
 from branchadapt.concurrency import concurrency_applies, run_concurrently
 from branchadapt.paramslots import ParamSlots
 
@@ -77,7 +78,8 @@ class Translate(Task):
     def __init__(self, options: PluginOptions | None, context: ba.TaskContext) -> None:
         super().__init__(options, context)
         self._clamp_slots: weakref.WeakKeyDictionary[nn.Module, ParamSlots] = weakref.WeakKeyDictionary()
-        self._concurrent = False  # decided per step by the discriminator phase's forward
+        self._concurrent = False  # decided by each forward (device, threads, distributed, compiled)
+        self._compiled: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def build(self) -> dict[str, nn.Module]:
         o = self.options
@@ -130,7 +132,12 @@ class Translate(Task):
         fake_groups = {"A": gb, "B": ga}  # fake_a comes from cartoons, fake_b from photos
         distributed = dist.is_available() and dist.is_initialized()
         device = batch["photo"]["image"].device
-        self._concurrent = concurrency_applies(self.options.concurrent, device, distributed=distributed)
+        compiled = self._compiled.get(modules["gen_a2b"])
+        if compiled is None:  # a stage's modules are compiled (or not) before its first step
+            compiled = self._compiled[modules["gen_a2b"]] = any(has_compiled(m) for m in modules.values())
+        self._concurrent = concurrency_applies(
+            self.options.concurrent, device, distributed=distributed, compiled=compiled
+        )
         if phase == "discriminator":
             if self.options.reuse_fakes:
                 scratch["fakes"] = t = self.translate(modules, batch)
@@ -156,32 +163,35 @@ class Translate(Task):
                 d_real[key], d_fake[key] = out.split(n)
             return {"d_real": d_real, "d_fake": d_fake, "groups": groups, "fake_groups": fake_groups}
         t = scratch.pop("fakes", None) or self.translate(modules, batch)
-        # With a split backward the cycles start from leaves: their gradient reaches the
-        # translations in a later stage (see backward).
+        # Each fake feeds one cycle and its domain's discriminators. With a split backward they
+        # start from a leaf copy of it: their gradient reaches the translation in a later stage.
         fake_a, fake_b = t["fake_a"], t["fake_b"]
         if self._concurrent:
             fake_a, fake_b = fake_a.detach().requires_grad_(), fake_b.detach().requires_grad_()
-        rec_a, rec_b = self._maybe_concurrent(
-            lambda: modules["gen_b2a"](fake_b, groups=ga)[0], lambda: modules["gen_a2b"](fake_a, groups=gb)[0]
-        )
+
+        def consume(fake: Tensor, cycle: str, groups: Tensor, domain: str) -> tuple[Tensor, dict[str, Any]]:
+            rec = modules[cycle](fake, groups=groups)[0]
+            return rec, {k: modules[n](fake) for k, n in DISCRIMINATORS.items() if k[1] == domain}
+
         dis = [modules[n] for n in DISCRIMINATORS.values()]
         flags = [[p.requires_grad for p in d.parameters()] for d in dis]
         for d in dis:  # D's parameters need no gradient in the generator phase
             d.requires_grad_(False)
         try:
-
-            def judge_fake(domain: str) -> dict[str, Tensor]:
-                fake = t["fake_a"] if domain == "A" else t["fake_b"]
-                return {k: modules[n](fake) for k, n in DISCRIMINATORS.items() if k[1] == domain}
-
-            halves = self._maybe_concurrent(lambda: judge_fake("A"), lambda: judge_fake("B"))
-            d_fake = {k: v for d in halves for k, v in d.items()}
+            (rec_a, judged_b), (rec_b, judged_a) = self._maybe_concurrent(
+                lambda: consume(fake_b, "gen_b2a", ga, "B"), lambda: consume(fake_a, "gen_a2b", gb, "A")
+            )
         finally:
             for d, fl in zip(dis, flags, strict=True):
                 for p, f in zip(d.parameters(), fl, strict=True):
                     p.requires_grad_(f)
+        d_fake = {**judged_a, **judged_b}
         if self._concurrent:
-            scratch["cycles"] = {"rec": (rec_a, rec_b), "starts": (fake_b, fake_a), "raw": t["raw"]}
+            scratch["cycles"] = {
+                "ends": ([rec_a, *_tensors(judged_b)], [rec_b, *_tensors(judged_a)]),
+                "starts": (fake_b, fake_a),
+                "raw": t["raw"],
+            }
         cam = {"a2b": t["cam_a2b"], "b2b": t["cam_b2b"], "b2a": t["cam_b2a"], "a2a": t["cam_a2a"]}
         t = {k: v for k, v in t.items() if k != "raw"}
         return {**t, "rec_a": rec_a, "rec_b": rec_b, "cam": cam, "d_fake": d_fake,
@@ -190,37 +200,46 @@ class Translate(Task):
     def backward(self, phase: str, loss: Tensor, scratch: dict[str, Any]) -> None:
         """``loss.backward()``, or with ``concurrent``: in stages that run each direction's part at once.
 
-        Discriminator phase: the loss's gradient at the four discriminator outputs first, then the
-        A-side and B-side discriminators at once. Generator phase: the gradient at the cycles'
-        outputs and at the translations' outputs first (through the discriminators, face-ID and
-        the other losses), then both cycle passes at once, then both translation passes at once,
-        each with the gradient its cycle sent back to the translated image added."""
+        First the loss's gradient at the tensors where the parts meet, then the parts at once:
+        discriminator phase, the A-side and the B-side discriminators; generator phase, for each
+        fake image its cycle and its domain's discriminators (down to a leaf copy of the fake),
+        then both translations, each with the gradient its fake's leaf collected added."""
         if not self._concurrent:
             loss.backward()
             return
         if phase == "discriminator":
-            sides = scratch.pop("cut")  # each side's discriminator outputs (DOut tuples)
-            cut = [[t for out in side for t in out if t is not None and t.requires_grad] for side in sides]
-            grads = list(torch.autograd.grad(loss, [*cut[0], *cut[1]], materialize_grads=True))
-            self._backward_both(cut, [grads[: len(cut[0])], grads[len(cut[0]) :]])
+            sides = [_tensors(side) for side in scratch.pop("cut")]
+            self._backward_both(loss, sides)
             return
         scratch.pop("cut", None)
         cycles = scratch.pop("cycles")
-        (rec_a, rec_b), (start_b, start_a), raw = cycles["rec"], cycles["starts"], cycles["raw"]
-        targets = [rec_a, rec_b, *raw["a2b"], *raw["b2a"]]
-        found = iter(
-            torch.autograd.grad(loss, [t for t in targets if t.requires_grad], materialize_grads=True)
-        )
-        g_rec_a, g_rec_b, *g_ends = [next(found) if t.requires_grad else None for t in targets]
-        self._backward_both([[rec_a], [rec_b]], [[g_rec_a], [g_rec_b]])
-        for g_img, start in ((g_ends[0], start_b), (g_ends[2], start_a)):
-            if g_img is not None and start.grad is not None:  # the cycle's gradient at the translated rows
-                g_img[: start.shape[0]] += start.grad
-        self._backward_both([list(raw["a2b"]), list(raw["b2a"])], [g_ends[:2], g_ends[2:]])
+        (start_b, start_a), raw = cycles["starts"], cycles["raw"]
+        ends = [list(raw["a2b"]), list(raw["b2a"])]
+        g_ends = self._backward_both(loss, list(cycles["ends"]), keep=ends)
+        for i, start in enumerate((start_b, start_a)):
+            if start.grad is not None:  # the cycle's and discriminators' gradient at the fake rows
+                extra = torch.zeros_like(ends[i][0])
+                extra[: start.shape[0]] = start.grad
+                g_img = g_ends[i][0]
+                g_ends[i][0] = extra if g_img is None else g_img + extra
+        self._run_both(ends, g_ends)
 
-    def _backward_both(self, tensors: list[list[Tensor]], grads: list[list[Tensor | None]]) -> None:
+    def _backward_both(
+        self, loss: Tensor, sides: list[list[Tensor]], keep: list[list[Tensor]] | None = None
+    ) -> list[list[Tensor | None]]:
+        """The loss's gradient at every tensor of ``sides`` and ``keep`` (None where it does not
+        reach), then both sides' backward passes at once; returns the gradients at ``keep``."""
+        keep = keep or [[], []]
+        groups = [*sides, *keep]
+        flat = [t for group in groups for t in group if t.requires_grad]
+        found = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+        grads = [[next(found) if t.requires_grad else None for t in group] for group in groups]
+        self._run_both(sides, grads[:2])
+        return grads[2:]
+
+    def _run_both(self, tensors: list[list[Tensor]], grads: list[list[Tensor | None]]) -> None:
         def one(i: int) -> None:
-            pairs = [(t, g) for t, g in zip(tensors[i], grads[i], strict=True) if t.requires_grad]
+            pairs = [(t, g) for t, g in zip(tensors[i], grads[i], strict=True) if g is not None]
             if pairs:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
@@ -265,3 +284,12 @@ class Translate(Task):
         from .evaluation import evaluate_translation
 
         return evaluate_translation(self, modules, source, device, out_dir)
+
+
+def _tensors(outputs: Any) -> list[Tensor]:
+    """The tensors in a discriminator's outputs (DOut tuples, possibly in a dict or list)."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    return [t for item in outputs if item is not None for t in _tensors(item)]

@@ -112,6 +112,19 @@ def test_when_concurrency_applies(two_threads, setting, where, distributed, expe
     assert concurrency_applies(setting, torch.device(where), distributed=distributed) is expected
 
 
+def test_auto_is_off_with_compiled_modules(two_threads):
+    from torch import nn
+
+    from branchadapt.compiling import has_compiled
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    assert not has_compiled(net)
+    net[0].compile()  # in place, lazily: nothing is compiled before a call
+    assert has_compiled(net)
+    assert not concurrency_applies("auto", torch.device("cpu"), compiled=True)
+    assert concurrency_applies(True, torch.device("cpu"), compiled=True)
+
+
 def test_auto_is_off_with_one_thread_and_under_autocast(two_threads):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not concurrency_applies("auto", torch.device("cpu"))
