@@ -1,6 +1,7 @@
 """Which single-process optimisations win for the paper's step on this machine?
 
-Stage 1 of the recipe (one photo + one cartoon, five losses) at ``--size`` px, each variant
+Stage 1 of the recipe (one photo + one cartoon, five losses; ``--stage 1``: the transfer stage,
+four groups with branches and selective BP) at ``--size`` px, each variant
 against the default configuration, steps interleaved, median of ``--steps`` after ``--warmup``:
 
 - ``channels_last``: every module and input in channels_last memory format;
@@ -10,6 +11,9 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``for-loop Adam``: torch's own default Adam kernels on CPU (a loop over the parameters; foreach
   on CUDA) instead of the fused ones ``train.fused_optimizers`` selects;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
+- ``serial directions``: ``task.concurrent = false``, the two directions' generators and
+  discriminators one after the other on all threads instead of at once on one thread each
+  (what running them at once saves; ``1 thread`` is serial too);
 - ``1 thread``: the default with one intra-op thread instead of ``--threads``;
 - ``two-pass LIN``: the layer-instance norms (AdaLIN, LIN) computed as the reference writes them
   (separate instance and layer statistics, then the mix) instead of one reduction and one fused
@@ -142,7 +146,7 @@ SWITCHES = {
 }
 
 
-def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], int | None]:
+def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[[int], object], int | None]:
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {
         "bf16 autocast": ['precision="bf16"'],
@@ -153,9 +157,9 @@ def variant(name: str, size: int, width: int) -> tuple[Callable[[int], object], 
     }.get(name, [])
     if name == "classic spectral norm":
         with _classic_spectral_norm():
-            trainer, rt = build(size, width, 0, extra)
+            trainer, rt = build(size, width, stage, extra)
     else:
-        trainer, rt = build(size, width, 0, extra)
+        trainer, rt = build(size, width, stage, extra)
     if name == "two-pass LIN":
         for m in rt.modules.values():
             _use_two_pass_lin(m)
@@ -215,6 +219,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--stage", type=int, default=0, help="0: stage 1 (basic); 1: the transfer stage (branches)"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
@@ -244,7 +251,7 @@ def main() -> None:
         if unknown:
             ap.error(f"--only: unknown variant(s) {sorted(unknown)}; expected some of {names}")
         names = [n for n in names if n == "default" or n in args.only]
-    steps = {n: variant(n, args.size, args.width) for n in names}
+    steps = {n: variant(n, args.size, args.width, args.stage) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
@@ -259,14 +266,14 @@ def main() -> None:
                 times[name].append(seconds)
     torch.set_num_threads(args.threads)
     base = statistics.median(times["default"])
-    print(f"stage 1 step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
+    print(f"stage {args.stage + 1} step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
           f"after {args.warmup} (interleaved)\n")  # fmt: skip
     print("| variant | s / step | vs default | first step (s) |")
     print("|---|---:|---:|---:|")
     for name in names:
         t = statistics.median(times[name])
         print(f"| {name} | {t:.3f} | {t / base:.2f} | {first[name]:.1f} |")
-    _, rt = build(args.size, args.width, 0, [])
+    _, rt = build(args.size, args.width, args.stage, [])
     params = [p.detach() for opt in rt.optimizers.values() for g in opt.param_groups for p in g["params"]]
     print(
         f"\nthe optimiser steps alone: Adam over the stage's {sum(p.numel() for p in params):,} parameters\n"

@@ -128,6 +128,13 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
+    transfer = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
+                   "--stage", "1", "--only", "serial directions")  # fmt: skip
+    assert "stage 2 step at 32 px" in transfer
+    assert [r[0] for r in table_rows(transfer, "(default|serial directions)$")] == [
+        "default",
+        "serial directions",
+    ]
     kernels = table_rows(out, "(for-loop|foreach|fused)$")  # the optimiser steps alone
     assert [r[0] for r in kernels] == ["for-loop", "foreach", "fused"] and all(
         float(r[1]) > 0 for r in kernels
