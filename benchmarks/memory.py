@@ -13,7 +13,10 @@ steps); rows:
   (``branchadapt_cartoon.lowmem``) switched off: autograd then also keeps every ReLU output and
   padded map of the hourglass units and every padded map before a convolution;
 - ``transfer, branches, fused rows``: the recipe with ``train.fuse_participation = true`` (the
-  live and detached groups' rows through the shared stages in one call at every size).
+  live and detached groups' rows through the shared stages in one call at every size);
+- ``transfer, branches, serial directions``: the recipe with ``task.concurrent = false`` (the two
+  directions one after the other; by default on CPU they run at once, and so do their backward
+  passes' transient buffers).
 
 Saved activations are counted by a ``saved_tensors_hooks`` pair over one more step, storages
 once however many nodes save them: the most bytes alive at once (what adds to the peak: autograd
@@ -51,6 +54,7 @@ from branchadapt.trainer import StageRuntime, Trainer
 LOOP = "transfer, branches as a loop"
 UNFUSED = "transfer, branches as a loop, unfused units"
 FUSED = "transfer, branches, fused rows"
+SERIAL = "transfer, branches, serial directions"
 CONFIGS = {
     "basic": (0, []),
     "transfer, no branches": (1, ['stages.transfer.splitter={type="finetune"}']),
@@ -58,6 +62,7 @@ CONFIGS = {
     LOOP: (1, ["train.stack_branches=false"]),
     UNFUSED: (1, ["train.stack_branches=false"]),
     FUSED: (1, ["train.fuse_participation=true"]),
+    SERIAL: (1, ["task.concurrent=false"]),
 }
 
 
@@ -227,7 +232,7 @@ def main() -> None:
             f"| {name} | {r['params']:,} | {r['state_mb']:.1f} | {r['saved_mb']:.1f} | {r['saved_total_mb']:.1f} "
             f"| {r['built_mb']:.0f} | {r['peak_mb']:.0f} |"
         )
-    if any(name in failed for name in CONFIGS if name not in (UNFUSED, LOOP, FUSED)):
+    if any(name in failed for name in CONFIGS if name not in (UNFUSED, LOOP, FUSED, SERIAL)):
         return
     branched, plain, basic = rows["transfer, branches"], rows["transfer, no branches"], rows["basic"]
     theory = branched["extra_params"] * 16 / 2**20
@@ -258,6 +263,12 @@ def main() -> None:
             f"defaults ({fused['saved_mb'] / branched['saved_mb']:.2f}x), all distinct {fused['saved_total_mb']:.0f} "
             f"vs {branched['saved_total_mb']:.0f} MB, peak RSS {fused['peak_mb']:.0f} vs {branched['peak_mb']:.0f} MB "
             f"({fused['peak_mb'] / branched['peak_mb']:.2f}x)"
+        )
+    if SERIAL in rows:
+        serial = rows[SERIAL]
+        print(
+            f"both directions at once (the default) vs serial directions: peak RSS {branched['peak_mb']:.0f} vs "
+            f"{serial['peak_mb']:.0f} MB ({branched['peak_mb'] - serial['peak_mb']:+.0f} MB)"
         )
     if LOOP not in rows:
         print(f"branches as a loop: {failed[LOOP]}")

@@ -152,6 +152,7 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
         "transfer, branches as a loop",
         "transfer, branches as a loop, unfused units",
         "transfer, branches, fused rows",
+        "transfer, branches, serial directions",
     }
     saved = {name: float(r[3]) for name, r in rows.items()}
     distinct = {name: float(r[4]) for name, r in rows.items()}
@@ -167,6 +168,9 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
     assert "low-memory units (loop): saved activations" in out
     assert "stacked branches: saved activations" in out
     assert "fused rows: saved activations" in out
+    # the counted step runs serially whatever the setting, so the two directions' rows count alike
+    assert saved["transfer, branches, serial directions"] == saved["transfer, branches"]
+    assert "both directions at once (the default) vs serial directions: peak RSS" in out
 
 
 def test_memory_counts_saved_storages_once_and_releases_them_with_the_graph() -> None:
