@@ -75,9 +75,9 @@ def _compile_outermost(
     return sum(_compile_outermost(child, types, seen, kwargs) for child in module.children())
 
 
-__all__ = ["compile_units", "compiles_units", "unit_types"]
-
-
 def has_compiled(module: nn.Module) -> bool:
     """Whether ``module`` or one of its submodules was compiled in place (``nn.Module.compile``)."""
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+__all__ = ["compile_units", "compiles_units", "has_compiled", "unit_types"]

@@ -18,7 +18,7 @@ import atexit
 import contextvars
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal, TypeVar
 
 import torch
@@ -92,15 +92,7 @@ def run_concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
     pool = _pool()
     try:
         futures = [pool.submit(worker, call, contextvars.copy_context()) for call in calls]
-        errors: list[BaseException] = []
-        results: list[T] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except BaseException as err:  # re-raised below, after every call has ended
-                errors.append(err)
-        if errors:
-            raise errors[0]
-        return results
+        wait(futures)  # every call ends before an error surfaces
+        return [future.result() for future in futures]
     finally:
         torch.set_num_threads(threads)  # the workers changed the process-wide count

@@ -211,7 +211,6 @@ class Translate(Task):
             sides = [_tensors(side) for side in scratch.pop("cut")]
             self._backward_both(loss, sides)
             return
-        scratch.pop("cut", None)
         cycles = scratch.pop("cycles")
         (start_b, start_a), raw = cycles["starts"], cycles["raw"]
         ends = [list(raw["a2b"]), list(raw["b2a"])]
