@@ -4,7 +4,9 @@ Stage 1 of the recipe (one photo + one cartoon, five losses, face-ID through a M
 the reference, width ``--width``) at each size: one
 step under ``torch.profiler`` splits the self time into convolutions/matmuls and everything else
 (normalisation, padding, element-wise ops, pooling, optimiser); the shares are applied to the
-median unprofiled step time. The step's FLOPs (``torch.utils.flop_counter``, almost all in
+median unprofiled step time. The step profiled and timed is the serial one
+(``task.concurrent = false``, both directions one after the other on all threads): the profiler
+records the calling thread's ops only, and the ops are the same. The step's FLOPs (``torch.utils.flop_counter``, almost all in
 convolutions) at the machine's measured peak give the time the convolutions would need at best;
 adding the measured rest gives a **lower bound for this step without fusing the non-convolution
 ops** (which only a compiler does), to compare with the reference iteration:
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import SAME_RECOGNIZER, build, peak_gflops, repeat_times, step_flops
 
+from branchadapt.concurrency import WORKER_PREFIX
+
 MATHS = {"aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
          "aten::_slow_conv2d_backward", "aten::addmm", "aten::mm", "aten::bmm", "aten::addmv_"}  # fmt: skip
 MEASURED_REFERENCE = {128: 5.27, 256: 13.32}  # step_time.py --reference-repo (docs/performance.md)
@@ -37,7 +42,9 @@ MEASURED_REFERENCE = {128: 5.27, 256: 13.32}  # step_time.py --reference-repo (d
 def measure(size: int, width: int, steps: int) -> tuple[float, float, Counter[str]]:
     """Median step time (s) after a warm-up step, then one profiled step: the fraction of its self
     time in convolutions/matmuls, and the other ops' profiled times (s)."""
-    trainer, rt = build(size, width, 0, SAME_RECOGNIZER)
+    # torch.profiler records the calling thread's ops only: the default step's concurrent
+    # directions (worker threads) would be missing, so the serial step is profiled (same ops).
+    trainer, rt = build(size, width, 0, [*SAME_RECOGNIZER, "task.concurrent=false"])
     step = statistics.median(repeat_times(lambda: trainer.train_step(rt, rt.data[0]), steps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.train_step(rt, rt.data[1])
@@ -48,6 +55,8 @@ def measure(size: int, width: int, steps: int) -> tuple[float, float, Counter[st
             maths += seconds
         else:
             rest[event.key] += seconds
+    if any(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate()):
+        raise RuntimeError("part of the step ran on worker threads, whose ops the profiler does not record")
     return step, maths / (maths + sum(rest.values())), rest
 
 

@@ -25,6 +25,9 @@ import torch
 
 T = TypeVar("T")
 
+#: name prefix of the worker threads (profilers and debuggers that record one thread can check for them)
+WORKER_PREFIX = "branchadapt-concurrent"
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _WORKER = threading.local()
@@ -34,7 +37,7 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="branchadapt-concurrent")
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix=WORKER_PREFIX)
             atexit.register(_POOL.shutdown, wait=False)
         return _POOL
 
