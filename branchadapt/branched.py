@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import batching, rowgrad, statekeys
+from . import batching, rowgrad, rows, statekeys
 from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
 from .paramslots import ParamSlots
@@ -60,73 +60,6 @@ class Router:
             ]
 
 
-def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple):
-        return tuple(_map_tensors(t, fn) for t in tree)
-    if isinstance(tree, list):
-        return [_map_tensors(t, fn) for t in tree]
-    if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
-    return tree
-
-
-def _tensors(tree: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-
-    def keep(t: Tensor) -> Tensor:
-        found.append(t)
-        return t
-
-    _map_tensors(tree, keep)
-    return found
-
-
-def _select(tree: Any, index: Tensor, batch: int) -> Any:
-    """Rows ``index`` of every tensor whose dim 0 is the batch; other leaves pass unchanged."""
-    return _map_tensors(tree, lambda t: t.index_select(0, index) if batching.has_batch_dim(t, batch) else t)
-
-
-def _merge(parts: list[Any], order: Tensor) -> Any:
-    """Concatenate per-part outputs and undo the partition order (``order`` = concatenated positions)."""
-    inverse = torch.argsort(order)
-    first = parts[0]
-    if isinstance(first, Tensor):
-        return torch.cat(parts, 0).index_select(0, inverse.to(first.device))
-    if isinstance(first, tuple | list):
-        merged = [_merge([p[i] for p in parts], order) for i in range(len(first))]
-        return type(first)(merged)
-    if isinstance(first, dict):
-        return {k: _merge([p[k] for p in parts], order) for k in first}
-    return first  # non-tensor leaves (e.g. None) are the same in every part
-
-
-def _run_split(
-    parts: Sequence[tuple[Any, Tensor | None]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    call: Callable[..., Any],
-) -> Any:
-    """Run ``call(key, *args, **kwargs)`` on each part's rows and reassemble the batch order."""
-    if len(parts) == 1 and parts[0][1] is None:
-        return call(parts[0][0], *args, **kwargs)
-    batch = _batch_size(args, kwargs)
-    outputs, positions = [], []
-    for key, index in parts:
-        assert index is not None
-        outputs.append(call(key, *_select(args, index, batch), **_select(kwargs, index, batch)))
-        positions.append(index)
-    return _merge(outputs, torch.cat(positions))
-
-
-def _batch_size(args: Any, kwargs: Any) -> int:
-    found = [t.shape[0] for t in _tensors((args, kwargs)) if t.dim()]
-    if not found:
-        raise ValueError("a branched stage needs at least one tensor argument with a batch dimension")
-    return found[0]
-
-
 class GroupBranches(nn.Module):
     """One copy of a stage per group; each sample runs through its own group's copy.
 
@@ -149,7 +82,7 @@ class GroupBranches(nn.Module):
         if self.stacked and len(parts) > 1 and self._stackable():
             positions = [ix for _, ix in parts if ix is not None]
             auto_says_no = self.stacked == "auto" and not batching.worth_stacking(
-                (args, kwargs), _batch_size(args, kwargs)
+                (args, kwargs), rows.batch_size(args, kwargs)
             )
             if len({len(ix) for ix in positions}) == 1 and not auto_says_no:  # else this batch loops
                 try:
@@ -157,7 +90,7 @@ class GroupBranches(nn.Module):
                 except batching.NotStackable as err:
                     self._unstackable = str(err)
                     warnings.warn(f"branch stage runs group by group, not stacked: {err}", stacklevel=2)
-        return _run_split(parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
+        return rows.run_parts(parts, args, kwargs, lambda g, *a, **k: self.branches[g](*a, **k))
 
     def _stackable(self) -> bool:
         """Whether the copies can be stacked; checked, and the vmap template built, once. A stage
@@ -180,7 +113,7 @@ class GroupBranches(nn.Module):
         if template.training != self.training:
             template.train(self.training)
         params = [dict(self._slots[g].items()) for g in groups]
-        return batching.run_stacked(params, template, positions, args, kwargs, _batch_size(args, kwargs))
+        return batching.run_stacked(params, template, positions, args, kwargs, rows.batch_size(args, kwargs))
 
 
 def _auto_switch(name: str, value: Any) -> bool | Literal["auto"]:
@@ -287,7 +220,7 @@ class BranchedModel(nn.Module):
             (policy,) = by_policy
             parts: list[tuple[Participation, Tensor | None]] = [(policy, None)]
         else:
-            device = _first_device(args, kwargs)
+            device = rows.first_device(args, kwargs)
             parts = [
                 (policy, torch.nonzero(torch.isin(ids, torch.tensor(gs))).flatten().to(device))
                 for policy, gs in by_policy.items()
@@ -297,10 +230,10 @@ class BranchedModel(nn.Module):
         def call(policy: Participation, *a: Any, **k: Any) -> Any:
             index = index_of[policy]
             sub_ids = ids if index is None else ids.index_select(0, index)
-            self.router.set(sub_ids, _first_device(a, k))
+            self.router.set(sub_ids, rows.first_device(a, k))
             return self._run(policy, a, k)
 
-        return _run_split(parts, args, kwargs, call)
+        return rows.run_parts(parts, args, kwargs, call)
 
     def _fuses(self, by_policy: Mapping[Participation, list[int]], args: Any, kwargs: Any, rows: int) -> bool:
         """Whether this batch runs as one call (``fused``; live and detached groups, gradients on)."""
@@ -318,14 +251,14 @@ class BranchedModel(nn.Module):
         """Live and detached rows as one call, live rows first (:class:`branchadapt.rowgrad.LiveRows`)."""
         is_live = torch.isin(ids, torch.tensor(live_groups))
         order = torch.cat((torch.nonzero(is_live).flatten(), torch.nonzero(~is_live).flatten()))
-        device = _first_device(args, kwargs)
+        device = rows.first_device(args, kwargs)
         batch = len(ids)
         moved = order.to(device)
-        sub_args, sub_kwargs = _select(args, moved, batch), _select(kwargs, moved, batch)
+        sub_args, sub_kwargs = rows.select_rows(args, moved, batch), rows.select_rows(kwargs, moved, batch)
         self.router.set(ids.index_select(0, order), device)
         with rowgrad.LiveRows(self.shared_parameters(), rows=batch, live=int(is_live.sum())):
             out = self.backbone(*sub_args, **sub_kwargs)
-        return _merge([out], order)
+        return rows.merge_rows([out], order)
 
     def _run(self, policy: Participation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if policy is Participation.LIVE:
@@ -351,7 +284,7 @@ class BranchedModel(nn.Module):
             if len(self.groups) == 1 or (
                 not self.branch_stages and len(set(self.participation.values())) == 1
             ):
-                return torch.zeros(_batch_size(args, kwargs), dtype=torch.long)
+                return torch.zeros(rows.batch_size(args, kwargs), dtype=torch.long)
             raise ValueError("this model has per-group branches: pass groups=<group index per sample>")
         ids = torch.as_tensor(groups, dtype=torch.long).cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.groups)):
@@ -435,8 +368,3 @@ def _modules_outside(root: nn.Module, stop: set[int]) -> Iterator[nn.Module]:
     yield root
     for child in root.children():
         yield from _modules_outside(child, stop)
-
-
-def _first_device(args: Any, kwargs: Any) -> torch.device:
-    found = _tensors((args, kwargs))
-    return found[0].device if found else torch.device("cpu")
