@@ -35,7 +35,9 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   of the generator's repeated units (hourglass ConvBlock, encoder ResnetBlock, decoder
   SoftAdaLINBlock), forward and backward;
   compiling whole modules did not finish within 15 minutes here. The first (compiling) step is
-  reported separately.
+  reported separately;
+- ``torch.compile, directions at once`` (with ``--compile``): the same with ``task.concurrent =
+  true`` (``auto`` runs compiled steps serially; the worker threads compile their own graphs).
 
     .venv/bin/python benchmarks/optimisations.py --size 128 --steps 3
 """
@@ -153,6 +155,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
         "ref order": ["task.reuse_fakes=false"],
         "serial directions": ["task.concurrent=false"],
         "torch.compile": ['train.compile="units"'],
+        "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
         "all units low-memory": ["model.low_memory_min_mb=0"],
     }.get(name, [])
     if name == "classic spectral norm":
@@ -245,7 +248,7 @@ def main() -> None:
         "torch pad backward",
         "torch IN forward",
     ]
-    names += ["torch.compile"] if args.compile else []
+    names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
     if args.only:
         unknown = set(args.only) - set(names)
         if unknown:
