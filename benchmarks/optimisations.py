@@ -7,6 +7,10 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``channels_last``: every module and input in channels_last memory format;
 - ``channels_last + IN``: the same with ``nn.InstanceNorm2d`` replaced by a layout-agnostic
   instance norm (``var_mean`` over H, W), so no layout conversion happens around the norms;
+- ``channels_last generators`` / ``default-layout generators``: ``model.channels_last = true`` /
+  ``false``, the generators' training activations in channels_last at every size / at none (the
+  default ``auto`` uses it for inputs of 256 px and more on a CPU; the discriminators and the
+  generators' outputs stay in the default layout);
 - ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16);
 - ``for-loop Adam``: torch's own default Adam kernels on CPU (a loop over the parameters; foreach
   on CUDA) instead of the fused ones ``train.fused_optimizers`` selects;
@@ -154,6 +158,8 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
         "bf16 autocast": ['precision="bf16"'],
         "ref order": ["task.reuse_fakes=false"],
         "serial directions": ["task.concurrent=false"],
+        "channels_last generators": ["model.channels_last=true"],
+        "default-layout generators": ["model.channels_last=false"],
         "torch.compile": ['train.compile="units"'],
         "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
         "all units low-memory": ["model.low_memory_min_mb=0"],
@@ -174,7 +180,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
             _unfuse(m)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
-    if name.startswith("channels_last"):
+    if name.startswith("channels_last") and name != "channels_last generators":
         for m in rt.modules.values():
             if name.endswith("+ IN"):
                 _swap_instance_norms(m)
@@ -235,6 +241,8 @@ def main() -> None:
         "default",
         "channels_last",
         "channels_last + IN",
+        "channels_last generators",
+        "default-layout generators",
         "bf16 autocast",
         "for-loop Adam",
         "ref order",

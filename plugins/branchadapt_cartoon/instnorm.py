@@ -37,10 +37,29 @@ def _fast(x: Tensor) -> bool:
     return fast_forward and x.device.type == "cpu" and x.numel() >= FAST_MIN_NUMEL
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-D map laid out channels_last (and not also plain contiguous)."""
+    if x.dim() != 4 or x.is_contiguous():
+        return False
+    try:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside vmap (stacked branch copies) only the default layout can be queried
+        return False
+
+
 def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Instance-normalised ``x`` (B, C, H, W), and each (sample, channel) row's mean and inverse
     standard deviation (biased variance), both of shape ``(B * C,)``."""
     b, c, h, w = x.shape
+    if _channels_last(x):  # each sample as a channels_last batch norm: no layout copies
+        out = torch.empty_like(x)
+        mean, invstd = x.new_empty(b * c), x.new_empty(b * c)
+        for i in range(b):
+            aten.native_batch_norm.out(
+                x[i : i + 1], None, None, None, None, True, 0.0, eps,
+                out=out[i : i + 1], save_mean=mean[i * c : (i + 1) * c], save_invstd=invstd[i * c : (i + 1) * c],
+            )  # fmt: skip
+        return out, mean, invstd
     if not _fast(x):
         out, mean, invstd = aten.native_batch_norm(
             x.reshape(1, b * c, h, w), None, None, None, None, True, 0.0, eps
@@ -56,6 +75,15 @@ def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
     b, c, h, w = x.shape
+    if _channels_last(x):  # per sample (the out= form of this op rejects the unused outputs)
+        parts = [
+            aten.native_batch_norm_backward(
+                grad[i : i + 1], x[i : i + 1], None, None, None, mean[i * c : (i + 1) * c],
+                invstd[i * c : (i + 1) * c], True, eps, [True, False, False],
+            )[0]
+            for i in range(b)
+        ]  # fmt: skip
+        return parts[0] if b == 1 else torch.cat(parts)
     return aten.native_batch_norm_backward(
         grad.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
         mean, invstd, True, eps, [True, False, False],
@@ -88,7 +116,7 @@ class _InstanceNorm(torch.autograd.Function):
 
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
-    if _fast(x):
+    if _fast(x) or _channels_last(x):
         return _InstanceNorm.apply(x, eps)[0]
     # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
     # because nothing else holds the batch norm's output (its backward keeps the input and statistics)

@@ -36,6 +36,16 @@ def _foldable(padded: tuple[int, ...], device: torch.device, pad: int) -> bool:
     return b * c * h * w >= FOLD_MIN_NUMEL and min(h, w) - 2 * pad >= 2 * pad + 2
 
 
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is a 4-D map laid out channels_last (and not also plain contiguous)."""
+    if t.dim() != 4 or t.is_contiguous():
+        return False
+    try:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside vmap (stacked branch copies) only the default layout can be queried
+        return False
+
+
 def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
     """The gradient at ``x`` from ``grad``, the gradient at ``F.pad(x, (pad,) * 4, mode="reflect")``."""
     if not pad:
@@ -45,7 +55,8 @@ def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
         like = grad.new_empty((*grad.shape[:-2], h, w))  # torch's kernel reads only the shape
         return torch.ops.aten.reflection_pad2d_backward(grad, like, [pad] * 4)
     rows, cols = slice(pad, pad + h), slice(pad, pad + w)
-    out = grad[..., rows, cols].clone(memory_format=torch.contiguous_format)
+    layout = torch.channels_last if _channels_last(grad) else torch.contiguous_format
+    out = grad[..., rows, cols].clone(memory_format=layout)
     for k in range(1, pad + 1):
         # padded row pad - k mirrors row k; padded row pad + h - 1 + k mirrors row h - 1 - k
         out[..., k, :] += grad[..., pad - k, cols]

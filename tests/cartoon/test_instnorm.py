@@ -48,3 +48,31 @@ def test_small_inputs_take_torchs_kernel_large_ones_the_fast_forward():
     large = torch.randn(1, 16, 64, 64, requires_grad=True)  # 65,536 = FAST_MIN_NUMEL
     assert type(instance_norm(small).grad_fn).__name__ != "_InstanceNormBackward"
     assert type(instance_norm(large).grad_fn).__name__ == "_InstanceNormBackward"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fast):
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0 if fast else 10**9)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64) * 3 + 1
+    cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = instance_norm(cl)
+    # no layout copy: a channels_last map stays channels_last through the norm and its gradient
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    grad = torch.randn_like(x)
+    (out * grad).sum().backward()
+    assert cl.grad is not None and cl.grad.is_contiguous(memory_format=torch.channels_last)
+    plain = x.clone().requires_grad_()
+    ref = F.instance_norm(plain, eps=1e-5)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cl.grad, plain.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_vmap_over_a_non_leading_dimension(monkeypatch):
+    """Under vmap the layout of a batched map cannot be queried: the norm must not ask twice."""
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64)  # mapped over dim 1
+    ours = torch.func.vmap(instance_norm, in_dims=1)(x)
+    for k in range(3):
+        torch.testing.assert_close(ours[k], F.instance_norm(x[:, k], eps=1e-5), rtol=1e-10, atol=1e-10)

@@ -253,3 +253,49 @@ def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_g
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_channels_last_activations_give_the_same_values_and_gradients(monkeypatch):
+    import branchadapt_cartoon.instnorm as instnorm
+    import branchadapt_cartoon.padding as padding
+
+    # small maps: take the norms' and pads' own channels_last paths as a 256 px map would
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    opts = {"width": 8, "image_size": 32, "n_blocks": 1, "low_memory_min_mb": 0}
+    plain = UGATITGenerator(UGATITGenerator.Options(**opts)).double()
+    cl = UGATITGenerator(UGATITGenerator.Options(**opts, channels_last=True)).double()
+    cl.load_state_dict(plain.state_dict())
+    layouts: list[bool] = []
+    cl.HourGlass3.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for gen in (plain, cl):
+        img, cam, heat = gen(x)
+        (img.square().sum() + cam.sum() + heat.sum()).backward()
+        outs.append((img, cam, heat, {n: p.grad for n, p in gen.named_parameters()}))
+    assert layouts == [True] and not outs[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert outs[1][0].is_contiguous() and outs[1][2].is_contiguous()  # outputs back in the default layout
+    for a, b in zip(outs[0][:3], outs[1][:3], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+    for name, grad in outs[0][3].items():
+        torch.testing.assert_close(outs[1][3][name], grad, rtol=1e-7, atol=1e-10, msg=name)
+    with torch.no_grad():  # inference keeps the default layout (export, sampling)
+        layouts.clear()
+        cl(x)
+        assert layouts == [False]
+
+
+def test_channels_last_auto_is_for_large_cpu_training_inputs():
+    gen = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=32))
+    assert gen.options.channels_last == "auto"
+    large, small = torch.zeros(1, 3, 256, 256), torch.zeros(1, 3, 128, 128)
+    assert gen._channels_last(large) and not gen._channels_last(small)
+    with torch.no_grad():
+        assert not gen._channels_last(large)  # inference keeps the default layout
+    off = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=32, channels_last=False))
+    on = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=32, channels_last=True))
+    assert not off._channels_last(large) and on._channels_last(small)

@@ -88,3 +88,24 @@ def test_vmap_of_the_gradient(monkeypatch):
         torch.func.grad(lambda t: loss(t, lambda u: F.pad(u, (1,) * 4, mode="reflect")))
     )(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_gradient_keeps_its_layout(monkeypatch):
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+    grad = torch.randn(2, 3, 10, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    ours = reflect_pad_backward(grad, 1)
+    like = grad.new_empty(2, 3, 8, 10)
+    theirs = torch.ops.aten.reflection_pad2d_backward(grad.contiguous(), like, [1] * 4)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_over_a_non_leading_dimension(monkeypatch):
+    """Under vmap the layout of a batched map cannot be queried: the fold must not ask twice."""
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+    grad = torch.randn(2, 3, 2, 10, 10, dtype=torch.float64)  # mapped over dim 1
+    ours = torch.func.vmap(lambda g: reflect_pad_backward(g, 1), in_dims=1)(grad)
+    like = torch.empty(2, 2, 8, 8, dtype=torch.float64)
+    for k in range(3):
+        theirs = torch.ops.aten.reflection_pad2d_backward(grad[:, k], like, [1] * 4)
+        torch.testing.assert_close(ours[k], theirs, rtol=1e-12, atol=1e-12)
