@@ -270,3 +270,13 @@ def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
     assert default > 0 and retained > 0 and ratio == pytest.approx(retained / default, abs=0.01)
     faults = [float(v.replace(",", "")) for v in row[5].split(" -> ")]
     assert len(faults) == 2 and min(faults) > 0
+
+
+def test_one_config_runs_each_configuration_in_its_own_process() -> None:
+    out = run(
+        "one_config.py", "--size", "32", "--width", "4", "--stage", "2", "--steps", "1", "--rounds", "2",
+        "--config", "default=", "--config", "plain=model.channels_last=false;task.concurrent=false",
+    )  # fmt: skip
+    rows = {row[0]: row for row in table_rows(out, r"(default|plain)$")}
+    assert set(rows) == {"default", "plain"} and rows["default"][2] == "1.00"
+    assert all(float(row[1]) > 0 and float(row[4].replace(",", "")) > 100 for row in rows.values())

@@ -1,0 +1,84 @@
+"""The step time of one configuration, each run in a process of its own.
+
+For stages too large to hold two trainers in one process (the transfer stage at 256 px needs about
+19 GB, so ``optimisations.py --stage 1 --size 256`` does not fit 24 GiB): every ``--config`` (a
+name and ``key=value`` overrides separated by ``;``) runs in a fresh Python process, one after the
+other, ``--rounds`` times in alternating order. Each process reports the median of ``--steps``
+after ``--warmup`` and its peak RSS; the table prints the median over rounds.
+
+    .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
+        --config default= --config "default layout=model.channels_last=false"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import build
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one configuration here and print its result as one JSON line."""
+    torch.set_num_threads(args.threads)
+    trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in args.child.split(";") if o])
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        trainer.train_step(rt, rt.data[i % len(rt.data)])
+        times.append(time.perf_counter() - start)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"step": statistics.median(times[args.warmup :]), "first": times[0], "rss_mb": rss_mb}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: basic, 2: transfer")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--config", action="append", metavar="NAME=OVERRIDES", help="repeatable; first is the base"
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args)
+        return
+    configs = dict(c.split("=", 1) for c in args.config or ["default="])
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    shared = [f"--{k}={getattr(args, k)}" for k in ("size", "width", "stage", "steps", "warmup", "threads")]
+    for r in range(args.rounds):
+        for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
+            cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"stage {args.stage} at {args.size} px, width {args.width}, {args.threads} threads, median of "
+          f"{args.steps} after {args.warmup} per process, {args.rounds} round(s), one process per run\n")  # fmt: skip
+    print(
+        "| configuration | s / step | vs first | first step (s) | peak RSS (MB) |\n|---|---:|---:|---:|---:|"
+    )
+    base = statistics.median(r["step"] for r in next(iter(results.values())))
+    for name, runs in results.items():
+        step = statistics.median(r["step"] for r in runs)
+        first = statistics.median(r["first"] for r in runs)
+        rss = max(r["rss_mb"] for r in runs)
+        print(f"| {name} | {step:.3f} | {step / base:.2f} | {first:.1f} | {rss:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
