@@ -12,6 +12,9 @@ and inverse standard deviation.
 kernel off the CPU (measured only here), for inputs under :data:`FAST_MIN_NUMEL` elements and
 when :data:`fast_forward` is False (A/B runs).
 
+A channels_last input (``model.channels_last``) runs each sample as a channels_last batch norm,
+forward and backward: torch's kernels, the layout kept, no copies.
+
 The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
 in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
 gradient in backward (``CopySlices``).
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layout import is_channels_last
+
 aten = torch.ops.aten
 
 fast_forward = True  # False: torch's batch-norm kernel for the forward too (A/B runs)
@@ -37,21 +42,11 @@ def _fast(x: Tensor) -> bool:
     return fast_forward and x.device.type == "cpu" and x.numel() >= FAST_MIN_NUMEL
 
 
-def _channels_last(x: Tensor) -> bool:
-    """Whether ``x`` is a 4-D map laid out channels_last (and not also plain contiguous)."""
-    if x.dim() != 4 or x.is_contiguous():
-        return False
-    try:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    except RuntimeError:  # inside vmap (stacked branch copies) only the default layout can be queried
-        return False
-
-
 def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Instance-normalised ``x`` (B, C, H, W), and each (sample, channel) row's mean and inverse
     standard deviation (biased variance), both of shape ``(B * C,)``."""
     b, c, h, w = x.shape
-    if _channels_last(x):  # each sample as a channels_last batch norm: no layout copies
+    if is_channels_last(x):  # each sample as a channels_last batch norm: no layout copies
         out = torch.empty_like(x)
         mean, invstd = x.new_empty(b * c), x.new_empty(b * c)
         for i in range(b):
@@ -75,7 +70,7 @@ def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
     b, c, h, w = x.shape
-    if _channels_last(x):  # per sample (the out= form of this op rejects the unused outputs)
+    if is_channels_last(x):  # per sample (the out= form of this op rejects the unused outputs)
         parts = [
             aten.native_batch_norm_backward(
                 grad[i : i + 1], x[i : i + 1], None, None, None, mean[i * c : (i + 1) * c],
@@ -116,7 +111,7 @@ class _InstanceNorm(torch.autograd.Function):
 
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
-    if _fast(x) or _channels_last(x):
+    if _fast(x) or is_channels_last(x):
         return _InstanceNorm.apply(x, eps)[0]
     # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
     # because nothing else holds the batch norm's output (its backward keeps the input and statistics)

@@ -261,8 +261,8 @@ class UGATITOptions(PluginOptions):
     channels_last: bool | Literal["auto"] = Field(
         "auto",
         description="train with the activations in channels_last memory format (outputs stay in the default "
-        f"layout); auto: on a CPU for inputs of at least {CHANNELS_LAST_MIN_SIDE} px, where it was 0.91-0.94x "
-        "of the step, while at 128 px it lost in the transfer stage (docs/performance.md)",
+        f"layout); auto: on a CPU for inputs of at least {CHANNELS_LAST_MIN_SIDE} px (0.92x of the one-group "
+        "step at 256 px; a tie at 128 px and for the 256 px transfer stage; docs/performance.md)",
     )
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ took 1.6-2.5x as long as copying the gradient's interior once and adding the ``p
 rows, columns and corners as strided slices (:func:`reflect_pad_backward`; ``benchmarks/kernels.py``).
 On small maps a handful of slice operations cost more than torch's one call, so maps under
 :data:`FOLD_MIN_NUMEL` elements, and every device other than the CPU, keep torch's kernel.
+A channels_last gradient (``model.channels_last``) is folded in that layout.
 
 :func:`reflect_pad` is ``F.pad(x, (pad,) * 4, mode="reflect")`` whose backward is that fold;
 :class:`ReflectionPad2d` is ``nn.ReflectionPad2d`` with the same behaviour (no parameters, so
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layout import is_channels_last
+
 FOLD_MIN_NUMEL = 1 << 16  # smaller padded gradients go through torch's kernel (module docstring)
 
 fold_enabled = True  # False: torch's kernel everywhere (A/B runs in benchmarks/optimisations.py)
@@ -36,16 +39,6 @@ def _foldable(padded: tuple[int, ...], device: torch.device, pad: int) -> bool:
     return b * c * h * w >= FOLD_MIN_NUMEL and min(h, w) - 2 * pad >= 2 * pad + 2
 
 
-def _channels_last(t: Tensor) -> bool:
-    """Whether ``t`` is a 4-D map laid out channels_last (and not also plain contiguous)."""
-    if t.dim() != 4 or t.is_contiguous():
-        return False
-    try:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    except RuntimeError:  # inside vmap (stacked branch copies) only the default layout can be queried
-        return False
-
-
 def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
     """The gradient at ``x`` from ``grad``, the gradient at ``F.pad(x, (pad,) * 4, mode="reflect")``."""
     if not pad:
@@ -55,7 +48,7 @@ def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
         like = grad.new_empty((*grad.shape[:-2], h, w))  # torch's kernel reads only the shape
         return torch.ops.aten.reflection_pad2d_backward(grad, like, [pad] * 4)
     rows, cols = slice(pad, pad + h), slice(pad, pad + w)
-    layout = torch.channels_last if _channels_last(grad) else torch.contiguous_format
+    layout = torch.channels_last if is_channels_last(grad) else torch.contiguous_format
     out = grad[..., rows, cols].clone(memory_format=layout)
     for k in range(1, pad + 1):
         # padded row pad - k mirrors row k; padded row pad + h - 1 + k mirrors row h - 1 - k
