@@ -180,7 +180,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
             _unfuse(m)
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
-    if name.startswith("channels_last") and name != "channels_last generators":
+    if name in ("channels_last", "channels_last + IN"):
         for m in rt.modules.values():
             if name.endswith("+ IN"):
                 _swap_instance_norms(m)

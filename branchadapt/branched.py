@@ -235,14 +235,16 @@ class BranchedModel(nn.Module):
 
         return rows.run_parts(parts, args, kwargs, call)
 
-    def _fuses(self, by_policy: Mapping[Participation, list[int]], args: Any, kwargs: Any, rows: int) -> bool:
+    def _fuses(
+        self, by_policy: Mapping[Participation, list[int]], args: Any, kwargs: Any, batch: int
+    ) -> bool:
         """Whether this batch runs as one call (``fused``; live and detached groups, gradients on)."""
         if not self.fused or self._unfusable is not None or set(by_policy) != _FUSABLE:
             return False
         if not torch.is_grad_enabled():
             return False
         return self.fused is True or batching.small_or_on_accelerator(
-            (args, kwargs), rows, FUSE_AUTO_MAX_BYTES
+            (args, kwargs), batch, FUSE_AUTO_MAX_BYTES
         )
 
     def _run_fused(
