@@ -51,6 +51,12 @@ class NotStackable(Exception):
     """This stage cannot run as one mapped call (the reason is the message)."""
 
 
+def is_vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is vmap's view of one copy inside :func:`run_stacked` (or any ``vmap``)."""
+    check = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never batched
+    return bool(check(t)) if check is not None else False
+
+
 def has_batch_dim(t: Any, batch: int) -> bool:
     """Whether ``t`` is a tensor whose first dimension is the batch (``batch`` rows)."""
     return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch
@@ -126,6 +132,7 @@ __all__ = [
     "AUTO_MAX_BYTES",
     "NotStackable",
     "has_batch_dim",
+    "is_vmapped",
     "meta_template",
     "run_stacked",
     "small_or_on_accelerator",

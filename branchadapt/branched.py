@@ -78,6 +78,11 @@ class GroupBranches(nn.Module):
         self._slots: dict[str, ParamSlots] = {}  # each copy's parameters, resolved on first stacked use
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # the copies' parameters are their groups' own: no live-row restriction applies inside
+        with rowgrad.paused((args, kwargs)):
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         parts = self._router.parts
         if self.stacked and len(parts) > 1 and self._stackable():
             positions = [ix for _, ix in parts if ix is not None]

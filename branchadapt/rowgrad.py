@@ -18,6 +18,10 @@ batch computes that parameter's gradient from the first ``live`` rows only:
   parameter must run inside :func:`cooperating` (given its parameters) and take its weight
   gradients from the first rows that yields itself.
 
+A group's own branch copy needs no restriction: :func:`paused` runs it outside the mode (its
+per-operation hook is the mode's main cost on small inputs) unless it is given a tensor computed from
+shared parameters alone.
+
 Anything else that combines a shared parameter with the batch raises :class:`NotFusable`, and the
 caller runs the groups as separate calls instead: the mode never guesses. It also assumes that the
 model treats rows independently (no batch statistics), which only the model can promise
@@ -35,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .batching import is_vmapped
 
 aten = torch.ops.aten
 _active: list[LiveRows] = []  # the active LiveRows modes, innermost last
@@ -65,6 +72,40 @@ def cooperating(*params: Tensor | None) -> Iterator[int | None]:
         yield mode.live if mode is not None and any(mode._param_side(p) for p in params) else None
     finally:
         _cooperating[0] -= 1
+
+
+@contextmanager
+def paused(inputs: Any) -> Iterator[None]:
+    """Run a per-group stage without the active :class:`LiveRows` mode when nothing it is given is
+    parameter-side: its parameters are that group's own, so no gradient needs restricting, and every
+    operation skips the mode's Python hook (a per-operation cost that weighs on small inputs).
+
+    The mode stays on when it is not the innermost torch-function mode (pausing it would reorder
+    the stack) or when a tensor in ``inputs`` (the stage's arguments, any nesting) was computed
+    from shared parameters alone.
+    """
+    mode = _active[-1] if _active else None
+    if mode is None or not _innermost(mode) or any(mode._param_side(t) for t in tree_leaves(inputs)):
+        yield
+        return
+    grad = mode._grad
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+        mode._grad = grad
+
+
+def _innermost(mode: TorchFunctionMode) -> bool:
+    """Whether ``mode`` is the innermost torch-function mode (private API: absent means "no")."""
+    depth_of, at = (
+        getattr(torch._C, n, None) for n in ("_len_torch_function_stack", "_get_function_stack_at")
+    )
+    if depth_of is None or at is None:
+        return False
+    depth = depth_of()
+    return bool(depth > 0 and at(depth - 1) is mode)
 
 
 def weight_rows(t: Tensor, live: int | None) -> Tensor:
@@ -225,6 +266,11 @@ class LiveRows(TorchFunctionMode):
         flat += [t for a in flat if isinstance(a, list | tuple) for t in a]
         name = getattr(func, "__name__", repr(func))
         others = [t for t in flat if isinstance(t, Tensor) and not self._param_side(t)]
+        if any(is_vmapped(t) for t in others):
+            raise NotFusable(
+                f"{name} uses a shared parameter inside vmap (stacked branch copies), where the rows "
+                "of the batch cannot be told apart"
+            )
         batch = [t for t in others if t.dim() and t.shape[0] == self.rows]
         if not torch.is_grad_enabled():
             if not self._grad or _cooperating[0]:
@@ -301,4 +347,4 @@ class LiveRows(TorchFunctionMode):
         return func(*[gate(a) for a in args], **{k: gate(v) for k, v in kwargs.items()})
 
 
-__all__ = ["LiveRows", "NotFusable", "cooperating", "live_rows", "weight_rows"]
+__all__ = ["LiveRows", "NotFusable", "cooperating", "live_rows", "paused", "weight_rows"]

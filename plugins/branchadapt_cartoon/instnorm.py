@@ -13,7 +13,10 @@ kernel off the CPU (measured only here), for inputs under :data:`FAST_MIN_NUMEL`
 when :data:`fast_forward` is False (A/B runs).
 
 A channels_last input (``model.channels_last``) runs each sample as a channels_last batch norm,
-forward and backward: torch's kernels, the layout kept, no copies.
+forward and backward: torch's kernels, the layout kept, no copies. Under ``vmap`` (stacked branch
+copies) the norm is torch's batch norm whatever the size: a Python autograd function there goes
+through functorch's Python dispatch, which cost more than the fast forward saves (about 0.4 ms a
+call, ad-hoc microbenchmarks; the 64 px generator 6 % faster without it).
 
 The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
 in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from branchadapt.batching import is_vmapped
 
 from .layout import is_channels_last
 
@@ -111,7 +116,8 @@ class _InstanceNorm(torch.autograd.Function):
 
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
-    if _fast(x) or is_channels_last(x):
+    # under vmap (stacked branch copies) a Python autograd function costs more than its kernels save
+    if not is_vmapped(x) and (_fast(x) or is_channels_last(x)):
         return _InstanceNorm.apply(x, eps)[0]
     # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
     # because nothing else holds the batch norm's output (its backward keeps the input and statistics)

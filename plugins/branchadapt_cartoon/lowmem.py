@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from branchadapt import rowgrad
+from branchadapt.batching import is_vmapped
 
 from .instnorm import norm_backward, norm_stats
 from .padding import reflect_pad, reflect_pad_backward
@@ -55,12 +56,7 @@ def _records_grad(*tensors: Tensor | None) -> bool:
     inside ``vmap`` (stacked branch copies), whose wrapped tensors report ``requires_grad=False``."""
     if not torch.is_grad_enabled():
         return False
-    return any(t is not None and (t.requires_grad or _batched(t)) for t in tensors)
-
-
-def _batched(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never batched
-    return bool(check(t)) if check is not None else False
+    return any(t is not None and (t.requires_grad or is_vmapped(t)) for t in tensors)
 
 
 def _live_rows(*params: Tensor | None) -> int | None:

@@ -6,7 +6,8 @@ then visits every element with index arithmetic; on the photo2cartoon maps of 0.
 took 1.6-2.5x as long as copying the gradient's interior once and adding the ``pad`` mirrored
 rows, columns and corners as strided slices (:func:`reflect_pad_backward`; ``benchmarks/kernels.py``).
 On small maps a handful of slice operations cost more than torch's one call, so maps under
-:data:`FOLD_MIN_NUMEL` elements, and every device other than the CPU, keep torch's kernel.
+:data:`FOLD_MIN_NUMEL` elements, every device other than the CPU, and maps under ``vmap`` (stacked
+branch copies, where a Python autograd function costs more than the fold saves) keep torch's kernel.
 A channels_last gradient (``model.channels_last``) is folded in that layout.
 
 :func:`reflect_pad` is ``F.pad(x, (pad,) * 4, mode="reflect")`` whose backward is that fold;
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from branchadapt.batching import is_vmapped
 
 from .layout import is_channels_last
 
@@ -84,7 +87,8 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     """``F.pad(x, (pad,) * 4, mode="reflect")``, differentiated by :func:`reflect_pad_backward`."""
     if not pad:
         return x
-    if x.dim() != 4 or not torch.is_grad_enabled():
+    # under vmap (stacked branch copies) a Python autograd function costs more than its fold saves
+    if x.dim() != 4 or not torch.is_grad_enabled() or is_vmapped(x):
         return F.pad(x, (pad,) * 4, mode="reflect")
     b, c, h, w = x.shape
     # where backward would take torch's kernel anyway, torch's pad: no Python function to pay

@@ -76,3 +76,27 @@ def test_vmap_over_a_non_leading_dimension(monkeypatch):
     ours = torch.func.vmap(instance_norm, in_dims=1)(x)
     for k in range(3):
         torch.testing.assert_close(ours[k], F.instance_norm(x[:, k], eps=1e-5), rtol=1e-10, atol=1e-10)
+
+
+def test_under_vmap_torchs_batch_norm_not_a_python_function(monkeypatch):
+    """Stacked branch copies: a Python autograd function under vmap costs more than it saves."""
+    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)  # every unbatched input would take it
+
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the autograd function ran under vmap")
+
+    stacked = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)  # copies, rows, C, H, W
+    weights = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)
+
+    def grad_of(norm):  # type: ignore[no-untyped-def]
+        x = stacked.clone().requires_grad_()  # autograd outside vmap, as the branched model runs it
+        out = torch.func.vmap(norm)(x)
+        (out.relu() * weights).sum().backward()
+        return out, x.grad
+
+    expected = grad_of(lambda t: F.instance_norm(t, eps=1e-5))
+    monkeypatch.setattr(instnorm._InstanceNorm, "apply", refuse)
+    for got, want in zip(grad_of(instance_norm), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(AssertionError, match="autograd function"):  # the guard itself works
+        instance_norm(stacked[0].requires_grad_())

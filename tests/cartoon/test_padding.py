@@ -90,6 +90,32 @@ def test_vmap_of_the_gradient(monkeypatch):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+def test_under_vmap_torchs_pad_not_a_python_function(monkeypatch):
+    """Stacked branch copies: a Python autograd function under vmap costs more than the fold saves."""
+    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)  # every unbatched input would be folded
+
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the autograd function ran under vmap")
+
+    monkeypatch.setattr(padding._ReflectPad, "apply", refuse)
+    stacked = torch.randn(3, 2, 2, 8, 8, dtype=torch.float64)  # copies, rows, C, H, W
+    weights = torch.randn(3, 2, 2, 10, 10, dtype=torch.float64)
+
+    def grad_of(pad_fn):  # type: ignore[no-untyped-def]
+        x = stacked.clone().requires_grad_()  # autograd outside vmap, as the branched model runs it
+        out = torch.func.vmap(pad_fn)(x)
+        (out * weights).sum().backward()
+        return out, x.grad
+
+    ours = grad_of(lambda t: reflect_pad(t, 1))
+    theirs = grad_of(lambda t: F.pad(t, (1,) * 4, mode="reflect"))
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    x = stacked[0]
+    with pytest.raises(AssertionError, match="autograd function"):  # the guard itself works
+        reflect_pad(x.requires_grad_(), 1)
+
+
 def test_channels_last_gradient_keeps_its_layout(monkeypatch):
     monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
     grad = torch.randn(2, 3, 10, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last)

@@ -252,6 +252,68 @@ def test_branched_model_falls_back_once_with_a_warning_and_the_same_gradients():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
+SEEN: list[int | None] = []  # rowgrad.live_rows() as each branch copy of _GainTop saw it
+
+
+class _GainTop(nn.Module):
+    """A top stage scaled by a tensor it is given; records the live rows it runs under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, v: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        SEEN.append(rowgrad.live_rows())
+        return self.lin(v) * gain
+
+
+class GainIntoTop(Independent):
+    """The top branch stage gets a gain: computed from a shared parameter alone, or a constant."""
+
+    def __init__(self, shared_gain: bool) -> None:
+        super().__init__()
+        self.shared_gain = shared_gain
+        self.gain = nn.Parameter(torch.full((3,), 0.5))
+        self.top = _GainTop()  # type: ignore[assignment]
+
+    def stage_names(self) -> list[str]:
+        return [*super().stage_names(), "gain"]
+
+    def stage_paths(self, stage: str) -> list[str]:
+        return [] if stage == "gain" else super().stage_paths(stage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.head((torch.relu(self.mid(self.low(x))) * self.scale).mean((2, 3)))
+        gain = self.gain * 2 if self.shared_gain else torch.full((3,), 1.5)
+        return self.top(v, gain)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("shared_gain", [False, True])
+def test_branch_copies_run_outside_the_mode_unless_given_shared_tensors(shared_gain, stacked):
+    """A group's own copy needs no live-row restriction, and skipping the mode's per-operation hook
+    there is faster. A tensor computed from shared parameters alone keeps the mode on: in a copy
+    (a sub-batch, or vmap's view of one) the mode cannot restrict that parameter's gradient and
+    says so, and the groups run as separate calls, rather than it taking gradients from every row."""
+    split, fused = _pair(GainIntoTop(shared_gain))
+    fused.stacked = stacked
+    x, ids = torch.randn(6, 2, 6, 6), torch.tensor([1, 0, 2, 2, 0, 1])
+    SEEN.clear()
+    if shared_gain:
+        with pytest.warns(UserWarning, match="separate calls: mul"):
+            out_fused = _step(fused, x, ids)
+        assert fused._unfusable is not None
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out_fused = _step(fused, x, ids)
+        assert SEEN and set(SEEN) == {None}  # the copies ran outside the mode
+    torch.testing.assert_close(out_fused, _step(split, x, ids), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(split.named_parameters(), fused.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_no_one_call_without_the_backbones_promise_or_with_buffers():
     class Undeclared(Independent):
         rows_independent = False
