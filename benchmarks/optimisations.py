@@ -145,10 +145,16 @@ def _unfuse(module: torch.nn.Module) -> None:
             m.fused = False  # this instance only: the other variants in the process keep theirs
 
 
-#: variants that turn off a module-level switch of the cartoon plugins for their own steps
+#: variants that turn off module-level switches (of the core or the cartoon plugins) for their own steps
 SWITCHES = {
-    "torch pad backward": ("branchadapt_cartoon.padding", "fold_enabled"),
-    "torch IN forward": ("branchadapt_cartoon.instnorm", "fast_forward"),
+    "torch pad backward": [("branchadapt_cartoon.padding", "fold_enabled")],
+    "torch IN forward": [("branchadapt_cartoon.instnorm", "fast_forward")],
+    # the transfer stage (--stage 1) on small maps: what the branch copies cost
+    "live-row mode in branch copies": [("branchadapt.rowgrad", "pause_in_branches")],
+    "autograd functions under vmap": [
+        ("branchadapt_cartoon.instnorm", "vmap_kernels"),
+        ("branchadapt_cartoon.padding", "vmap_kernels"),
+    ],
 }
 
 
@@ -190,16 +196,17 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
         for opt in rt.optimizers.values():
             for group in opt.param_groups:
                 group.update(foreach=None, fused=None)
-    if name in SWITCHES:  # a module-level switch: off around this variant's steps only
-        module_name, attr = SWITCHES[name]
-        module = importlib.import_module(module_name)
+    if name in SWITCHES:  # module-level switches: off around this variant's steps only
+        switches = [(importlib.import_module(m), attr) for m, attr in SWITCHES[name]]
 
         def step(i: int) -> object:
-            setattr(module, attr, False)
+            for module, attr in switches:
+                setattr(module, attr, False)
             try:
                 return trainer.train_step(rt, rt.data[i])
             finally:
-                setattr(module, attr, True)
+                for module, attr in switches:
+                    setattr(module, attr, True)
 
         return step, threads
     return (lambda i: trainer.train_step(rt, convert(rt.data[i]))), threads
@@ -255,6 +262,8 @@ def main() -> None:
         "classic spectral norm",
         "torch pad backward",
         "torch IN forward",
+        "live-row mode in branch copies",
+        "autograd functions under vmap",
     ]
     names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
     if args.only:

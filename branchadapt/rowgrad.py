@@ -45,6 +45,7 @@ from .batching import is_vmapped
 
 aten = torch.ops.aten
 _active: list[LiveRows] = []  # the active LiveRows modes, innermost last
+pause_in_branches = True  # False: branch copies run under the mode too (A/B runs of paused())
 _cooperating = [0]  # depth of cooperating() blocks
 
 
@@ -84,7 +85,7 @@ def paused(inputs: Any) -> Iterator[None]:
     the stack) or when a tensor in ``inputs`` (the stage's arguments, any nesting) was computed
     from shared parameters alone.
     """
-    mode = _active[-1] if _active else None
+    mode = _active[-1] if _active and pause_in_branches else None
     if mode is None or not _innermost(mode) or any(mode._param_side(t) for t in tree_leaves(inputs)):
         yield
         return

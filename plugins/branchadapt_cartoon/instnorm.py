@@ -38,6 +38,7 @@ from .layout import is_channels_last
 aten = torch.ops.aten
 
 fast_forward = True  # False: torch's batch-norm kernel for the forward too (A/B runs)
+vmap_kernels = True  # False: under vmap too, the autograd function where its size calls for it (A/B runs)
 #: smaller inputs take torch's kernel: its speed there is the same, and a Python autograd
 #: function's own cost (tens of microseconds a call) would be a loss
 FAST_MIN_NUMEL = 1 << 16
@@ -117,7 +118,7 @@ class _InstanceNorm(torch.autograd.Function):
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
     # under vmap (stacked branch copies) a Python autograd function costs more than its kernels save
-    if not is_vmapped(x) and (_fast(x) or is_channels_last(x)):
+    if not (vmap_kernels and is_vmapped(x)) and (_fast(x) or is_channels_last(x)):
         return _InstanceNorm.apply(x, eps)[0]
     # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
     # because nothing else holds the batch norm's output (its backward keeps the input and statistics)

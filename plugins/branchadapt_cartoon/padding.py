@@ -31,6 +31,7 @@ from .layout import is_channels_last
 FOLD_MIN_NUMEL = 1 << 16  # smaller padded gradients go through torch's kernel (module docstring)
 
 fold_enabled = True  # False: torch's kernel everywhere (A/B runs in benchmarks/optimisations.py)
+vmap_kernels = True  # False: under vmap too, the folded gradient where its size calls for it (A/B runs)
 
 
 def _foldable(padded: tuple[int, ...], device: torch.device, pad: int) -> bool:
@@ -88,7 +89,7 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     if not pad:
         return x
     # under vmap (stacked branch copies) a Python autograd function costs more than its fold saves
-    if x.dim() != 4 or not torch.is_grad_enabled() or is_vmapped(x):
+    if x.dim() != 4 or not torch.is_grad_enabled() or (vmap_kernels and is_vmapped(x)):
         return F.pad(x, (pad,) * 4, mode="reflect")
     b, c, h, w = x.shape
     # where backward would take torch's kernel anyway, torch's pad: no Python function to pay

@@ -129,12 +129,33 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     assert all(float(r[1]) > 0 for r in rows)
+    # the transfer stage's switches (branch copies): off in their own variant's steps only
+    from branchadapt import rowgrad
+
+    flags: list[tuple[bool, bool, bool]] = []
+    paused = rowgrad.paused
+
+    def recording(inputs):  # type: ignore[no-untyped-def]
+        flags.append((rowgrad.pause_in_branches, instnorm.vmap_kernels, padding.vmap_kernels))
+        return paused(inputs)
+
+    rowgrad.paused = recording  # type: ignore[assignment]
+    try:
+        for name in ("live-row mode in branch copies", "autograd functions under vmap"):
+            step, _ = optimisations.variant(name, 32, 4, stage=1)
+            step(0)
+    finally:
+        rowgrad.paused = paused  # type: ignore[assignment]
+    assert (False, True, True) in flags and (True, False, False) in flags
+    assert all(f in {(False, True, True), (True, False, False)} for f in flags)
+    assert rowgrad.pause_in_branches and instnorm.vmap_kernels and padding.vmap_kernels
+    variants = ["serial directions", "live-row mode in branch copies", "autograd functions under vmap"]
     transfer = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
-                   "--stage", "1", "--only", "serial directions")  # fmt: skip
+                   "--stage", "1", "--only", *variants)  # fmt: skip
     assert "stage 2 step at 32 px" in transfer
-    assert [r[0] for r in table_rows(transfer, "(default|serial directions)$")] == [
+    assert [r[0] for r in table_rows(transfer, "(" + "|".join(["default", *variants]) + ")$")] == [
         "default",
-        "serial directions",
+        *variants,
     ]
     kernels = table_rows(out, "(for-loop|foreach|fused)$")  # the optimiser steps alone
     assert [r[0] for r in kernels] == ["for-loop", "foreach", "fused"] and all(
