@@ -30,6 +30,7 @@ model treats rows independently (no batch statistics), which only the model can 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,9 +45,18 @@ from torch.utils._pytree import tree_leaves
 from .batching import is_vmapped
 
 aten = torch.ops.aten
-_active: list[LiveRows] = []  # the active LiveRows modes, innermost last
+
+
+class _ThreadState(threading.local):
+    """Per thread, as torch's own mode stack is: both directions of a step may run at once."""
+
+    def __init__(self) -> None:
+        self.active: list[LiveRows] = []  # the active LiveRows modes, innermost last
+        self.cooperating = 0  # depth of cooperating() blocks
+
+
+_state = _ThreadState()
 pause_in_branches = True  # False: branch copies run under the mode too (A/B runs of paused())
-_cooperating = [0]  # depth of cooperating() blocks
 
 
 class NotFusable(Exception):
@@ -55,7 +65,8 @@ class NotFusable(Exception):
 
 def live_rows() -> int | None:
     """Rows (from the first) whose losses may reach the shared parameters; None: all of them."""
-    return _active[-1].live if _active else None
+    active = _state.active
+    return active[-1].live if active else None
 
 
 @contextmanager
@@ -67,12 +78,12 @@ def cooperating(*params: Tensor | None) -> Iterator[int | None]:
     else None: outside the mode, and for a group's own branch copy, whose weights take their
     gradient from every row it is given.
     """
-    mode = _active[-1] if _active else None
-    _cooperating[0] += 1
+    mode = _state.active[-1] if _state.active else None
+    _state.cooperating += 1
     try:
         yield mode.live if mode is not None and any(mode._param_side(p) for p in params) else None
     finally:
-        _cooperating[0] -= 1
+        _state.cooperating -= 1
 
 
 @contextmanager
@@ -85,7 +96,7 @@ def paused(inputs: Any) -> Iterator[None]:
     the stack) or when a tensor in ``inputs`` (the stage's arguments, any nesting) was computed
     from shared parameters alone.
     """
-    mode = _active[-1] if _active and pause_in_branches else None
+    mode = _state.active[-1] if _state.active and pause_in_branches else None
     if mode is None or not _innermost(mode) or any(mode._param_side(t) for t in tree_leaves(inputs)):
         yield
         return
@@ -229,13 +240,13 @@ class LiveRows(TorchFunctionMode):
 
     def __enter__(self) -> LiveRows:
         self._grad = torch.is_grad_enabled()
-        _active.append(self)
+        _state.active.append(self)
         super().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        _active.pop()
+        _state.active.pop()
 
     def _param_side(self, t: Any) -> bool:
         return id(t) in self._side  # only tensors are keys, and they stay alive: ids are unique
@@ -274,7 +285,7 @@ class LiveRows(TorchFunctionMode):
             )
         batch = [t for t in others if t.dim() and t.shape[0] == self.rows]
         if not torch.is_grad_enabled():
-            if not self._grad or _cooperating[0]:
+            if not self._grad or _state.cooperating:
                 return func(*args, **kwargs)
             # gradients off inside a forward that records them: a custom autograd function. Working on
             # the parameters alone is harmless (and marked, so a later use with the batch is caught);

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import warnings
 
 import pytest
@@ -132,6 +134,37 @@ def test_a_cooperating_custom_function_keeps_its_own_live_rows():
         out = _Cooperating.apply(x, w)
     out.sum().backward()
     torch.testing.assert_close(w.grad, x[:1])
+
+
+def test_each_thread_sees_its_own_mode():
+    """Both directions of a step run at once in two threads (``task.concurrent``), each in its own
+    mode: a custom function must get its own thread's live rows, not the other thread's."""
+    nets = [nn.Linear(2, 2), nn.Linear(2, 2)]
+    entered, checked = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def first() -> None:
+        with rowgrad.LiveRows(nets[0].parameters(), rows=4, live=1):
+            entered.set()
+            checked.wait(10)  # the other thread has entered its mode meanwhile
+            seen["live"] = rowgrad.live_rows()
+            with rowgrad.cooperating(nets[0].weight) as live:
+                seen["cooperating"] = live
+
+    def second() -> None:
+        entered.wait(10)
+        with rowgrad.LiveRows(nets[1].parameters(), rows=4, live=3):
+            checked.set()
+            seen["second"] = rowgrad.live_rows()
+            time.sleep(0.2)  # still inside while the first thread checks
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"live": 1, "cooperating": 1, "second": 3}
+    assert rowgrad.live_rows() is None  # and none of it leaked into this thread
 
 
 class Independent(ba.Backbone):
