@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import build
 
 import branchadapt as ba
+from branchadapt import hostmem
 from branchadapt.branched import BranchedModel
 from branchadapt.trainer import StageRuntime, Trainer
 
@@ -160,6 +161,9 @@ def child(
     for i in range(steps):
         trainer.train_step(rt, rt.data[i])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    # the counting step runs serially in this thread, whose malloc arena cannot reuse what the
+    # worker threads of the steps above retained: give that back first (256 px did not fit else)
+    hostmem.release_freed_memory()
     saved, saved_total = _saved_bytes(trainer, rt, rt.data[steps])
     params = sum(p.numel() for m in rt.modules.values() for p in m.parameters())
     extra_params = 0  # parameters beyond one copy of every branched stage

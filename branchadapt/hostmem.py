@@ -55,4 +55,17 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
 
 
-__all__ = ["RETAIN_BYTES", "retain_freed_memory"]
+def release_freed_memory() -> bool:
+    """Return the free memory of every malloc arena to the kernel now (glibc's ``malloc_trim``);
+    True when glibc released some. For a phase that allocates in another thread than the one that
+    freed: each thread allocates from its own arena, and memory retained in one arena (the worker
+    threads of a step whose directions run at once) is not reused by the others."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return bool(libc.malloc_trim(0))
+
+
+__all__ = ["RETAIN_BYTES", "release_freed_memory", "retain_freed_memory"]

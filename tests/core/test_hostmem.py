@@ -49,6 +49,36 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     assert _late_faults("retain") < 16_384 // 4
 
 
+# A child process retains freed memory, fills and frees 16 x 16 MiB in a worker thread (whose
+# malloc arena keeps it), then prints its resident MiB before and after release_freed_memory().
+RELEASE = """
+import os, threading, torch
+from branchadapt import hostmem
+assert hostmem.retain_freed_memory()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def work():  # blocks small enough for a thread arena's heaps (larger ones are mapped on their own)
+    blocks = [torch.ones(1 << 22) for _ in range(16)]
+    del blocks
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+before = rss()
+released = hostmem.release_freed_memory()
+print(released, before, rss())
+"""
+
+
+@glibc
+def test_release_returns_what_another_threads_arena_retained():
+    env = {k: v for k, v in os.environ.items() if k not in hostmem.ENVIRONMENT}
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    released, before, after = out.stdout.split()
+    assert released == "True"
+    assert float(before) - float(after) > 200  # of the 256 MiB the worker thread left retained
+
+
 @glibc
 def test_the_environment_wins(monkeypatch):
     called = []
