@@ -51,10 +51,12 @@ class NotStackable(Exception):
     """This stage cannot run as one mapped call (the reason is the message)."""
 
 
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never
+
+
 def is_vmapped(t: Tensor) -> bool:
     """Whether ``t`` is vmap's view of one copy inside :func:`run_stacked` (or any ``vmap``)."""
-    check = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never batched
-    return bool(check(t)) if check is not None else False
+    return _is_batched is not None and bool(_is_batched(t))
 
 
 def has_batch_dim(t: Any, batch: int) -> bool:

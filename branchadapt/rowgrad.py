@@ -109,15 +109,17 @@ def paused(inputs: Any) -> Iterator[None]:
         mode._grad = grad
 
 
+# torch's (private) torch-function mode stack of this thread: absent means "never innermost"
+_stack_depth = getattr(torch._C, "_len_torch_function_stack", None)
+_stack_at = getattr(torch._C, "_get_function_stack_at", None)
+
+
 def _innermost(mode: TorchFunctionMode) -> bool:
-    """Whether ``mode`` is the innermost torch-function mode (private API: absent means "no")."""
-    depth_of, at = (
-        getattr(torch._C, n, None) for n in ("_len_torch_function_stack", "_get_function_stack_at")
-    )
-    if depth_of is None or at is None:
+    """Whether ``mode`` is the innermost torch-function mode of this thread."""
+    if _stack_depth is None or _stack_at is None:
         return False
-    depth = depth_of()
-    return bool(depth > 0 and at(depth - 1) is mode)
+    depth = _stack_depth()
+    return bool(depth > 0 and _stack_at(depth - 1) is mode)
 
 
 def weight_rows(t: Tensor, live: int | None) -> Tensor:
