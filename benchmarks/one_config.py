@@ -4,10 +4,13 @@ For stages too large to hold two trainers in one process (the transfer stage at 
 19 GB, so ``optimisations.py --stage 1 --size 256`` does not fit 24 GiB): every ``--config`` (a
 name and ``key=value`` overrides separated by ``;``) runs in a fresh Python process, one after the
 other, ``--rounds`` times in alternating order. Each process reports the median of ``--steps``
-after ``--warmup`` and its peak RSS; the table prints the median over rounds.
+after ``--warmup`` and its peak RSS; the table prints the median over rounds. The override
+``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
+    .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 2 --threads 2 \\
+        --config ours= --config "naive copy=<naive>"
 """
 
 from __future__ import annotations
@@ -19,25 +22,32 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build
+from step_time import COPYING, NAIVE, build, naive_step
 
 
 def child(args: argparse.Namespace) -> None:
     """Run one configuration here and print its result as one JSON line."""
     torch.set_num_threads(args.threads)
-    trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in args.child.split(";") if o])
-    times = []
+    overrides = [o for o in args.child.split(";") if o]
+    trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in overrides if o != NAIVE])
+    step = naive_step(trainer, rt) if NAIVE in overrides else partial(trainer.train_step, rt)
+    times, copying = [], []
     for i in range(args.warmup + args.steps):
+        copied = COPYING["seconds"]
         start = time.perf_counter()
-        trainer.train_step(rt, rt.data[i % len(rt.data)])
+        step(rt.data[i % len(rt.data)])
         times.append(time.perf_counter() - start)
+        copying.append(COPYING["seconds"] - copied)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"step": statistics.median(times[args.warmup :]), "first": times[0], "rss_mb": rss_mb}))
+    measured = slice(args.warmup, None)
+    print(json.dumps({"step": statistics.median(times[measured]), "first": times[0], "rss_mb": rss_mb,
+                      "copying": statistics.median(copying[measured])}))  # fmt: skip
 
 
 def main() -> None:
@@ -70,14 +80,16 @@ def main() -> None:
     print(f"stage {args.stage} at {args.size} px, width {args.width}, {args.threads} threads, median of "
           f"{args.steps} after {args.warmup} per process, {args.rounds} round(s), one process per run\n")  # fmt: skip
     print(
-        "| configuration | s / step | vs first | first step (s) | peak RSS (MB) |\n|---|---:|---:|---:|---:|"
+        "| configuration | s / step | vs first | of which copying (s) | first step (s) | peak RSS (MB) |\n"
+        "|---|---:|---:|---:|---:|---:|"
     )
     base = statistics.median(r["step"] for r in next(iter(results.values())))
     for name, runs in results.items():
         step = statistics.median(r["step"] for r in runs)
         first = statistics.median(r["first"] for r in runs)
         rss = max(r["rss_mb"] for r in runs)
-        print(f"| {name} | {step:.3f} | {step / base:.2f} | {first:.1f} | {rss:,.0f} |")
+        copying = statistics.median(r["copying"] for r in runs)
+        print(f"| {name} | {step:.3f} | {step / base:.2f} | {copying:.3f} | {first:.1f} | {rss:,.0f} |")
 
 
 if __name__ == "__main__":

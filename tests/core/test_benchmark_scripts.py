@@ -297,7 +297,11 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     out = run(
         "one_config.py", "--size", "32", "--width", "4", "--stage", "2", "--steps", "1", "--rounds", "2",
         "--config", "default=", "--config", "plain=model.channels_last=false;task.concurrent=false",
+        "--config", "naive=<naive>",
     )  # fmt: skip
-    rows = {row[0]: row for row in table_rows(out, r"(default|plain)$")}
-    assert set(rows) == {"default", "plain"} and rows["default"][2] == "1.00"
-    assert all(float(row[1]) > 0 and float(row[4].replace(",", "")) > 100 for row in rows.values())
+    rows = {row[0]: row for row in table_rows(out, r"(default|plain|naive)$")}
+    assert set(rows) == {"default", "plain", "naive"} and rows["default"][2] == "1.00"
+    assert all(float(row[1]) > 0 and float(row[5].replace(",", "")) > 100 for row in rows.values())
+    # only the naive configuration copies the shared stages, and its copying is part of its step
+    assert float(rows["default"][3]) == 0 and float(rows["plain"][3]) == 0
+    assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
