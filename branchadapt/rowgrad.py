@@ -127,6 +127,19 @@ def weight_rows(t: Tensor, live: int | None) -> Tensor:
     return t if live is None else t[:live]
 
 
+def _autocast_operands(
+    x: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The operands of a linear or convolution as autocast would run them: cast to its dtype when
+    it is on for their device (outside the autograd functions below, so that the casts' own
+    backward returns each gradient in its tensor's dtype), unchanged otherwise."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(kind)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class _Gate(torch.autograd.Function):
     """``t`` (one row) expanded to ``rows`` rows; its gradient sums the first ``live`` rows only."""
 
@@ -323,7 +336,7 @@ class LiveRows(TorchFunctionMode):
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._param_side(x) or x.dim() < 2:
             raise NotFusable("linear with a shared parameter as its input")
-        return _LiveLinear.apply(x, weight, bias, self.live)
+        return _LiveLinear.apply(*_autocast_operands(x, weight, bias), self.live)
 
     def _conv(
         self,
@@ -339,7 +352,7 @@ class LiveRows(TorchFunctionMode):
         if isinstance(padding, str) or self._param_side(x) or x.dim() != dims + 2:
             raise NotFusable(f"conv{dims}d with padding={padding!r} or a batch-free input")
         geometry = (_tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims))
-        return _LiveConv.apply(x, weight, bias, self.live, *geometry, groups)
+        return _LiveConv.apply(*_autocast_operands(x, weight, bias), self.live, *geometry, groups)
 
     def _pointwise(self, func: Callable[..., Any], batch: list[Tensor], args: tuple, kwargs: dict) -> Any:
         ndim = max(t.dim() for t in batch)

@@ -63,6 +63,25 @@ def test_one_call_equals_separate_calls_in_value_and_every_gradient():
     assert all(not torch.allclose(a, b) for a, b in zip(plain[1:], expected[1:], strict=True) if b.any())
 
 
+def test_under_autocast_one_call_equals_separate_calls():
+    """bf16 autocast runs the restricted linears and convolutions in bf16, as it runs torch's own;
+    every gradient comes back in its tensor's dtype and equals separate calls under autocast."""
+    torch.manual_seed(0)
+    net = Mixer()
+    x = torch.randn(5, 3, 8, 8, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _split_reference(net, x, live=2)
+        with rowgrad.LiveRows(net.parameters(), rows=5, live=2):
+            out = net(x)
+    assert out.dtype == ref.dtype == torch.bfloat16  # the last layer ran in bf16 in both
+    weights = torch.randn_like(ref, dtype=torch.float32)
+    got, want = _grads(out.float(), weights, inputs), _grads(ref.float(), weights, inputs)
+    for g, w, t in zip(got, want, inputs, strict=True):
+        assert g.dtype == t.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0.02, atol=0.02)
+
+
 def test_live_rows_are_visible_only_inside_the_mode():
     net = nn.Linear(2, 2)
     assert rowgrad.live_rows() is None
