@@ -12,6 +12,11 @@ at full and half resolution, the 128-channel bottleneck), batch 1 and 2; median 
 calls after two warm-up calls, the two implementations interleaved. Both replacements apply only
 from 65,536 elements (``FOLD_MIN_NUMEL``, ``FAST_MIN_NUMEL``); the rows below that show why.
 
+A second table times the generator's 3x3 convolutions (already padded input, forward and backward
+to input and weight) through oneDNN, torch's default on a CPU, against torch's own im2col kernel
+(``aten.thnn_conv2d``), the alternative for small-channel maps whose oneDNN backward spends much
+of its time reordering layouts.
+
     .venv/bin/python benchmarks/kernels.py --threads 2
 """
 
@@ -26,6 +31,8 @@ import torch
 
 from branchadapt_cartoon import instnorm, padding
 
+CONVS = [(2, 32, 16, 128), (2, 16, 8, 128), (2, 8, 8, 128), (2, 32, 16, 64), (2, 64, 32, 64), (2, 128, 128, 32),
+         (2, 3, 32, 128)]  # (batch, in channels, out channels, size)  # fmt: skip
 SHAPES = [(2, 32, 256, 256), (2, 8, 256, 256), (1, 32, 128, 128), (2, 32, 128, 128), (2, 128, 64, 64),
           (1, 128, 32, 32), (1, 16, 32, 32), (2, 8, 16, 16)]  # fmt: skip
 
@@ -81,6 +88,28 @@ def main() -> None:
         print(f"| {(b, c, h, w)} | {mib:.2f} | {ms['pad torch']:.3f} | {ms['pad fold']:.3f} "
               f"| {ms['pad torch'] / ms['pad fold']:.2f} | {ms['in torch']:.3f} | {ms['in ours']:.3f} "
               f"| {ms['in torch'] / ms['in ours']:.2f} |", flush=True)  # fmt: skip
+    conv_table(args.repeat)
+
+
+def conv_table(repeat: int) -> None:
+    """oneDNN against the im2col kernel for 3x3 convolutions, forward and both gradients."""
+    print("\n| batch, in -> out channels, size | oneDNN fwd+bwd | im2col fwd+bwd | im2col / oneDNN |")
+    print("|---|---:|---:|---:|")
+    for b, cin, cout, hw in CONVS:
+        x = torch.randn(b, cin, hw + 2, hw + 2, requires_grad=True)
+        w = torch.randn(cout, cin, 3, 3, requires_grad=True)
+        g = torch.randn(b, cout, hw, hw)
+        kernels = {
+            "onednn": lambda x=x, w=w: torch.nn.functional.conv2d(x, w),
+            "im2col": lambda x=x, w=w: torch._C._nn.thnn_conv2d(x, w, [3, 3], None, [1, 1], [0, 0]),
+        }
+        torch.testing.assert_close(kernels["im2col"](), kernels["onednn"](), rtol=1e-4, atol=1e-3)
+        ms = median_ms(
+            {k: lambda f=f, x=x, w=w, g=g: torch.autograd.grad(f(), (x, w), g) for k, f in kernels.items()},
+            repeat,
+        )
+        print(f"| {b}, {cin} -> {cout}, {hw}² | {ms['onednn']:.2f} | {ms['im2col']:.2f} "
+              f"| {ms['im2col'] / ms['onednn']:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -279,6 +279,11 @@ def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
             assert slow > 0 and fast > 0 and ratio > 0
             if fast >= 0.1:  # printed to 3 decimals: the ratio is recomputable where they are large
                 assert ratio == pytest.approx(slow / fast, rel=0.02, abs=0.01)
+    convs = table_rows(out, r"\d+, \d+ -> \d+, \d+²$")
+    assert len(convs) == 7  # benchmarks/kernels.py CONVS
+    for row in convs:
+        onednn, im2col, ratio = (float(v) for v in row[1:])
+        assert onednn > 0 and im2col > 0 and ratio > 0
 
 
 def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
@@ -305,3 +310,13 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     # only the naive configuration copies the shared stages, and its copying is part of its step
     assert float(rows["default"][3]) == 0 and float(rows["plain"][3]) == 0
     assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
+
+
+def test_inference_table_times_eager_both_layouts_and_onnxruntime() -> None:
+    out = run("inference.py", "--size", "32", "--width", "4", "--batch", "2", "--repeat", "2", "--no-compile")
+    rows = {row[0]: row for row in table_rows(out, r"(eager|torch\.compile|onnxruntime)")}
+    assert set(rows) == {"eager", "eager, channels_last", "onnxruntime"}  # --no-compile: no compiled row
+    for name, (_, rate, setup, diff) in rows.items():
+        assert float(rate) > 0
+        assert float(diff) < 1e-4, name  # every runtime computes the eager model's output
+        assert (setup == "-") is name.startswith("eager")
