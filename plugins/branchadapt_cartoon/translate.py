@@ -37,6 +37,17 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_translate)
 
 
+def inference_layout(device: torch.device) -> torch.memory_format:
+    """The generator's memory format for translating on ``device``.
+
+    On a CPU the default layout: eager channels_last translated 0.84-0.89x as many images per
+    second on the Intel Xeon of docs/performance.md and the same number on the AMD EPYC before it
+    (``benchmarks/inference.py``). On CUDA channels_last, the native layout of cuDNN's tensor-core
+    convolutions (TF32 is on, ``branchadapt.device.configure_backend``); not measured here.
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def plan_jobs(
     source: Path, output: Path, group: str | None, groups: tuple[str, ...]
 ) -> list[tuple[str, Path, Path]]:
@@ -75,8 +86,8 @@ def run_translate(args: argparse.Namespace) -> int:
     groups = tuple(loaded.experiment.spec.groups)
     size = int(getattr(loaded.experiment.data.options, "size", 256))
     jobs = plan_jobs(args.input, args.output, args.group, groups)
-    # channels_last: 1.1-1.3x more images/s for eager inference here (benchmarks/inference.py)
-    generator = modules[GENERATOR[args.direction]].to(memory_format=torch.channels_last)
+    layout = inference_layout(device)
+    generator = modules[GENERATOR[args.direction]].to(memory_format=layout)
     columns = [TextColumn("translate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=True) as bar, torch.no_grad():
         task_id = bar.add_task("translate", total=len(jobs))
@@ -88,7 +99,7 @@ def run_translate(args: argparse.Namespace) -> int:
                 if rgb.shape[:2] != (size, size):
                     rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
                 images.append(to_tensor(rgb))
-            x = torch.stack(images).to(device).contiguous(memory_format=torch.channels_last)
+            x = torch.stack(images).to(device).contiguous(memory_format=layout)
             ids = torch.tensor([groups.index(g) for g, _, _ in chunk], device=device)
             out, _, heat = generator(x, groups=ids)
             for i, (_, _, target) in enumerate(chunk):

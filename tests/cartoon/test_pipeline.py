@@ -114,3 +114,10 @@ def test_selective_bp_in_the_transfer_stage_leaves_shared_stages_to_the_anchor(t
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in gen.shared_parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.branch_parameters("men"))
     assert all(p.grad is None for p in gen.branch_parameters("women"))
+
+
+def test_translation_runs_the_default_layout_on_cpu_and_channels_last_on_cuda():
+    from branchadapt_cartoon.translate import inference_layout
+
+    assert inference_layout(torch.device("cpu")) == torch.contiguous_format
+    assert inference_layout(torch.device("cuda")) == torch.channels_last
