@@ -48,6 +48,13 @@ def configure_backend(device: torch.device, retain_memory: bool = True) -> None:
         hostmem.retain_freed_memory()
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a convolution or matmul on ``t``'s device in, or None when it is off
+    there (for custom autograd functions that must cast their operands as autocast would)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast when asked for, a no-op context otherwise."""
     if precision == "bf16":

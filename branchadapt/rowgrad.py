@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batching import is_vmapped
+from .device import autocast_dtype
 
 aten = torch.ops.aten
 
@@ -133,10 +134,9 @@ def _autocast_operands(
     """The operands of a linear or convolution as autocast would run them: cast to its dtype when
     it is on for their device (outside the autograd functions below, so that the casts' own
     backward returns each gradient in its tensor's dtype), unchanged otherwise."""
-    kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
+    dtype = autocast_dtype(x)
+    if dtype is None:
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(kind)
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 

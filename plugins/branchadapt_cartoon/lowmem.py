@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from branchadapt import rowgrad
 from branchadapt.batching import is_vmapped
+from branchadapt.device import autocast_dtype
 
 from .instnorm import norm_backward, norm_stats
 from .padding import reflect_pad, reflect_pad_backward
@@ -63,12 +64,6 @@ def _live_rows(*params: Tensor | None) -> int | None:
     """Rows whose gradients reach ``params`` (:func:`branchadapt.rowgrad.cooperating`)."""
     with rowgrad.cooperating(*params) as live:
         return live
-
-
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a convolution on ``x``'s device in, or None when it is off."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _cast(dtype: torch.dtype | None, t: Tensor | None) -> Any:
@@ -150,7 +145,7 @@ def reflect_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, str
     """``conv2d(reflection_pad(x, pad), weight, bias, stride)``, saving ``x`` rather than the padded map."""
     if not _records_grad(x, weight, bias):
         return F.conv2d(_pad(x, pad), weight, bias, stride)
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return _ReflectPadConv.apply(x, weight, bias, pad, stride, dtype)
 
@@ -270,7 +265,7 @@ class NormReluConv(nn.Sequential):
         ):
             return super().forward(x)
         pad = conv.reflect if isinstance(conv, ReflectConv2d) else 0
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             out, _, _ = _NormReluPadConv.apply(
                 x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from branchadapt import UserError
-from branchadapt.device import configure_backend, select_device
+from branchadapt.device import autocast, autocast_dtype, configure_backend, select_device
 
 
 @pytest.fixture
@@ -38,3 +38,12 @@ def test_absent_cuda_is_a_user_error():
     with pytest.raises(UserError, match="CUDA is not available"):
         select_device("cuda")
     assert select_device("auto").type in {"cpu", "mps"}
+
+
+def test_autocast_dtype_follows_the_autocast_context():
+    t = torch.zeros(2)
+    assert autocast_dtype(t) is None
+    with autocast(torch.device("cpu"), "bf16"):
+        assert autocast_dtype(t) is torch.bfloat16
+    with autocast(torch.device("cpu"), "fp32"):
+        assert autocast_dtype(t) is None
