@@ -3,9 +3,9 @@
 On a CPU with few cores, torch's intra-op threads scale poorly on the mid-sized operators of a
 small network: two independent computations, each on its own thread with one intra-op thread,
 finish sooner than the same two one after the other on all threads. :func:`run_concurrently`
-runs callables that way. Each worker thread gets the caller's grad mode and a copy of its
-``contextvars``; autocast and saved-tensor hooks are thread-local in torch and are *not* carried
-over, so callers must not use this under autocast (:func:`concurrency_applies` says no there).
+runs callables that way. Each worker thread gets the caller's grad mode, its autocast state (per
+device type, with its dtype) and a copy of its ``contextvars``. Saved-tensor hooks are thread-local
+in torch and are *not* carried over.
 
 Gradients of disjoint parameter sets may be accumulated from two threads at once (torch's
 autograd engine supports concurrent ``backward`` calls from different threads); the callables
@@ -15,6 +15,7 @@ must not share parameters that both accumulate into.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ WORKER_PREFIX = "branchadapt-concurrent"
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _WORKER = threading.local()
+
+#: device types whose autocast state a worker thread inherits
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -50,15 +54,14 @@ def concurrency_applies(
     compiled: bool = False,
 ) -> bool:
     """Whether to run independent work concurrently: ``True``/``False`` as given, ``"auto"`` on a CPU
-    device with at least two intra-op threads, outside autocast, outside a distributed run (whose
-    gradient hooks expect one backward per forward) and without compiled modules (their graphs
-    are specialised to the thread count, so worker threads would recompile them)."""
+    device with at least two intra-op threads, outside a distributed run (whose gradient hooks
+    expect one backward per forward) and without compiled modules (their graphs are specialised
+    to the thread count, so worker threads would recompile them)."""
     if setting != "auto":
         return bool(setting)
     return (
         device.type == "cpu"
         and torch.get_num_threads() >= 2
-        and not torch.is_autocast_enabled("cpu")
         and not distributed
         and not compiled
         and not in_worker()
@@ -68,6 +71,11 @@ def concurrency_applies(
 def in_worker() -> bool:
     """True inside a callable run by :func:`run_concurrently` (no nesting: it runs serially there)."""
     return bool(getattr(_WORKER, "active", False))
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """The device types autocast is on for in this thread, with their dtypes."""
+    return [(d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
 
 
 def run_concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
@@ -82,12 +90,16 @@ def run_concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
         raise ValueError(f"run_concurrently takes at most 2 calls, got {len(calls)}")
     share = max(1, threads // len(calls))
     grad = torch.is_grad_enabled()
+    autocasts = _autocast_state()
 
     def worker(call: Callable[[], T], context: contextvars.Context) -> T:
         torch.set_num_threads(share)  # this thread's OpenMP team (and, process-wide, MKL's)
         _WORKER.active = True
         try:
-            with torch.set_grad_enabled(grad):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.set_grad_enabled(grad))
+                for device_type, dtype in autocasts:
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
                 return context.run(call)
         finally:
             _WORKER.active = False

@@ -50,6 +50,19 @@ def test_bf16_check_compares_both_precisions_with_float64() -> None:
     assert len(losses) == 7 and all(float(r[1]) < 1e-4 for r in losses)
 
 
+def test_bf16_sources_rounds_one_place_at_a_time() -> None:
+    out = run("bf16_sources.py", "--size", "32", "--width", "4", "--train", "1")
+    rows = table_rows(out, r"(none|autocast|backward|forward)")
+    (fp32,) = [r for r in rows if r[0] == "none (fp32)"]
+    assert float(fp32[2]) > 0.9999 and float(fp32[3]) < 1e-2  # unrounded fp32 is float64 up to rounding
+    per_stage = [r[1] for r in rows if r[0].startswith("forward") and r[1] != "everywhere"]
+    assert per_stage[:3] == ["ConvBlock1", "HourGlass1", "HourGlass2"] and per_stage[-1] == "ConvBlock2"
+    assert len(per_stage) == len(set(per_stage)) == 20  # each of the 4-block generator's 20 stages once
+    errors = [float(r[3]) for r in rows if r is not fp32]
+    # each rounding changes the gradient, so no hook silently did nothing (a no-op gives fp32's error)
+    assert all(e > float(fp32[3]) for e in errors), rows
+
+
 def test_profile_step_splits_the_step_and_bounds_it() -> None:
     # 2 threads: the default step would run its directions on worker threads the profiler misses
     out = run("profile_step.py", "--sizes", "32", "--width", "4", "--steps", "1", "--threads", "2")

@@ -125,11 +125,27 @@ def test_auto_is_off_with_compiled_modules(two_threads):
     assert concurrency_applies(True, torch.device("cpu"), compiled=True)
 
 
-def test_auto_is_off_with_one_thread_and_under_autocast(two_threads):
+def test_auto_is_off_with_one_thread_and_on_under_autocast(two_threads):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not concurrency_applies("auto", torch.device("cpu"))
+        assert concurrency_applies("auto", torch.device("cpu"))  # the workers inherit autocast
     torch.set_num_threads(1)
     assert not concurrency_applies("auto", torch.device("cpu"))
+
+
+def test_workers_inherit_the_callers_autocast_state(two_threads):
+    """A matmul on a worker runs in the caller's autocast dtype, and a worker under no autocast
+    stays in fp32 even after a bf16 call ran on the same pool thread."""
+    a = torch.randn(8, 8)
+
+    def probe() -> tuple[bool, torch.dtype, str]:
+        return torch.is_autocast_enabled("cpu"), (a @ a).dtype, threading.current_thread().name
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run_concurrently([probe, probe])
+    outside = run_concurrently([probe, probe])
+    assert [r[:2] for r in inside] == [(True, torch.bfloat16)] * 2
+    assert all(str(r[2]).startswith("branchadapt-concurrent") for r in inside)
+    assert [r[:2] for r in outside] == [(False, torch.float32)] * 2
 
 
 def test_the_trainer_back_propagates_through_the_task(monkeypatch, small_experiment, tmp_path):
