@@ -8,6 +8,9 @@ and for bf16, the cosine similarity of the gradient with the float64 one and its
 (``|g - g_64| / |g_64|``, worst over ``--batches`` batches); per loss term the relative
 difference of the values. fp32's column is the yardstick of what the step's conditioning allows.
 
+``--decoder-only`` checks ``model.bf16_decoder`` instead: fp32 with the generators' decoder
+residual blocks under autocast.
+
     .venv/bin/python benchmarks/bf16_check.py --size 128 --train 5 --batches 3 --threads 2
 """
 
@@ -70,21 +73,35 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=5, help="fp32 steps before the comparison")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="the bf16 columns with model.bf16_decoder = true (the generators' decoder residual blocks "
+        'under autocast) instead of precision = "bf16"; the fp32 columns have it off',
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    trainer, rt = build(args.size, args.width, 0, [])
+    trainer, rt = build(args.size, args.width, 0, ["model.bf16_decoder=false"])  # fp32 throughout
     for i in range(args.train):
         trainer.train_step(rt, rt.data[i])
+    candidate = None
+    if args.decoder_only:  # the same weights in generators built with the option
+        _, candidate = build(args.size, args.width, 0, ["model.bf16_decoder=true"])
+        for name, module in candidate.modules.items():
+            module.load_state_dict(rt.modules[name].state_dict())
     cosines: dict[tuple[str, str], list[float]] = defaultdict(list)
     errors: dict[tuple[str, str], list[float]] = defaultdict(list)
     loss_diff: dict[tuple[str, str], list[float]] = defaultdict(list)
     for b in range(args.batches):
         batch = rt.data[args.train + b]
         runs = {}
-        for precision in ("fp32", "bf16"):
-            trainer.spec = trainer.spec.model_copy(update={"precision": precision})
-            runs[precision] = gradients(trainer, copy.deepcopy(rt), batch)
-        trainer.spec = trainer.spec.model_copy(update={"precision": "fp32"})
+        runs["fp32"] = gradients(trainer, copy.deepcopy(rt), batch)
+        if candidate is not None:
+            runs["bf16"] = gradients(trainer, copy.deepcopy(candidate), batch)
+        else:
+            trainer.spec = trainer.spec.model_copy(update={"precision": "bf16"})
+            runs["bf16"] = gradients(trainer, copy.deepcopy(rt), batch)
+            trainer.spec = trainer.spec.model_copy(update={"precision": "fp32"})
         runs["fp64"] = gradients(trainer, *as_double(rt, batch))
         g64, l64 = runs["fp64"]
         for precision in ("fp32", "bf16"):
@@ -98,12 +115,13 @@ def main() -> None:
                 loss_diff[precision, key].append(abs(losses[key] - ref) / max(abs(ref), 1e-12))
     print(f"stage 1 at {args.size} px, width {args.width}, after {args.train} fp32 steps, "
           f"{args.batches} batches (min cosine / max relative error over batches)\n")  # fmt: skip
-    print("| phase: module | fp32 cosine | fp32 rel. error | bf16 cosine | bf16 rel. error |")
+    bf16 = "bf16 decoder" if candidate is not None else "bf16"
+    print(f"| phase: module | fp32 cosine | fp32 rel. error | {bf16} cosine | {bf16} rel. error |")
     print("|---|---:|---:|---:|---:|")
     for key in sorted({k for _, k in cosines}, key=list(g64).index):
         row = [f"{min(cosines[p, key]):.4f} | {max(errors[p, key]):.2e}" for p in ("fp32", "bf16")]
         print(f"| {key} | {' | '.join(row)} |")
-    print("\n| loss term | fp32 rel. difference | bf16 rel. difference |")
+    print(f"\n| loss term | fp32 rel. difference | {bf16} rel. difference |")
     print("|---|---:|---:|")
     for key in l64:
         print(f"| {key} | {max(loss_diff['fp32', key]):.2e} | {max(loss_diff['bf16', key]):.2e} |")

@@ -9,7 +9,12 @@ with its fused low-memory units split into plain modules, and rounds one thing t
   weight rounded to bf16 before an fp32 computation (what autocast does to their operands,
   without its bf16 outputs), everywhere or only within one of the backbone's stages;
 - ``backward: gradients at conv/linear inputs``: the gradient each of them sends back rounded to
-  bf16 (autocast's bf16 ``grad_input``), forward pass in fp32.
+  bf16 (autocast's bf16 ``grad_input``), forward pass in fp32;
+- ``autocast`` within parts of the decoder only (their outputs back in fp32).
+
+A second table times the generator's forward and backward pass (its default, fused modules) with
+autocast nowhere, everywhere and in those parts of the decoder: what bf16 where it is safe would
+save.
 
 Each row compares the generator's weight gradient for the loss ``sum(output * R)`` (R fixed
 Gaussian noise) with float64's on the same weights and photo: cosine similarity and relative
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,18 +122,56 @@ def weight_gradient(
     return torch.cat([p.grad.double().flatten() for p in generator.parameters() if p.grad is not None])
 
 
+def autocast_placements(stages: list[str]) -> dict[str, list[str]]:
+    """The parts of the generator put under autocast for the timing table (empty: none)."""
+    decoder = [s for s in stages if s.startswith("DecodeBlock")]
+    side = [*decoder, "FC", "HourGlass3", "HourGlass4", "ConvBlock2"]
+    return {
+        "the decoder's residual blocks": decoder if decoder else [],
+        "+ FC, HourGlass3-4, ConvBlock2": side if decoder and all(s in stages for s in side) else [],
+    }
+
+
+def timings(
+    generator: nn.Module, x: Tensor, placements: dict[str, list[str] | None], repeats: int
+) -> dict[str, float]:
+    """Median seconds of one forward and backward pass per placement (None: autocast everywhere),
+    placements interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in placements}
+
+    def once(stages: list[str] | None) -> None:
+        hooks = _autocast_within(generator, stages or [])
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stages is None):
+                out = generator(x)[0]
+            out.float().sum().backward()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    for i in range(repeats + 1):
+        for name, stages in placements.items():
+            start = time.perf_counter()
+            once(stages)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--train", type=int, default=3, help="fp32 steps before the comparison")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=5, help="timed forward and backward passes per placement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    trainer, rt = build(args.size, args.width, 0, [])
+    trainer, rt = build(args.size, args.width, 0, ["model.bf16_decoder=false"])  # fp32, hooks add bf16
     for i in range(args.train):
         trainer.train_step(rt, rt.data[i])
     generator = rt.modules["gen_a2b"]
+    timed = copy.deepcopy(generator)  # the default (fused) modules, for the timing table
     _unfuse(generator)  # plain modules, so that hooks see every convolution
     x = rt.data[args.train]["photo"]["image"].float()
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -141,13 +186,9 @@ def main() -> None:
         ("forward: conv/linear inputs and weights", "everywhere",
          lambda: weight_gradient(generator, x, noise, "forward")),
     ]  # fmt: skip
-    decoder = [s for s in stages if s.startswith("DecodeBlock")]
-    decoder_side = [*decoder, "FC", "HourGlass3", "HourGlass4", "ConvBlock2"]
-    for name, group in (
-        ("the decoder's residual blocks", decoder),
-        ("+ FC, HourGlass3-4, ConvBlock2", decoder_side),
-    ):
-        if group and all(s in stages for s in group):
+    placements = autocast_placements(stages)
+    for name, group in placements.items():
+        if group:
             rows.append(
                 ("autocast", name, lambda g=group: weight_gradient(generator, x, noise, autocast_stages=g))
             )
@@ -164,6 +205,15 @@ def main() -> None:
         g = run()
         cosine = float(torch.nn.functional.cosine_similarity(g, reference, dim=0))
         print(f"| {what} | {where} | {cosine:.4f} | {float((g - reference).norm() / reference.norm()):.2e} |")
+    timed_placements: dict[str, list[str] | None] = {"none (fp32)": [], "everywhere": None}
+    timed_placements.update({name: group for name, group in placements.items() if group})
+    seconds = timings(timed, x, timed_placements, args.repeats)
+    print(f"\nthe same generator's forward and backward pass (default modules, {x.shape[0]} image), "
+          f"median of {args.repeats} after 1, {args.threads} threads\n")  # fmt: skip
+    print("| autocast | s | vs fp32 |")
+    print("|---|---:|---:|")
+    for name, t in seconds.items():
+        print(f"| {name} | {t:.3f} | {t / seconds['none (fp32)']:.2f} |")
 
 
 if __name__ == "__main__":

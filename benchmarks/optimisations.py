@@ -11,7 +11,11 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   ``false``, the generators' training activations in channels_last at every size / at none (the
   default ``auto`` uses it for inputs of 256 px and more on a CPU; the discriminators and the
   generators' outputs stay in the default layout);
-- ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16);
+- ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16); in one process
+  with the others it slows the fp32 steps after it (docs/performance.md): take its figure from
+  ``one_config.py``;
+- ``fp32 decoder blocks``: ``model.bf16_decoder = false``, the generator's decoder residual blocks
+  in fp32 (the default ``auto`` runs their convolutions in bf16 from 128 px on a CPU with AMX);
 - ``for-loop Adam``: torch's own default Adam kernels on CPU (a loop over the parameters; foreach
   on CUDA) instead of the fused ones ``train.fused_optimizers`` selects;
 - ``ref order``: the translations recomputed for the generator update (what reusing them saves);
@@ -162,6 +166,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
     """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
     extra = {
         "bf16 autocast": ['precision="bf16"'],
+        "fp32 decoder blocks": ["model.bf16_decoder=false"],
         "ref order": ["task.reuse_fakes=false"],
         "serial directions": ["task.concurrent=false"],
         "channels_last generators": ["model.channels_last=true"],
@@ -251,6 +256,7 @@ def main() -> None:
         "channels_last generators",
         "default-layout generators",
         "bf16 autocast",
+        "fp32 decoder blocks",
         "for-loop Adam",
         "ref order",
         "serial directions",

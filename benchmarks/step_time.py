@@ -18,8 +18,9 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    ``ref order`` (translations recomputed for the generator update, as the reference does).
 2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses, the
    face-ID loss through a MobileFaceNet as in the reference, not the toonfaces recognizer):
-   ``ours``, ``ref order`` and ``ours`` with ``train.compile = "units"`` (its first, compiling,
-   step is a warm-up step) next to the reference code's iteration: measured in the same run when
+   ``ours``, ``ref order``, ``ours`` with ``train.compile = "units"`` (its first, compiling,
+   step is a warm-up step) and ``ours, all fp32`` (``model.bf16_decoder = false``: the decoder's
+   residual blocks in fp32 too, where the default runs their convolutions in bf16) next to the reference code's iteration: measured in the same run when
    ``--reference-repo`` names a photo2cartoon checkout (``reference_step.py``; it runs in this
    process, after our trainer set ``train.retain_freed_memory``, so with freed memory retained
    too: ``allocator.py`` times each side with and without it), otherwise the
@@ -252,9 +253,9 @@ def main() -> None:
     print("Reference maths (stage 1: 1 photo + 1 cartoon, no branches, five losses), seconds per step")
     print(
         "| size | ours | ref order | reference code | ours / reference | GFLOP per step | GFLOP/s | of peak "
-        "| reference GFLOP | ours, compiled units | compiled / reference |"
+        "| reference GFLOP | ours, compiled units | compiled / reference | ours, all fp32 | all fp32 / reference |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for size in args.sizes:
         extra: dict[str, Callable[[int], object]] = {}
         if args.reference_repo:
@@ -267,6 +268,7 @@ def main() -> None:
             "ours": same,
             "ref": [*same, "task.reuse_fakes=false"],
             "compiled": [*same, 'train.compile="units"'],
+            "fp32": [*same, "model.bf16_decoder=false"],
         }
         t = interleaved(size, args.width, 0, configs, args, extra)
         ours, ref = t["ours"], t["ref"]
@@ -275,6 +277,7 @@ def main() -> None:
         measured = "measured now" if "code" in t else "quoted"
         code_s, ratio = (f"{code:.2f} ({measured})", f"{ours / code:.2f}") if code else ("-", "-")
         compiled_ratio = f"{t['compiled'] / code:.2f}" if code else "-"
+        fp32_ratio = f"{t['fp32'] / code:.2f}" if code else "-"
         rate = flops / ours / 1e9
         ref_flops = "-"
         if args.reference_repo:
@@ -282,7 +285,8 @@ def main() -> None:
                 reference(*reference.batch())
             ref_flops = f"{counter.get_total_flops() / 1e9:.1f}"
         print(f"| {size} | {ours:.3f} | {ref:.3f} | {code_s} | {ratio} | {flops / 1e9:.1f} | {rate:.0f} | {rate / peak:.2f} "
-              f"| {ref_flops} | {t['compiled']:.3f} | {compiled_ratio} |", flush=True)  # fmt: skip
+              f"| {ref_flops} | {t['compiled']:.3f} | {compiled_ratio} | {t['fp32']:.3f} | {fp32_ratio} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ DecodeBlock1-n, UpBlock1-2, HourGlass3-4, ConvBlock2.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from branchadapt import Backbone, PluginOptions
 
 from .instnorm import instance_norm
 from .lowmem import NormReluConv, ReflectConv2d
+from .precision import BF16_DECODER_MIN_SIDE, bf16_decoder_applies
 
 
 def _lin_affine(x: Tensor, rho: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -264,6 +266,13 @@ class UGATITOptions(PluginOptions):
         f"layout); auto: on a CPU for inputs of at least {CHANNELS_LAST_MIN_SIDE} px (0.92x of the one-group "
         "step at 256 px; a tie at 128 px and for the 256 px transfer stage; docs/performance.md)",
     )
+    bf16_decoder: bool | Literal["auto"] = Field(
+        "auto",
+        description="train the decoder's residual blocks' convolutions under bf16 autocast, the part of the "
+        "generator where bf16 is numerically safe (benchmarks/bf16_sources.py); auto: for inputs of at least "
+        f"{BF16_DECODER_MIN_SIDE} px on a CPU with AMX or a CUDA GPU with bf16 (0.92x of the one-group step at "
+        "256 px, 0.97x at 128 px; docs/performance.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UGATITOptions:
@@ -355,8 +364,12 @@ class UGATITGenerator(Backbone):
             content.append(feat)
         x, cam_logit, heatmap = self.cam(x)
         style = self.FC(x.mean(dim=(2, 3)) if self.options.light else x.flatten(1))
-        for i in range(1, self.n_blocks + 1):
-            x = getattr(self, f"DecodeBlock{i}")(x, content[-i], style)
+        bf16 = bf16_decoder_applies(self.options.bf16_decoder, x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            for i in range(1, self.n_blocks + 1):
+                x = getattr(self, f"DecodeBlock{i}")(x, content[-i], style)
+        if bf16:
+            x = x.float()
         x = self.HourGlass4(self.HourGlass3(self.UpBlock2(self.UpBlock1(x))))
         if layout:
             return self.ConvBlock2(x).contiguous(), cam_logit, heatmap.contiguous()

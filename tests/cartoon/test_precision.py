@@ -67,3 +67,61 @@ def test_bf16_runs_both_directions_at_once_under_autocast(tiny_cartoon, tmp_path
     ]
     assert (True, True) in on_workers  # forward passes ran on the workers, under autocast
     assert all(caller == worker for caller, worker in on_workers)
+
+
+def _decoder_dtypes_and_gradient(
+    bf16_decoder: bool, grad: bool = True
+) -> tuple[set, torch.dtype, torch.Tensor | None]:
+    from branchadapt_cartoon.networks import UGATITGenerator
+
+    torch.manual_seed(0)
+    gen = UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, bf16_decoder=bf16_decoder))
+    seen: set = set()
+    for i in range(1, gen.n_blocks + 1):
+        for conv in ("conv1", "conv2"):  # (the block's output adds its fp32 input: fp32 either way)
+            gen.get_submodule(f"DecodeBlock{i}.{conv}").register_forward_hook(
+                lambda m, a, out: seen.add(out.dtype)
+            )
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.set_grad_enabled(grad):
+        out = gen(x)[0]
+    if not grad:
+        return seen, out.dtype, None
+    (out * noise).sum().backward()
+    return seen, out.dtype, torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None])
+
+
+def test_bf16_decoder_runs_only_the_decoder_blocks_in_bf16_and_stays_close_to_fp32():
+    """``model.bf16_decoder``: the decoder's residual blocks convolve in bf16 when training, the
+    output is fp32, and the weight gradient stays within a few per cent of fp32's (the generator
+    under full autocast is 20-40 % off, benchmarks/bf16_sources.py)."""
+    seen, out_dtype, g16 = _decoder_dtypes_and_gradient(True)
+    assert seen == {torch.bfloat16} and out_dtype == torch.float32
+    seen32, _, g32 = _decoder_dtypes_and_gradient(False)
+    assert seen32 == {torch.float32}
+    assert g16 is not None and g32 is not None
+    error = float((g16 - g32).norm() / g32.norm())
+    assert 0 < error < 0.05, error  # changed (bf16 did run) but close
+
+
+def test_bf16_decoder_is_for_training_only():
+    seen, out_dtype, _ = _decoder_dtypes_and_gradient(True, grad=False)  # inference, sampling, export
+    assert seen == {torch.float32} and out_dtype == torch.float32
+
+
+def test_bf16_decoder_auto_is_for_large_training_inputs_on_fast_bf16_hardware(monkeypatch):
+    from branchadapt_cartoon import precision
+
+    small, large = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 128, 128)
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
+    assert precision.bf16_decoder_applies("auto", large)
+    assert not precision.bf16_decoder_applies("auto", small)  # a tie at 64 px: left in fp32
+    assert precision.bf16_decoder_applies(True, small) and not precision.bf16_decoder_applies(False, large)
+    with torch.no_grad():
+        assert not precision.bf16_decoder_applies(True, large)  # inference stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not precision.bf16_decoder_applies(True, large)  # precision = "bf16" already covers it
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    assert not precision.bf16_decoder_applies("auto", large)  # no AMX / no bf16 GPU: fp32
+    assert not precision.fast_bf16(torch.device("meta"))

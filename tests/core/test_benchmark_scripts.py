@@ -51,8 +51,8 @@ def test_bf16_check_compares_both_precisions_with_float64() -> None:
 
 
 def test_bf16_sources_rounds_one_place_at_a_time() -> None:
-    out = run("bf16_sources.py", "--size", "32", "--width", "4", "--train", "1")
-    rows = table_rows(out, r"(none|autocast|backward|forward)")
+    out = run("bf16_sources.py", "--size", "32", "--width", "4", "--train", "1", "--repeats", "1")
+    rows = [r for r in table_rows(out, r"(none|autocast|backward|forward)") if len(r) == 4]  # the error table
     (fp32,) = [r for r in rows if r[0] == "none (fp32)"]
     assert float(fp32[2]) > 0.9999 and float(fp32[3]) < 1e-2  # unrounded fp32 is float64 up to rounding
     per_stage = [r[1] for r in rows if r[0].startswith("forward") and r[1] != "everywhere"]
@@ -61,6 +61,10 @@ def test_bf16_sources_rounds_one_place_at_a_time() -> None:
     errors = [float(r[3]) for r in rows if r is not fp32]
     # each rounding changes the gradient, so no hook silently did nothing (a no-op gives fp32's error)
     assert all(e > float(fp32[3]) for e in errors), rows
+    timed = table_rows(out, r"(none \(fp32\)|everywhere|the decoder|\+ FC)")
+    assert [r[0] for r in timed][-4:] == ["none (fp32)", "everywhere", "the decoder's residual blocks",
+                                          "+ FC, HourGlass3-4, ConvBlock2"]  # fmt: skip
+    assert timed[-4][2] == "1.00" and all(float(r[1]) > 0 for r in timed[-4:])
 
 
 def test_profile_step_splits_the_step_and_bounds_it() -> None:
