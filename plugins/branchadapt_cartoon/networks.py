@@ -354,6 +354,7 @@ class UGATITGenerator(Backbone):
                 f"and reflection-pads the 2 px result), got {tuple(x.shape[-2:])}"
             )
         layout = self._channels_last(x)
+        bf16 = bf16_decoder_applies(self.options.bf16_decoder, x)  # decided on the input image's size
         if layout:  # convolutions keep it; the norms and pads have channels_last paths
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.HourGlass2(self.HourGlass1(self.ConvBlock1(x)))
@@ -364,7 +365,6 @@ class UGATITGenerator(Backbone):
             content.append(feat)
         x, cam_logit, heatmap = self.cam(x)
         style = self.FC(x.mean(dim=(2, 3)) if self.options.light else x.flatten(1))
-        bf16 = bf16_decoder_applies(self.options.bf16_decoder, x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             for i in range(1, self.n_blocks + 1):
                 x = getattr(self, f"DecodeBlock{i}")(x, content[-i], style)

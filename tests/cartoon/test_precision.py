@@ -7,6 +7,7 @@ import dataclasses
 import threading
 import warnings
 
+import pytest
 import torch
 
 import branchadapt as ba
@@ -125,3 +126,18 @@ def test_bf16_decoder_auto_is_for_large_training_inputs_on_fast_bf16_hardware(mo
     monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
     assert not precision.bf16_decoder_applies("auto", large)  # no AMX / no bf16 GPU: fp32
     assert not precision.fast_bf16(torch.device("meta"))
+
+
+@pytest.mark.parametrize(("fast", "side", "expected"), [(True, 128, torch.bfloat16), (False, 128, torch.float32),
+                                                        (True, 64, torch.float32)])  # fmt: skip
+def test_bf16_decoder_auto_decides_on_the_input_images_size(monkeypatch, fast, side, expected):
+    """``auto`` looks at the image the generator gets, not at the decoder's smaller feature maps."""
+    from branchadapt_cartoon import precision
+    from branchadapt_cartoon.networks import UGATITGenerator
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: fast)
+    gen = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=side, n_blocks=1))
+    seen: list[torch.dtype] = []
+    gen.get_submodule("DecodeBlock1.conv1").register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    gen(torch.zeros(1, 3, side, side))
+    assert seen == [expected]
