@@ -271,7 +271,7 @@ class UGATITOptions(PluginOptions):
         description="train the decoder's residual blocks' convolutions under bf16 autocast, the part of the "
         "generator where bf16 is numerically safe (benchmarks/bf16_sources.py); auto: for inputs of at least "
         f"{BF16_DECODER_MIN_SIDE} px on a CPU with AMX or a CUDA GPU with bf16 (0.92x of the one-group step at "
-        "256 px, 0.97x at 128 px; docs/performance.md)",
+        "256 px, 0.97x at 128 px, a tie in the transfer stage; docs/performance.md)",
     )
 
     @model_validator(mode="after")

@@ -5,7 +5,9 @@ rounding the forward operands of any one encoder stage alone costs 7-22 %; with 
 residual blocks under autocast they are 1.3-2.0 % off, against 0.3-0.6 % for fp32 itself at
 128-256 px (``benchmarks/bf16_sources.py``, docs/performance.md). Those blocks hold the 128-channel
 convolutions that AMX and tensor cores speed up, so the generator may run them under autocast
-while the rest stays fp32. Training only: inference, sampling and ONNX export stay fp32.
+while the rest stays fp32. Training only: inference, sampling and ONNX export stay fp32. Inside
+``vmap`` (stacked branch copies) torch's CPU autocast does not reach the convolutions, so such
+copies run in fp32.
 """
 
 from __future__ import annotations

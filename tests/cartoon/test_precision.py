@@ -141,3 +141,37 @@ def test_bf16_decoder_auto_decides_on_the_input_images_size(monkeypatch, fast, s
     gen.get_submodule("DecodeBlock1.conv1").register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     gen(torch.zeros(1, 3, side, side))
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_bf16_decoder_blocks_as_branch_copies_train(tiny_cartoon, tmp_path, stacked):
+    """Branched deep enough to give every group its own decoder block, the bf16 block trains as
+    stacked copies under vmap and as a loop (in bf16), with fused live and detached rows."""
+    overrides = [
+        "model.bf16_decoder=true",
+        "stages.transfer.splitter.top=6",  # ConvBlock2, HourGlass4-3, UpBlock2-1 and the last decoder block
+        f"train.stack_branches={str(stacked).lower()}",
+        "train.fuse_participation=true",
+    ]
+    exp = ba.load_experiment(tiny_cartoon(steps=2), overrides)
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    spec = exp.stages[1]
+    spec = dataclasses.replace(spec, spec=spec.spec.model_copy(update={"init_from": None}))
+    rt = trainer.build_stage(1, spec, trainer.build_source())
+    gen = rt.modules["gen_a2b"]
+    last = f"DecodeBlock{gen.backbone.n_blocks}"
+    router = gen.backbone.get_submodule(last)
+    assert gen.branch_paths[-6] == last and "DecodeBlock1" not in gen.branch_paths[:-6]
+    seen: list[torch.dtype] = []
+    for copy in router.branches.values():  # called one by one in a loop
+        copy.conv1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback from stacked copies or fused rows
+        logged = trainer.train_step(rt, rt.data[0])
+    assert logged and all(torch.isfinite(v) for v in logged.values())
+    after = gen.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if f"{last}.branches" in k)
+    assert router._unstackable is None and gen._unfusable is None
+    if not stacked:  # (under vmap torch's CPU autocast does not reach the convolutions: fp32 there)
+        assert seen and set(seen) == {torch.bfloat16}
