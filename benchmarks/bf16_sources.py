@@ -127,8 +127,8 @@ def autocast_placements(stages: list[str]) -> dict[str, list[str]]:
     decoder = [s for s in stages if s.startswith("DecodeBlock")]
     side = [*decoder, "FC", "HourGlass3", "HourGlass4", "ConvBlock2"]
     return {
-        "the decoder's residual blocks": decoder if decoder else [],
-        "+ FC, HourGlass3-4, ConvBlock2": side if decoder and all(s in stages for s in side) else [],
+        "the decoder's residual blocks": decoder,
+        "+ FC, HourGlass3-4, ConvBlock2": side if decoder and set(side) <= set(stages) else [],
     }
 
 
