@@ -10,11 +10,13 @@ with its fused low-memory units split into plain modules, and rounds one thing t
   without its bf16 outputs), everywhere or only within one of the backbone's stages;
 - ``backward: gradients at conv/linear inputs``: the gradient each of them sends back rounded to
   bf16 (autocast's bf16 ``grad_input``), forward pass in fp32;
-- ``autocast`` within parts of the decoder only (their outputs back in fp32).
+- ``autocast`` within parts of the decoder only (their outputs back in fp32);
+- ``backward convolutions' operands``: the forward pass in fp32, every convolution's input and
+  weight gradients computed from bf16 operands (``bf16_backward.py``).
 
 A second table times the generator's forward and backward pass (its default, fused modules) with
-autocast nowhere, everywhere and in those parts of the decoder: what bf16 where it is safe would
-save.
+autocast nowhere, everywhere and in those parts of the decoder, and with bf16 backward
+convolutions: what bf16 where it is safe would save.
 
 Each row compares the generator's weight gradient for the loss ``sum(output * R)`` (R fixed
 Gaussian noise) with float64's on the same weights and photo: cosine similarity and relative
@@ -38,8 +40,11 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bf16_backward import patched
 from optimisations import _unfuse
 from step_time import build
+
+BWD = "backward convolutions in bf16"  # the timing table's row for bf16_backward.patched()
 
 
 def _bf16(t: Tensor) -> Tensor:
@@ -135,8 +140,8 @@ def autocast_placements(stages: list[str]) -> dict[str, list[str]]:
 def timings(
     generator: nn.Module, x: Tensor, placements: dict[str, list[str] | None], repeats: int
 ) -> dict[str, float]:
-    """Median seconds of one forward and backward pass per placement (None: autocast everywhere),
-    placements interleaved round by round."""
+    """Median seconds of one forward and backward pass per placement (None: autocast everywhere;
+    the row named ``BWD``: fp32 with bf16 backward convolutions), interleaved round by round."""
     times: dict[str, list[float]] = {name: [] for name in placements}
 
     def once(stages: list[str] | None) -> None:
@@ -152,7 +157,11 @@ def timings(
     for i in range(repeats + 1):
         for name, stages in placements.items():
             start = time.perf_counter()
-            once(stages)
+            if name == BWD:
+                with patched():
+                    once(stages)
+            else:
+                once(stages)
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -186,6 +195,12 @@ def main() -> None:
         ("forward: conv/linear inputs and weights", "everywhere",
          lambda: weight_gradient(generator, x, noise, "forward")),
     ]  # fmt: skip
+
+    def bwd_gradient() -> Tensor:
+        with patched():
+            return weight_gradient(generator, x, noise)
+
+    rows.append(("backward convolutions' operands", "everywhere, fp32 forward", bwd_gradient))
     placements = autocast_placements(stages)
     for name, group in placements.items():
         if group:
@@ -207,6 +222,7 @@ def main() -> None:
         print(f"| {what} | {where} | {cosine:.4f} | {float((g - reference).norm() / reference.norm()):.2e} |")
     timed_placements: dict[str, list[str] | None] = {"none (fp32)": [], "everywhere": None}
     timed_placements.update({name: group for name, group in placements.items() if group})
+    timed_placements[BWD] = []
     seconds = timings(timed, x, timed_placements, args.repeats)
     print(f"\nthe same generator's forward and backward pass (default modules, {x.shape[0]} image), "
           f"median of {args.repeats} after 1, {args.threads} threads\n")  # fmt: skip

@@ -5,7 +5,8 @@ For stages too large to hold two trainers in one process (the transfer stage at 
 name and ``key=value`` overrides separated by ``;``) runs in a fresh Python process, one after the
 other, ``--rounds`` times in alternating order. Each process reports the median of ``--steps``
 after ``--warmup`` and its peak RSS; the table prints the median over rounds. The override
-``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages).
+``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages), and ``<bf16 backward>``
+runs its steps with bf16 backward convolutions (``bf16_backward.py``).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -24,10 +25,13 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bf16_backward import MARKER as BWD16
+from bf16_backward import patched
 from step_time import COPYING, NAIVE, build, naive_step
 
 
@@ -35,8 +39,17 @@ def child(args: argparse.Namespace) -> None:
     """Run one configuration here and print its result as one JSON line."""
     torch.set_num_threads(args.threads)
     overrides = [o for o in args.child.split(";") if o]
-    trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in overrides if o != NAIVE])
+    trainer, rt = build(
+        args.size, args.width, args.stage - 1, [o for o in overrides if o not in (NAIVE, BWD16)]
+    )
     step = naive_step(trainer, rt) if NAIVE in overrides else partial(trainer.train_step, rt)
+    if BWD16 in overrides:
+        plain = step
+
+        def step(batch: Any) -> Any:
+            with patched():
+                return plain(batch)
+
     times, copying = [], []
     for i in range(args.warmup + args.steps):
         copied = COPYING["seconds"]

@@ -247,6 +247,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and the default)")
+    ap.add_argument("--skip", nargs="+", default=[], metavar="VARIANT", help="leave these variants out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [
@@ -272,11 +273,15 @@ def main() -> None:
         "autograd functions under vmap",
     ]
     names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
-    if args.only:
-        unknown = set(args.only) - set(names)
+    for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):
+        unknown = set(chosen) - set(names)
         if unknown:
-            ap.error(f"--only: unknown variant(s) {sorted(unknown)}; expected some of {names}")
+            ap.error(f"{flag}: unknown variant(s) {sorted(unknown)}; expected some of {names}")
+    if args.only:
         names = [n for n in names if n == "default" or n in args.only]
+    if "default" in args.skip:
+        ap.error("--skip: the default is every variant's yardstick")
+    names = [n for n in names if n not in args.skip]
     steps = {n: variant(n, args.size, args.width, args.stage) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}

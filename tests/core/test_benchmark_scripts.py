@@ -61,10 +61,48 @@ def test_bf16_sources_rounds_one_place_at_a_time() -> None:
     errors = [float(r[3]) for r in rows if r is not fp32]
     # each rounding changes the gradient, so no hook silently did nothing (a no-op gives fp32's error)
     assert all(e > float(fp32[3]) for e in errors), rows
-    timed = table_rows(out, r"(none \(fp32\)|everywhere|the decoder|\+ FC)")
-    assert [r[0] for r in timed][-4:] == ["none (fp32)", "everywhere", "the decoder's residual blocks",
-                                          "+ FC, HourGlass3-4, ConvBlock2"]  # fmt: skip
-    assert timed[-4][2] == "1.00" and all(float(r[1]) > 0 for r in timed[-4:])
+    assert "backward convolutions' operands" in [r[0] for r in rows]
+    timed = table_rows(out, r"(none \(fp32\)|everywhere|the decoder|\+ FC|backward convolutions in)")
+    assert [r[0] for r in timed][-5:] == ["none (fp32)", "everywhere", "the decoder's residual blocks",
+                                          "+ FC, HourGlass3-4, ConvBlock2", "backward convolutions in bf16"]  # fmt: skip
+    assert timed[-5][2] == "1.00" and all(float(r[1]) > 0 for r in timed[-5:])
+
+
+def test_bf16_backward_convolutions_keep_the_fp32_forward_and_round_only_the_backward() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bf16_backward
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    conv, point = torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.Conv2d(8, 6, 1)
+    g = torch.randn(2, 6, 16, 16)
+
+    def grads(module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x.grad = None
+        module.zero_grad()
+        out = module(x)
+        out.backward(g)
+        return out.detach(), [x.grad.clone(), *(p.grad.clone() for p in module.parameters())]
+
+    plain_out, plain = grads(conv)
+    with bf16_backward.patched():
+        assert F.conv2d is bf16_backward.conv2d
+        out, rounded = grads(conv)
+        _, point_plain = grads(point)  # a 1x1 convolution keeps its fp32 backward
+        with torch.no_grad():
+            assert not F.conv2d(x, conv.weight).requires_grad  # nothing recorded, nothing changed
+    assert F.conv2d is bf16_backward._PLAIN
+    assert torch.equal(out, plain_out)  # the forward pass stays fp32, bit for bit
+    for a, b in zip(rounded, plain, strict=True):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)  # the backward did run in bf16
+        assert (a - b).norm() / b.norm() < 2e-2  # ... and stays within bf16's rounding
+    _, point_ref = grads(point)
+    assert all(torch.equal(a, b) for a, b in zip(point_plain, point_ref, strict=True))
 
 
 def test_profile_step_splits_the_step_and_bounds_it() -> None:
@@ -168,7 +206,7 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert rowgrad.pause_in_branches and instnorm.vmap_kernels and padding.vmap_kernels
     variants = ["serial directions", "live-row mode in branch copies", "autograd functions under vmap"]
     transfer = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
-                   "--stage", "1", "--only", *variants)  # fmt: skip
+                   "--stage", "1", "--only", *variants, "1 thread", "--skip", "1 thread")  # fmt: skip
     assert "stage 2 step at 32 px" in transfer
     assert [r[0] for r in table_rows(transfer, "(" + "|".join(["default", *variants]) + ")$")] == [
         "default",
@@ -319,13 +357,13 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     out = run(
         "one_config.py", "--size", "32", "--width", "4", "--stage", "2", "--steps", "1", "--rounds", "2",
         "--config", "default=", "--config", "plain=model.channels_last=false;task.concurrent=false",
-        "--config", "naive=<naive>",
+        "--config", "naive=<naive>", "--config", "bwd=<bf16 backward>",
     )  # fmt: skip
-    rows = {row[0]: row for row in table_rows(out, r"(default|plain|naive)$")}
-    assert set(rows) == {"default", "plain", "naive"} and rows["default"][2] == "1.00"
+    rows = {row[0]: row for row in table_rows(out, r"(default|plain|naive|bwd)$")}
+    assert set(rows) == {"default", "plain", "naive", "bwd"} and rows["default"][2] == "1.00"
     assert all(float(row[1]) > 0 and float(row[5].replace(",", "")) > 100 for row in rows.values())
     # only the naive configuration copies the shared stages, and its copying is part of its step
-    assert float(rows["default"][3]) == 0 and float(rows["plain"][3]) == 0
+    assert float(rows["default"][3]) == 0 and float(rows["plain"][3]) == 0 == float(rows["bwd"][3])
     assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
 
 
