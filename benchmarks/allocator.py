@@ -7,7 +7,8 @@ reference's maths (one photo + one cartoon, five losses, face-ID through a Mobil
 ``step_time.py``): median of ``--steps`` after ``--warmup``, with the minor page faults and the
 system CPU time per step (``getrusage``) and the peak RSS. With ``--reference-repo`` the
 photo2cartoon reference iteration (``reference_step.py``) is measured the same way, with glibc's
-defaults and with the setting applied: what it would gain from it too.
+defaults and with the setting applied: what it would gain from it too. A third setting, ``one arena``,
+adds ``MALLOC_ARENA_MAX=1`` to the retained one (see ``SETTING_ENV``).
 
     .venv/bin/python benchmarks/allocator.py --sizes 128 256 --rounds 2 --steps 4 --warmup 1 \\
         --threads 2 [--reference-repo /path/to/photo2cartoon]
@@ -33,7 +34,11 @@ from step_time import SAME_RECOGNIZER, build
 
 from branchadapt import hostmem
 
-SETTINGS = ("default", "retained")
+SETTINGS = ("default", "retained", "one arena")
+#: the child's extra environment per setting; "one arena": retained, and every thread allocating from
+#: glibc's main arena (worker threads otherwise get arenas of their own, whose heaps hold at most
+#: 64 MiB: larger blocks are mapped afresh and unmapped when freed, whatever the thresholds)
+SETTING_ENV = {"one arena": {"MALLOC_ARENA_MAX": "1"}}
 
 
 def child(
@@ -41,10 +46,10 @@ def child(
 ) -> dict:
     """Time ``program`` (ours / reference) at ``size`` with glibc's defaults or memory retained."""
     step: Callable[[int], object]
-    if setting == "retained" and not hostmem.retain_freed_memory():
+    if setting != "default" and not hostmem.retain_freed_memory():
         sys.exit("the setting could not be applied here (needs glibc, no MALLOC_* variables)")
     if program == "ours":  # the trainer applies the setting again (or not) from the option
-        retain = "true" if setting == "retained" else "false"
+        retain = "false" if setting == "default" else "true"
         trainer, rt = build(size, width, 0, [*SAME_RECOGNIZER, f"train.retain_freed_memory={retain}"])
         step = lambda i: trainer.train_step(rt, rt.data[i % len(rt.data)])  # noqa: E731
     else:
@@ -90,8 +95,9 @@ def main() -> None:
     print(f"stage 1 with the reference's maths, width {args.width}, {args.threads} threads; per child process: "
           f"median of {args.steps} steps after {args.warmup}; median over {args.rounds} processes per setting\n")  # fmt: skip
     print("| size | program | glibc default (s) | retained (s) | retained / default | page faults per step "
-          "| system CPU s per step | peak RSS (MB) |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---|---|---|", flush=True)
+          "| system CPU s per step | peak RSS (MB) | one arena (s) | one arena / retained "
+          "| one arena: page faults, system CPU s per step, peak RSS (MB) |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---|---|---|---:|---:|---|", flush=True)
     for size in args.sizes:
         for program in programs:
             runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
@@ -102,17 +108,20 @@ def main() -> None:
                                       "--threads", args.threads])]  # fmt: skip
                     if args.reference_repo:
                         cmd += ["--reference-repo", str(args.reference_repo)]
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    done = subprocess.run(
+                        cmd, capture_output=True, text=True, env={**env, **SETTING_ENV.get(setting, {})}
+                    )
                     if done.returncode:
                         sys.exit(
                             f"{program} ({setting}, {size} px): the child process failed:\n{done.stderr[-3000:]}"
                         )
                     runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
             m = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in SETTINGS}
-            d, k = m["default"], m["retained"]
+            d, k, a = m["default"], m["retained"], m["one arena"]
             print(f"| {size} | {program} | {d['seconds']:.3f} | {k['seconds']:.3f} | {k['seconds'] / d['seconds']:.2f} "
                   f"| {d['faults']:,.0f} -> {k['faults']:,.0f} | {d['system']:.2f} -> {k['system']:.2f} "
-                  f"| {d['peak_mb']:,.0f} -> {k['peak_mb']:,.0f} |", flush=True)  # fmt: skip
+                  f"| {d['peak_mb']:,.0f} -> {k['peak_mb']:,.0f} | {a['seconds']:.3f} | {a['seconds'] / k['seconds']:.2f} "
+                  f"| {a['faults']:,.0f}, {a['system']:.2f}, {a['peak_mb']:,.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

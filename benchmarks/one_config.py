@@ -4,7 +4,8 @@ For stages too large to hold two trainers in one process (the transfer stage at 
 19 GB, so ``optimisations.py --stage 1 --size 256`` does not fit 24 GiB): every ``--config`` (a
 name and ``key=value`` overrides separated by ``;``) runs in a fresh Python process, one after the
 other, ``--rounds`` times in alternating order. Each process reports the median of ``--steps``
-after ``--warmup`` and its peak RSS; the table prints the median over rounds. The override
+after ``--warmup``, its peak RSS, and the median system CPU time and minor page faults of a step
+(what the kernel spent serving the allocator); the table prints the median over rounds. The override
 ``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages), and ``<bf16 backward>``
 runs its steps with bf16 backward convolutions (``bf16_backward.py``).
 
@@ -50,17 +51,23 @@ def child(args: argparse.Namespace) -> None:
             with patched():
                 return plain(batch)
 
-    times, copying = [], []
+    times, copying, system, faults = [], [], [], []
     for i in range(args.warmup + args.steps):
         copied = COPYING["seconds"]
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         step(rt.data[i % len(rt.data)])
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
         copying.append(COPYING["seconds"] - copied)
+        system.append(after.ru_stime - before.ru_stime)  # the kernel's time: mostly page faults here
+        faults.append(after.ru_minflt - before.ru_minflt)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     measured = slice(args.warmup, None)
     print(json.dumps({"step": statistics.median(times[measured]), "first": times[0], "rss_mb": rss_mb,
-                      "copying": statistics.median(copying[measured])}))  # fmt: skip
+                      "copying": statistics.median(copying[measured]),
+                      "system": statistics.median(system[measured]),
+                      "faults": statistics.median(faults[measured])}))  # fmt: skip
 
 
 def main() -> None:
@@ -93,8 +100,9 @@ def main() -> None:
     print(f"stage {args.stage} at {args.size} px, width {args.width}, {args.threads} threads, median of "
           f"{args.steps} after {args.warmup} per process, {args.rounds} round(s), one process per run\n")  # fmt: skip
     print(
-        "| configuration | s / step | vs first | of which copying (s) | first step (s) | peak RSS (MB) |\n"
-        "|---|---:|---:|---:|---:|---:|"
+        "| configuration | s / step | vs first | of which copying (s) | first step (s) | peak RSS (MB) "
+        "| system CPU (s / step) | page faults / step |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     base = statistics.median(r["step"] for r in next(iter(results.values())))
     for name, runs in results.items():
@@ -102,7 +110,10 @@ def main() -> None:
         first = statistics.median(r["first"] for r in runs)
         rss = max(r["rss_mb"] for r in runs)
         copying = statistics.median(r["copying"] for r in runs)
-        print(f"| {name} | {step:.3f} | {step / base:.2f} | {copying:.3f} | {first:.1f} | {rss:,.0f} |")
+        system = statistics.median(r["system"] for r in runs)
+        faults = statistics.median(r["faults"] for r in runs)
+        print(f"| {name} | {step:.3f} | {step / base:.2f} | {copying:.3f} | {first:.1f} | {rss:,.0f} "
+              f"| {system:.2f} | {faults:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import resource
 import statistics
 import sys
 import time
@@ -284,26 +285,31 @@ def main() -> None:
     names = [n for n in names if n not in args.skip]
     steps = {n: variant(n, args.size, args.width, args.stage) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    system: dict[str, list[float]] = {n: [] for n in names}  # the kernel's time: mostly page faults here
     first: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
         # reversed every other round: whichever variant runs first in a round measured slower
         for name, (step, threads) in list(steps.items())[:: -1 if i % 2 else 1]:
             torch.set_num_threads(threads or args.threads)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
             start = time.perf_counter()
             step(i)
             seconds = time.perf_counter() - start
             first.setdefault(name, seconds)
             if i >= args.warmup:
                 times[name].append(seconds)
+                system[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - before)
     torch.set_num_threads(args.threads)
     base = statistics.median(times["default"])
     print(f"stage {args.stage + 1} step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
           f"after {args.warmup} (interleaved)\n")  # fmt: skip
-    print("| variant | s / step | vs default | first step (s) |")
-    print("|---|---:|---:|---:|")
+    print("| variant | s / step | vs default | first step (s) | system CPU (s / step) |")
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         t = statistics.median(times[name])
-        print(f"| {name} | {t:.3f} | {t / base:.2f} | {first[name]:.1f} |")
+        print(
+            f"| {name} | {t:.3f} | {t / base:.2f} | {first[name]:.1f} | {statistics.median(system[name]):.2f} |"
+        )
     _, rt = build(args.size, args.width, args.stage, [])
     params = [p.detach() for opt in rt.optimizers.values() for g in opt.param_groups for p in g["params"]]
     print(

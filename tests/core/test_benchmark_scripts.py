@@ -183,7 +183,8 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
              "classic spectral norm", "torch pad backward", "torch IN forward"]  # fmt: skip
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
-    assert all(float(r[1]) > 0 for r in rows)
+    # system CPU per step: counted, and (with 1 thread) at most the step's own time
+    assert all(float(r[1]) > 0 and 0 <= float(r[4]) < 2 * float(r[1]) + 0.01 for r in rows)
     # the transfer stage's switches (branch copies): off in their own variant's steps only
     from branchadapt import rowgrad
 
@@ -351,6 +352,9 @@ def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
     assert default > 0 and retained > 0 and ratio == pytest.approx(retained / default, abs=0.01)
     faults = [float(v.replace(",", "")) for v in row[5].split(" -> ")]
     assert len(faults) == 2 and min(faults) > 0
+    one_arena, vs_retained = float(row[8]), float(row[9])
+    assert one_arena > 0 and vs_retained == pytest.approx(one_arena / retained, abs=0.01)
+    assert len(row[10].split(", ")) == 3
 
 
 def test_one_config_runs_each_configuration_in_its_own_process() -> None:
@@ -362,6 +366,11 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     rows = {row[0]: row for row in table_rows(out, r"(default|plain|naive|bwd)$")}
     assert set(rows) == {"default", "plain", "naive", "bwd"} and rows["default"][2] == "1.00"
     assert all(float(row[1]) > 0 and float(row[5].replace(",", "")) > 100 for row in rows.values())
+    # the kernel's share of a step (system CPU time, minor page faults): counted, and a part of it
+    assert all(
+        0 <= float(row[6]) < 2 * float(row[1]) + 0.01 and float(row[7].replace(",", "")) >= 0
+        for row in rows.values()
+    )
     # only the naive configuration copies the shared stages, and its copying is part of its step
     assert float(rows["default"][3]) == 0 and float(rows["plain"][3]) == 0 == float(rows["bwd"][3])
     assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
