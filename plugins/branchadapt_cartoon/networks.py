@@ -9,7 +9,6 @@ DecodeBlock1-n, UpBlock1-2, HourGlass3-4, ConvBlock2.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
@@ -18,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from branchadapt import Backbone, PluginOptions
+from branchadapt.device import autocast
 
 from .instnorm import instance_norm
 from .lowmem import NormReluConv, ReflectConv2d
@@ -365,7 +365,7 @@ class UGATITGenerator(Backbone):
             content.append(feat)
         x, cam_logit, heatmap = self.cam(x)
         style = self.FC(x.mean(dim=(2, 3)) if self.options.light else x.flatten(1))
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with autocast(x.device, "bf16" if bf16 else "fp32"):
             for i in range(1, self.n_blocks + 1):
                 x = getattr(self, f"DecodeBlock{i}")(x, content[-i], style)
         if bf16:

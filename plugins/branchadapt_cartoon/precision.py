@@ -12,6 +12,7 @@ copies run in fp32.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -21,8 +22,10 @@ from torch import Tensor
 BF16_DECODER_MIN_SIDE = 128
 
 
+@functools.cache
 def fast_bf16(device: torch.device) -> bool:
-    """Whether ``device`` has bf16 matrix units: AMX tiles on a CPU, bf16 support on a CUDA GPU."""
+    """Whether ``device`` has bf16 matrix units: AMX tiles on a CPU, bf16 support on a CUDA GPU
+    (probed once per device: the generator asks on every training forward)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
