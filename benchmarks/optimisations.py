@@ -175,6 +175,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
         "torch.compile": ['train.compile="units"'],
         "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
         "all units low-memory": ["model.low_memory_min_mb=0"],
+        "branch copies under vmap": ['model.stacked_copies="vmap"'],
     }.get(name, [])
     if name == "classic spectral norm":
         with _classic_spectral_norm():
@@ -272,6 +273,7 @@ def main() -> None:
         "torch IN forward",
         "live-row mode in branch copies",
         "autograd functions under vmap",
+        "branch copies under vmap",
     ]
     names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
     for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):

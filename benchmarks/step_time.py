@@ -6,12 +6,14 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
 1. **Transfer stage** (4 groups, one photo and one cartoon each, both directions, all six losses):
    ``ours`` (the defaults: branches low = top = 2, selective BP, generators once per step, live and
    detached rows as one call through the shared stages where a generator's batch is at most
-   512 KiB, else two calls, the groups' branch copies as one vmap call where a stage's batch is at
+   512 KiB, else two calls, the groups' branch copies as one call where a stage's batch is at
    most 8 MiB, else a loop); ``no branches`` (same maths, one shared model: the branching overhead
    ratio); ``loop`` / ``stacked`` (ours with ``train.stack_branches = false`` / ``true``: the
-   branch copies always one group after the other / always as one vmap call); ``fused`` /
+   branch copies always one group after the other / always as one call); ``fused`` /
    ``separate calls`` (ours with ``train.fuse_participation = true`` / ``false``: the anchor's and
    the few-shot groups' rows always as one call / always as two calls through the shared stages);
+   ``vmap copies`` (ours with ``model.stacked_copies = "vmap"``: stacked branch copies through the
+   engine's vmap instead of the generator's folded network);
    ``naive`` (selective BP by deep-copying
    both generators' shared stages every step and running the few-shot groups through the copy;
    ``of which copying``: the part of its step spent copying, the work ours does not do);
@@ -66,6 +68,7 @@ OPTIONAL_VARIANTS = {
     "stacked": ["train.stack_branches=true"],
     "fused": ["train.fuse_participation=true"],
     "separate": ["train.fuse_participation=false"],
+    "vmap": ['model.stacked_copies="vmap"'],
     "naive": [NAIVE],
     "ref": ["task.reuse_fakes=false"],
     "bf16": ['precision="bf16"'],
@@ -223,10 +226,10 @@ def main() -> None:
         print("Transfer stage (4 groups x (1 photo + 1 cartoon), six losses), seconds per step")
         print(
             "| size | ours | no branches | overhead | loop | overhead, loop | stacked | overhead, stacked "
-            "| fused | overhead, fused | separate calls | overhead, separate | naive copy | of which copying | ref order | ours bf16 "
-            "| overhead per round (min-max) |"
+            "| fused | overhead, fused | separate calls | overhead, separate | vmap copies | overhead, vmap "
+            "| naive copy | of which copying | ref order | ours bf16 | overhead per round (min-max) |"
         )
-        print("|---:" * 17 + "|", flush=True)
+        print("|---:" * 19 + "|", flush=True)
         wanted = set(args.only or OPTIONAL_VARIANTS) - ({"bf16"} if args.no_bf16 else set())
         configs = {"ours": [], "plain": ['stages.transfer.splitter={type="finetune"}']}
         configs |= {k: v for k, v in OPTIONAL_VARIANTS.items() if k in wanted}
@@ -243,7 +246,7 @@ def main() -> None:
             ratios = [o / p for o, p in zip(per_round["ours"], per_round["plain"], strict=True)]
             cells = [cell("ours"), cell("plain"), cell("ours", True), cell("loop"), cell("loop", True),
                      cell("stacked"), cell("stacked", True), cell("fused"), cell("fused", True),
-                     cell("separate"), cell("separate", True),
+                     cell("separate"), cell("separate", True), cell("vmap"), cell("vmap", True),
                      cell("naive"), cell("copying"), cell("ref"), cell("bf16"),
                      f"{min(ratios):.2f}-{max(ratios):.2f}"]  # fmt: skip
             print(f"| {size} | " + " | ".join(cells) + " |", flush=True)

@@ -8,7 +8,11 @@ over it with ``vmap`` runs each operation once for all groups (a convolution bec
 convolution); gradients reach every copy's own parameters through the stacking.
 
 This needs every group to have the same number of rows, copies without buffers (running statistics
-could not be updated per copy) and operations with vmap rules. When a stage cannot be mapped the
+could not be updated per copy) and operations with vmap rules. vmap wraps every operation and moves
+the copies' dimension around it, which on small maps costs more than the arithmetic; a backbone that
+knows a cheaper way to run its copies at once hands the engine a :class:`StackedRule` for that
+stage (:meth:`branchadapt.Backbone.stacked_rule`), called instead of vmap with the same inputs and
+the same contract. When a stage cannot be mapped the
 router falls back to the loop for good and says why once (:func:`run_stacked` raises
 :class:`NotStackable`). Inside vmap, code that tests ``tensor.requires_grad`` sees ``False`` (the
 tensors are vmap wrappers); a module with its own autograd function takes part by giving the
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +53,27 @@ def worth_stacking(tree: Any, batch: int) -> bool:
 
 class NotStackable(Exception):
     """This stage cannot run as one mapped call (the reason is the message)."""
+
+
+class StackedRule(Protocol):
+    """Several copies of one module run as one call, in place of ``vmap`` (module docstring).
+
+    ``params[i]`` holds copy ``i``'s named parameters (names relative to the module). Every tensor in
+    ``args`` and ``kwargs`` with the batch dimension arrives grouped by copy, ``(copies, rows, ...)``;
+    the other arguments arrive unchanged. Returns what the module returns, every tensor with the
+    same two leading dimensions: copy ``i``'s module on copy ``i``'s rows, as vmap over the copies
+    would give it, gradients reaching each copy's parameters. ``training`` is the copies' mode.
+    Raising ``TypeError``, ``ValueError``, ``RuntimeError`` or ``NotImplementedError`` makes the
+    stage fall back to the loop over the copies for good (with a warning), as for vmap.
+    """
+
+    def __call__(
+        self,
+        params: Sequence[Mapping[str, Tensor]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        training: bool,
+    ) -> Any: ...
 
 
 _is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)  # private: absent means never
@@ -90,10 +115,11 @@ def run_stacked(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     batch: int,
+    rule: StackedRule | None = None,
 ) -> Any:
     """Copy ``i`` (``template`` called with ``params[i]``, its named parameters) on the rows
-    ``positions[i]`` (all of one length), as one vmap call; ``template`` must be in the copies'
-    train/eval mode.
+    ``positions[i]`` (all of one length), as one vmap call, or one call of ``rule`` when given;
+    ``template`` must be in the copies' train/eval mode.
 
     Returns the outputs in the batch's own row order, like the loop over the copies would.
     """
@@ -108,14 +134,17 @@ def run_stacked(
             return t.index_select(0, order.to(t.device)).view(groups, rows, *t.shape[1:])
         return t
 
-    stacked = {n: torch.stack([p[n] for p in params]) for n in params[0]}
     inputs = (tree_map(grouped, args), tree_map(grouped, kwargs))
 
     def one(params: dict[str, Tensor], a: tuple[Any, ...], k: dict[str, Any]) -> Any:
         return functional_call(template, params, a, k, strict=True)
 
     try:
-        out = vmap(one, in_dims=(0, _in_dims(args, batch), _in_dims(kwargs, batch)))(stacked, *inputs)
+        if rule is not None:
+            out = rule(params, *inputs, training=template.training)
+        else:
+            stacked = {n: torch.stack([p[n] for p in params]) for n in params[0]}
+            out = vmap(one, in_dims=(0, _in_dims(args, batch), _in_dims(kwargs, batch)))(stacked, *inputs)
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
         raise NotStackable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     inverse = torch.argsort(order)
@@ -133,6 +162,7 @@ def run_stacked(
 __all__ = [
     "AUTO_MAX_BYTES",
     "NotStackable",
+    "StackedRule",
     "has_batch_dim",
     "is_vmapped",
     "meta_template",

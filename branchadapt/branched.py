@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import batching, rowgrad, rows, statekeys
+from .batching import StackedRule
 from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
 from .paramslots import ParamSlots
@@ -64,14 +65,18 @@ class GroupBranches(nn.Module):
     """One copy of a stage per group; each sample runs through its own group's copy.
 
     With ``stacked = True`` (:attr:`BranchedModel.stacked`) a batch of several groups with equal row
-    counts runs all copies in one ``vmap`` call (:mod:`branchadapt.batching`); otherwise, and for
-    good once a stage turns out not to map, in a loop over the groups.
+    counts runs all copies in one ``vmap`` call, or one call of ``rule`` when the backbone gave one
+    (:mod:`branchadapt.batching`); otherwise, and for good once a stage turns out not to map, in a
+    loop over the groups.
     """
 
-    def __init__(self, stage: nn.Module, groups: Sequence[str], router: Router) -> None:
+    def __init__(
+        self, stage: nn.Module, groups: Sequence[str], router: Router, rule: StackedRule | None = None
+    ) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
         self._router: Router = router  # a plain object, not a sub-module
+        self.rule = rule  # the backbone's way to run the copies at once (None: vmap)
         self.stacked: bool | Literal["auto"] = False
         self._unstackable: str | None = None  # why this stage runs as a loop, once known
         self._template: list[nn.Module] = []  # a meta copy for vmap, built on first use (not a child)
@@ -118,7 +123,8 @@ class GroupBranches(nn.Module):
         if template.training != self.training:
             template.train(self.training)
         params = [dict(self._slots[g].items()) for g in groups]
-        return batching.run_stacked(params, template, positions, args, kwargs, rows.batch_size(args, kwargs))
+        batch = rows.batch_size(args, kwargs)
+        return batching.run_stacked(params, template, positions, args, kwargs, batch, self.rule)
 
 
 def _auto_switch(name: str, value: Any) -> bool | Literal["auto"]:
@@ -166,9 +172,9 @@ class BranchedModel(nn.Module):
         self.participation = {g: Participation(policy.get(g, Participation.LIVE)) for g in self.groups}
         self.router = Router(self.groups)
         for path in self.branch_paths:
-            _set_submodule(
-                backbone, path, GroupBranches(backbone.get_submodule(path), self.groups, self.router)
-            )
+            stage = backbone.get_submodule(path)
+            rule = backbone.stacked_rule(path, stage)
+            _set_submodule(backbone, path, GroupBranches(stage, self.groups, self.router, rule))
         self.backbone = backbone
         prefixes = tuple(f"{p}." for p in self.branch_paths)
         self._shared = ParamSlots(backbone, keep=lambda n: not n.startswith(prefixes))

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from .batching import StackedRule
+
 #: A step's input: for every stream (e.g. "source", "target", "train") a dict of batched tensors,
 #: always including ``"group"``, the index of each sample's group in the experiment's group list.
 Batch = dict[str, dict[str, Tensor]]
@@ -72,6 +74,16 @@ class Backbone(nn.Module, ABC):
         conv, a norm and a pool) so split depth counts logical stages, not modules.
         """
         return [stage]
+
+    def stacked_rule(self, path: str, module: nn.Module) -> StackedRule | None:
+        """How to run several groups' copies of the branch sub-module ``module`` (at ``path``) as one
+        call, when the branched model stacks them (``train.stack_branches``). None, the default:
+        ``torch.func.vmap`` over the copies' stacked parameters, which works for any module with
+        vmap rules. A backbone that knows a cheaper way for some of its modules returns a
+        :class:`branchadapt.batching.StackedRule` (see its contract); asked once per path, at split
+        time, with the module before it is copied per group.
+        """
+        return None
 
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
         """Positional inputs of one forward (for export and tracing); dim 0 is the batch.

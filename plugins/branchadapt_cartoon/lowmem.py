@@ -70,6 +70,12 @@ def _cast(dtype: torch.dtype | None, t: Tensor | None) -> Any:
     return t if dtype is None or t is None else t.to(dtype)
 
 
+def _groups(x: Tensor, weight: Tensor) -> int:
+    """The convolution's group count, from its input's and weight's channels (a generator stage
+    folded per copy runs its convolutions grouped, :mod:`.folding`)."""
+    return x.shape[1] // weight.shape[1]
+
+
 def _pad(x: Tensor, pad: int) -> Tensor:
     """Torch's reflection pad: inside the units' autograd functions nothing records its gradient
     (which those functions fold themselves), so no second autograd function is nested there."""
@@ -91,11 +97,12 @@ def _conv_backward(
     bias_sizes = [weight.shape[0]] if has_bias else None
     mask = [needs[0], needs[1], needs[2] and has_bias]
     grad = grad.to(padded.dtype)
+    groups = _groups(padded, weight)
 
     def run(g: Tensor, x: Tensor, which: list[bool]) -> tuple[Tensor | None, ...]:
         return tuple(
             aten.convolution_backward(
-                g, x, weight, bias_sizes, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, which
+                g, x, weight, bias_sizes, [stride] * 2, [0, 0], [1, 1], False, [0, 0], groups, which
             )
         )
 
@@ -113,7 +120,10 @@ class _ReflectPadConv(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int, dtype: Any) -> Tensor:
         with rowgrad.cooperating(weight, bias):
-            return F.conv2d(_pad(_cast(dtype, x), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+            padded = _pad(_cast(dtype, x), pad)
+            return F.conv2d(
+                padded, _cast(dtype, weight), _cast(dtype, bias), stride, groups=_groups(x, weight)
+            )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -144,7 +154,7 @@ class _ReflectPadConv(torch.autograd.Function):
 def reflect_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int = 1) -> Tensor:
     """``conv2d(reflection_pad(x, pad), weight, bias, stride)``, saving ``x`` rather than the padded map."""
     if not _records_grad(x, weight, bias):
-        return F.conv2d(_pad(x, pad), weight, bias, stride)
+        return F.conv2d(_pad(x, pad), weight, bias, stride, groups=_groups(x, weight))
     dtype = autocast_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return _ReflectPadConv.apply(x, weight, bias, pad, stride, dtype)
@@ -185,7 +195,10 @@ class _NormReluPadConv(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, invstd = _norm_relu(x, eps)
         with rowgrad.cooperating(weight, bias):
-            out = F.conv2d(_pad(_cast(dtype, y), pad), _cast(dtype, weight), _cast(dtype, bias), stride)
+            padded = _pad(_cast(dtype, y), pad)
+            out = F.conv2d(
+                padded, _cast(dtype, weight), _cast(dtype, bias), stride, groups=_groups(x, weight)
+            )
         return out, mean, invstd  # the statistics are outputs so that backward may keep them
 
     @staticmethod

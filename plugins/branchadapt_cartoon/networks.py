@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from branchadapt import Backbone, PluginOptions
+from branchadapt.batching import StackedRule
 from branchadapt.device import autocast
 
 from .instnorm import instance_norm
@@ -119,6 +120,9 @@ def _conv_unit(c_in: int, c_out: int) -> nn.Sequential:
 class ConvBlock(nn.Module):
     """Hourglass unit: three chained 3x3 convs (out/2, out/4, out/4) concatenated, plus a residual."""
 
+    #: copies folded into the channels (:mod:`.folding`): the three maps are concatenated per copy
+    copies = 1
+
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.c_out = c_out
@@ -135,7 +139,10 @@ class ConvBlock(nn.Module):
         x2 = self.ConvBlock2(x1)
         x3 = self.ConvBlock3(x2)
         residual = x if x.shape[1] == self.c_out else self.ConvBlock4(x)
-        return residual + torch.cat((x1, x2, x3), 1)
+        if self.copies == 1:
+            return residual + torch.cat((x1, x2, x3), 1)
+        per_copy = [t.unflatten(1, (self.copies, -1)) for t in (x1, x2, x3)]
+        return residual + torch.cat(per_copy, 2).flatten(1, 2)
 
 
 class HourGlassBlock(nn.Module):
@@ -274,6 +281,14 @@ class UGATITOptions(PluginOptions):
         "256 px, 0.97x at 128 px, a tie in the transfer stage; docs/performance.md)",
     )
 
+    stacked_copies: Literal["folded", "vmap"] = Field(
+        "folded",
+        description="how the groups' branch copies run when the engine stacks them (train.stack_branches): "
+        "folded, one network whose grouped convolutions hold every copy (stages of hourglass units, "
+        "convolutions and instance norms; others use vmap); vmap, the engine's generic way "
+        "(branchadapt_cartoon/folding.py, docs/performance.md)",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> UGATITOptions:
         if self.image_size % 16:
@@ -337,6 +352,14 @@ class UGATITGenerator(Backbone):
         dec = [f"DecodeBlock{i}" for i in range(1, self.n_blocks + 1)]
         return ["ConvBlock1", "HourGlass1", "HourGlass2", "DownBlock1", "DownBlock2", *enc, "cam", "FC",
                 *dec, "UpBlock1", "UpBlock2", "HourGlass3", "HourGlass4", "ConvBlock2"]  # fmt: skip
+
+    def stacked_rule(self, path: str, module: nn.Module) -> StackedRule | None:
+        """Stacked branch copies folded into the channels (:mod:`.folding`), where the stage allows."""
+        if self.options.stacked_copies == "vmap":
+            return None
+        from .folding import folded_rule  # it builds on this module's classes
+
+        return folded_rule(module)
 
     def _channels_last(self, x: Tensor) -> bool:
         """Whether this training forward runs its activations in channels_last (option above)."""

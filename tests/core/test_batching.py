@@ -152,6 +152,79 @@ def test_a_stage_that_cannot_be_mapped_warns_once_and_loops_for_good():
         run(stacked, ids)
 
 
+class RuleNet(Net):
+    """Net whose ``low`` stage has a stacked rule of its own: each copy through ``functional_call``
+    (a correct rule by construction), recording its calls."""
+
+    calls: list[dict] = []
+    fail = False
+
+    def stacked_rule(self, path, module):
+        if path != "low":
+            return None
+        template = copy.deepcopy(module)
+
+        def rule(params, args, kwargs, training):
+            type(self).calls.append(
+                {"copies": len(params), "shape": tuple(args[0].shape), "training": training}
+            )
+            if type(self).fail:
+                raise TypeError("this rule takes no such input")
+            outs = [
+                torch.func.functional_call(template, dict(p), (args[0][i],)) for i, p in enumerate(params)
+            ]
+            return torch.stack(outs)
+
+        return rule
+
+
+def test_a_backbones_stacked_rule_replaces_vmap_with_the_loops_values_and_gradients(monkeypatch):
+    from branchadapt import batching
+
+    torch.manual_seed(0)
+    loop = BranchedModel(RuleNet(), GROUPS, ["low", "top"])
+    with torch.no_grad():
+        for p in loop.branch_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    stacked = copy.deepcopy(loop)
+    stacked.stacked = True
+    assert stacked.backbone.low.rule is not None and stacked.backbone.top.rule is None
+    vmapped = []
+    real_vmap = batching.vmap
+    monkeypatch.setattr(batching, "vmap", lambda *a, **k: vmapped.append(1) or real_vmap(*a, **k))
+    RuleNet.calls = []
+    ids = [1, 0, 2, 1, 2, 0]
+    out_loop, grads_loop = run(loop, ids)
+    assert RuleNet.calls == []  # the loop never asks the rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out_stacked, grads_stacked = run(stacked, ids)
+    assert RuleNet.calls == [{"copies": 3, "shape": (3, 2, 2, 6, 6), "training": True}]  # grouped by copy
+    assert vmapped == [1]  # the top stage, which has no rule, still maps with vmap
+    torch.testing.assert_close(out_stacked, out_loop)
+    assert grads_stacked.keys() == grads_loop.keys()
+    for name, grad in grads_loop.items():
+        torch.testing.assert_close(grads_stacked[name], grad, msg=name)
+    stacked.eval()
+    with torch.no_grad():
+        stacked(torch.randn(3, 2, 6, 6), groups=torch.tensor([0, 1, 2]))
+    assert RuleNet.calls[-1]["training"] is False
+
+
+def test_a_failing_rule_warns_once_and_loops_for_good(monkeypatch):
+    loop = BranchedModel(RuleNet(), GROUPS, ["low", "top"])
+    stacked = copy.deepcopy(loop)
+    stacked.stacked = True
+    monkeypatch.setattr(RuleNet, "fail", True)
+    RuleNet.calls = []
+    with pytest.warns(UserWarning, match="not stacked: TypeError: this rule takes no such input"):
+        out, _ = run(stacked, [0, 1, 2])
+    torch.testing.assert_close(out, run(loop, [0, 1, 2])[0])
+    assert len(RuleNet.calls) == 1
+    run(stacked, [0, 1, 2])
+    assert len(RuleNet.calls) == 1  # the stage loops for good
+
+
 def test_stages_with_buffers_are_not_stacked():
     loop, stacked = pair(
         Participation.LIVE, low=nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4))
