@@ -33,6 +33,7 @@ from torch import Tensor
 
 from branchadapt.batching import is_vmapped
 
+from .fastapply import fast_apply
 from .layout import is_channels_last
 
 aten = torch.ops.aten
@@ -115,11 +116,14 @@ class _InstanceNorm(torch.autograd.Function):
         return norm_backward(grad, x, mean, invstd, ctx.eps), None
 
 
+_instance_norm_apply = fast_apply(_InstanceNorm)
+
+
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
     # under vmap (stacked branch copies) a Python autograd function costs more than its kernels save
     if not (vmap_kernels and is_vmapped(x)) and (_fast(x) or is_channels_last(x)):
-        return _InstanceNorm.apply(x, eps)[0]
+        return _instance_norm_apply(x, eps)[0]
     # torch's batch norm, shaped back with _unsafe_view: not a view to autograd, which is safe
     # because nothing else holds the batch norm's output (its backward keeps the input and statistics)
     b, c, h, w = x.shape

@@ -39,6 +39,7 @@ from branchadapt import rowgrad
 from branchadapt.batching import is_vmapped
 from branchadapt.device import autocast_dtype
 
+from .fastapply import fast_apply
 from .instnorm import norm_backward, norm_stats
 from .padding import reflect_pad, reflect_pad_backward
 
@@ -151,13 +152,16 @@ class _ReflectPadConv(torch.autograd.Function):
         return reflect_conv_rule(info.batch_size, in_dims, *args)
 
 
+_reflect_pad_conv_apply = fast_apply(_ReflectPadConv)
+
+
 def reflect_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, stride: int = 1) -> Tensor:
     """``conv2d(reflection_pad(x, pad), weight, bias, stride)``, saving ``x`` rather than the padded map."""
     if not _records_grad(x, weight, bias):
         return F.conv2d(_pad(x, pad), weight, bias, stride, groups=_groups(x, weight))
     dtype = autocast_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _ReflectPadConv.apply(x, weight, bias, pad, stride, dtype)
+        return _reflect_pad_conv_apply(x, weight, bias, pad, stride, dtype)
 
 
 class ReflectConv2d(nn.Conv2d):
@@ -231,6 +235,9 @@ class _NormReluPadConv(torch.autograd.Function):
         return norm_relu_conv_rule(info.batch_size, in_dims, *args)
 
 
+_norm_relu_pad_conv_apply = fast_apply(_NormReluPadConv)
+
+
 def _norm_relu_backward(
     g_pad: Tensor, x: Tensor, y: Tensor, yc: Tensor, mean: Tensor, invstd: Tensor, eps: float, pad: int
 ) -> Tensor:
@@ -280,7 +287,7 @@ class NormReluConv(nn.Sequential):
         pad = conv.reflect if isinstance(conv, ReflectConv2d) else 0
         dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            out, _, _ = _NormReluPadConv.apply(
+            out, _, _ = _norm_relu_pad_conv_apply(
                 x, conv.weight, conv.bias, norm.eps, pad, conv.stride[0], dtype
             )
             return out

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from branchadapt.batching import is_vmapped
 
+from .fastapply import fast_apply
 from .layout import is_channels_last
 
 FOLD_MIN_NUMEL = 1 << 16  # smaller padded gradients go through torch's kernel (module docstring)
@@ -84,6 +85,9 @@ class _ReflectPad(torch.autograd.Function):
         return reflect_pad_backward(grad, ctx.pad), None
 
 
+_reflect_pad_apply = fast_apply(_ReflectPad)
+
+
 def reflect_pad(x: Tensor, pad: int) -> Tensor:
     """``F.pad(x, (pad,) * 4, mode="reflect")``, differentiated by :func:`reflect_pad_backward`."""
     if not pad:
@@ -95,7 +99,7 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     # where backward would take torch's kernel anyway, torch's pad: no Python function to pay
     if not _foldable((b, c, h + 2 * pad, w + 2 * pad), x.device, pad):
         return F.pad(x, (pad,) * 4, mode="reflect")
-    return _ReflectPad.apply(x, pad)
+    return _reflect_pad_apply(x, pad)
 
 
 class ReflectionPad2d(nn.ReflectionPad2d):

@@ -97,7 +97,7 @@ def test_under_vmap_torchs_pad_not_a_python_function(monkeypatch):
     def refuse(*args):  # type: ignore[no-untyped-def]
         raise AssertionError("the autograd function ran under vmap")
 
-    monkeypatch.setattr(padding._ReflectPad, "apply", refuse)
+    monkeypatch.setattr(padding, "_reflect_pad_apply", refuse)
     stacked = torch.randn(3, 2, 2, 8, 8, dtype=torch.float64)  # copies, rows, C, H, W
     weights = torch.randn(3, 2, 2, 10, 10, dtype=torch.float64)
 
