@@ -160,6 +160,8 @@ SWITCHES = {
         ("branchadapt_cartoon.instnorm", "vmap_kernels"),
         ("branchadapt_cartoon.padding", "vmap_kernels"),
     ],
+    # torch's apply for the plugin's setup_context-style functions: inspect.signature on every call
+    "signature-bound autograd functions": [("branchadapt_cartoon.fastapply", "enabled")],
 }
 
 
@@ -274,6 +276,7 @@ def main() -> None:
         "live-row mode in branch copies",
         "autograd functions under vmap",
         "branch copies under vmap",
+        "signature-bound autograd functions",
     ]
     names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
     for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+enabled = True  # False: every call through the original's apply (A/B runs)
+
 
 def classic_twin(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """``fn`` (forward without ``ctx``, plus ``setup_context``) as a classic-style function."""
@@ -40,7 +42,7 @@ def fast_apply(fn: type[torch.autograd.Function]) -> Callable[..., Any]:
     transforms_active = torch._C._are_functorch_transforms_active
 
     def apply(*args: Any) -> Any:
-        return fn.apply(*args) if transforms_active() else twin.apply(*args)
+        return twin.apply(*args) if enabled and not transforms_active() else fn.apply(*args)
 
     return apply
 

@@ -56,11 +56,10 @@ def reflect_pad_backward(grad: Tensor, pad: int) -> Tensor:
     layout = torch.channels_last if is_channels_last(grad) else torch.contiguous_format
     out = grad[..., rows, cols].clone(memory_format=layout)
     for k in range(1, pad + 1):
-        # padded row pad - k mirrors row k; padded row pad + h - 1 + k mirrors row h - 1 - k
-        out[..., k, :] += grad[..., pad - k, cols]
-        out[..., h - 1 - k, :] += grad[..., pad + h - 1 + k, cols]
-        out[..., :, k] += grad[..., rows, pad - k]
-        out[..., :, w - 1 - k] += grad[..., rows, pad + w - 1 + k]
+        # padded row pad - k mirrors row k, padded row pad + h - 1 + k mirrors row h - 1 - k: both
+        # pairs as one strided slice each (few Python-level operations: each holds the GIL)
+        out[..., k : h - k : h - 1 - 2 * k, :] += grad[..., pad - k : pad + h + k : h - 1 + 2 * k, cols]
+        out[..., :, k : w - k : w - 1 - 2 * k] += grad[..., rows, pad - k : pad + w + k : w - 1 + 2 * k]
     for i in range(1, pad + 1):  # corners: mirrored in both directions, four at a time
         for j in range(1, pad + 1):
             out[..., i : h - i : h - 1 - 2 * i, j : w - j : w - 1 - 2 * j] += grad[
