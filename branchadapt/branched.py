@@ -70,13 +70,16 @@ class GroupBranches(nn.Module):
     loop over the groups.
     """
 
+    rule: StackedRule | None
+
     def __init__(
         self, stage: nn.Module, groups: Sequence[str], router: Router, rule: StackedRule | None = None
     ) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({g: copy.deepcopy(stage) for g in groups})
         self._router: Router = router  # a plain object, not a sub-module
-        self.rule = rule  # the backbone's way to run the copies at once (None: vmap)
+        # the backbone's way to run the copies at once (None: vmap); never a registered sub-module
+        object.__setattr__(self, "rule", rule)
         self.stacked: bool | Literal["auto"] = False
         self._unstackable: str | None = None  # why this stage runs as a loop, once known
         self._template: list[nn.Module] = []  # a meta copy for vmap, built on first use (not a child)

@@ -174,6 +174,19 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
         padding.FOLD_MIN_NUMEL, instnorm.FAST_MIN_NUMEL = thresholds
     # each switch is off in its own variant's steps only, and on again afterwards
     assert seen["pad"] and seen["norm"] and padding.fold_enabled and instnorm.fast_forward
+    from branchadapt_cartoon import fastapply
+
+    bound: list[bool] = []
+    norm_apply = instnorm._instance_norm_apply
+    instnorm._instance_norm_apply = lambda *a: bound.append(fastapply.enabled) or norm_apply(*a)
+    instnorm.FAST_MIN_NUMEL = 0
+    try:
+        for name in ("default", "signature-bound autograd functions"):
+            step, _ = optimisations.variant(name, 32, 4)
+            step(0)
+    finally:
+        instnorm._instance_norm_apply, instnorm.FAST_MIN_NUMEL = norm_apply, thresholds[1]
+    assert True in bound and False in bound and fastapply.enabled
     assert False in seen["pad"] and True in seen["pad"] and False in seen["norm"] and True in seen["norm"]
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
@@ -205,7 +218,8 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     assert (False, True, True) in flags and (True, False, False) in flags
     assert all(f in {(False, True, True), (True, False, False)} for f in flags)
     assert rowgrad.pause_in_branches and instnorm.vmap_kernels and padding.vmap_kernels
-    variants = ["serial directions", "live-row mode in branch copies", "autograd functions under vmap"]
+    variants = ["serial directions", "live-row mode in branch copies", "autograd functions under vmap",
+                "branch copies under vmap"]  # fmt: skip
     transfer = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
                    "--stage", "1", "--only", *variants, "1 thread", "--skip", "1 thread")  # fmt: skip
     assert "stage 2 step at 32 px" in transfer
@@ -296,15 +310,16 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
               "--skip-reference", "--no-bf16")  # fmt: skip
     (row,) = table_rows(out, r"32$")
     ours, plain, overhead = map(float, row[1:4])
-    variants = [tuple(map(float, row[i : i + 2])) for i in range(4, 12, 2)]  # loop, stacked, fused, separate
-    naive, copying, ref = map(float, row[12:15])
+    # loop, stacked, fused, separate, vmap copies
+    variants = [tuple(map(float, row[i : i + 2])) for i in range(4, 14, 2)]
+    naive, copying, ref = map(float, row[14:17])
     assert min(ours, plain, naive, ref, *(t for t, _ in variants)) > 0
     assert overhead == printed_ratio(ours, plain)
     for seconds, ratio in variants:
         assert ratio == printed_ratio(seconds, plain)
     assert 0 < copying < naive  # the copies are timed inside the naive step
-    assert row[15] == "-"  # --no-bf16
-    low, high = map(float, row[16].split("-"))  # one step per configuration: one round
+    assert row[17] == "-"  # --no-bf16
+    low, high = map(float, row[18].split("-"))  # one step per configuration: one round
     assert low == high == pytest.approx(overhead, abs=0.011)
     assert "measured peak" in out
 
@@ -322,7 +337,7 @@ def test_step_time_only_times_the_variants_asked_for() -> None:
               "--skip-reference", "--only", "loop")  # fmt: skip
     (row,) = table_rows(out, r"32$")
     assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) > 0  # ours, no branches, loop
-    assert row[6:16] == ["-"] * 10  # stacked, fused, separate, naive, copying, ref order, bf16: not run
+    assert row[6:18] == ["-"] * 12  # stacked, fused, separate, vmap, naive, copying, ref, bf16: not run
 
 
 def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
