@@ -3,8 +3,8 @@
 With ``train.stack_branches`` the engine runs the groups' copies of a branch stage as one call
 (:mod:`branchadapt.batching`). Its generic way, ``torch.func.vmap``, wraps every operation and
 moves the copies' dimension around it: for an hourglass stage of the 64 px transfer stage that is
-2.3x the operator calls of one copy on the same rows, and about 25 % more time (an ad-hoc
-microbenchmark; docs/performance.md). The generator offers the engine a rule of its own instead
+2.3x the operator calls of one copy on the same rows, and 1.18x its time; folded, 1.5x the calls
+and 1.08x the time (an ad-hoc microbenchmark, docs/performance.md section 1.1). The generator offers the engine a rule of its own instead
 (:meth:`.networks.UGATITGenerator.stacked_rule`, ``model.stacked_copies = "folded"``):
 
 - copy ``k``'s channels become channels ``k*C ... (k+1)*C - 1`` of one map ``(rows, copies*C, H, W)``;
