@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .hourglass import ConvBlock, HourGlass, HourGlassBlock, InstanceNorm
 from .lowmem import NormReluConv, ReflectConv2d
-from .networks import ConvBlock, HourGlass, HourGlassBlock, InstanceNorm
 
 #: modules that fold as they are: per-channel operations, containers, and the units handled above
 FOLDABLE = frozenset(
