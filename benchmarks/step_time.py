@@ -13,7 +13,10 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    ``separate calls`` (ours with ``train.fuse_participation = true`` / ``false``: the anchor's and
    the few-shot groups' rows always as one call / always as two calls through the shared stages);
    ``vmap copies`` (ours with ``model.stacked_copies = "vmap"``: stacked branch copies through the
-   engine's vmap instead of the generator's folded network);
+   engine's vmap instead of the generator's folded network); ``serial directions`` (ours with
+   ``task.concurrent = false``) against ``no branches, serial`` (the same without branches): the
+   overhead when the two directions do not run at once, i.e. without their threads waiting for
+   each other's Python (the GIL);
    ``naive`` (selective BP by deep-copying
    both generators' shared stages every step and running the few-shot groups through the copy;
    ``of which copying``: the part of its step spent copying, the work ours does not do);
@@ -69,10 +72,16 @@ OPTIONAL_VARIANTS = {
     "fused": ["train.fuse_participation=true"],
     "separate": ["train.fuse_participation=false"],
     "vmap": ['model.stacked_copies="vmap"'],
+    "serial": ["task.concurrent=false"],  # with "no branches, serial" (SERIAL_PLAIN) as its yardstick
     "naive": [NAIVE],
     "ref": ["task.reuse_fakes=false"],
     "bf16": ['precision="bf16"'],
 }
+
+
+NO_BRANCHES = ['stages.transfer.splitter={type="finetune"}']
+#: the ``serial`` variant's own yardstick: no branches, the two directions one after the other
+SERIAL_PLAIN = [*NO_BRANCHES, "task.concurrent=false"]
 
 
 def overrides(size: int, width: int) -> list[str]:
@@ -227,12 +236,15 @@ def main() -> None:
         print(
             "| size | ours | no branches | overhead | loop | overhead, loop | stacked | overhead, stacked "
             "| fused | overhead, fused | separate calls | overhead, separate | vmap copies | overhead, vmap "
-            "| naive copy | of which copying | ref order | ours bf16 | overhead per round (min-max) |"
+            "| naive copy | of which copying | ref order | ours bf16 | overhead per round (min-max) "
+            "| serial directions | no branches, serial | overhead, serial |"
         )
-        print("|---:" * 19 + "|", flush=True)
+        print("|---:" * 22 + "|", flush=True)
         wanted = set(args.only or OPTIONAL_VARIANTS) - ({"bf16"} if args.no_bf16 else set())
-        configs = {"ours": [], "plain": ['stages.transfer.splitter={type="finetune"}']}
+        configs = {"ours": [], "plain": NO_BRANCHES}
         configs |= {k: v for k, v in OPTIONAL_VARIANTS.items() if k in wanted}
+        if "serial" in configs:
+            configs["plain serial"] = SERIAL_PLAIN
         for size in args.sizes:
             per_round: dict[str, list[float]] = {}
             t = interleaved(size, args.width, 1, configs, args, rounds=per_round)
@@ -248,7 +260,8 @@ def main() -> None:
                      cell("stacked"), cell("stacked", True), cell("fused"), cell("fused", True),
                      cell("separate"), cell("separate", True), cell("vmap"), cell("vmap", True),
                      cell("naive"), cell("copying"), cell("ref"), cell("bf16"),
-                     f"{min(ratios):.2f}-{max(ratios):.2f}"]  # fmt: skip
+                     f"{min(ratios):.2f}-{max(ratios):.2f}", cell("serial"), cell("plain serial"),
+                     f"{t['serial'] / t['plain serial']:.2f}" if "serial" in t else "-"]  # fmt: skip
             print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
         print()
     if args.skip_reference:

@@ -321,6 +321,8 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
     assert row[17] == "-"  # --no-bf16
     low, high = map(float, row[18].split("-"))  # one step per configuration: one round
     assert low == high == pytest.approx(overhead, abs=0.011)
+    serial, plain_serial = map(float, row[19:21])  # both directions one after the other, both sides
+    assert min(serial, plain_serial) > 0 and float(row[21]) == printed_ratio(serial, plain_serial)
     assert "measured peak" in out
 
 
@@ -338,6 +340,7 @@ def test_step_time_only_times_the_variants_asked_for() -> None:
     (row,) = table_rows(out, r"32$")
     assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) > 0  # ours, no branches, loop
     assert row[6:18] == ["-"] * 12  # stacked, fused, separate, vmap, naive, copying, ref, bf16: not run
+    assert row[19:22] == ["-"] * 3  # serial directions, with and without branches: not run
 
 
 def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
