@@ -402,3 +402,31 @@ def test_inference_table_times_eager_both_layouts_and_onnxruntime() -> None:
         assert float(rate) > 0
         assert float(diff) < 1e-4, name  # every runtime computes the eager model's output
         assert (setup == "-") is name.startswith("eager")
+
+
+def test_gil_samples_counts_step_samples_per_function(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gil_samples
+
+    raw = tmp_path / "ours.txt"
+    raw.write_text(
+        'process 7:"python one_config.py";<module> (one_config.py:9);build (step_time.py:97);deepcopy (copy.py:1) 50\n'
+        'process 7:"python one_config.py";Thread._bootstrap (threading.py:1);worker (c.py:2);norm_stats (i.py:3) 30\n'
+        'process 7:"python one_config.py";<module> (one_config.py:9);train_step (trainer.py:1) 10\n'
+        'process 7:"python one_config.py" 4\n'
+    )
+    total, leaves = gil_samples.read(raw)
+    assert total == 44  # the model's building is left out
+    assert leaves == {"norm_stats": 30, "train_step": 10, "(no Python frame)": 4}
+    half = tmp_path / "plain.txt"
+    half.write_text(
+        'process 8:"python one_config.py";<module> (one_config.py:9);train_step (trainer.py:1) 22\n'
+    )
+    monkeypatch.setattr("sys.argv", ["gil_samples.py", "--rate", "200", "--steps", "2", str(raw), str(half)])
+    gil_samples.main()
+    rows = table_rows(capsys.readouterr().out, r"(ours|plain)\.txt")
+    assert [r[:4] for r in rows] == [
+        ["ours.txt", "44", "0.110", "1.00"],
+        ["plain.txt", "22", "0.055", "0.50"],
+    ]
+    assert rows[0][4].startswith("norm_stats (30), train_step (10)")
