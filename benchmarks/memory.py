@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build
+from step_time import NO_BRANCHES, build
 
 import branchadapt as ba
 from branchadapt import hostmem
@@ -58,7 +58,7 @@ FUSED = "transfer, branches, fused rows"
 SERIAL = "transfer, branches, serial directions"
 CONFIGS = {
     "basic": (0, []),
-    "transfer, no branches": (1, ['stages.transfer.splitter={type="finetune"}']),
+    "transfer, no branches": (1, NO_BRANCHES),
     "transfer, branches": (1, []),
     LOOP: (1, ["train.stack_branches=false"]),
     UNFUSED: (1, ["train.stack_branches=false"]),

@@ -6,15 +6,27 @@ one property the bf16 check rests on: fp32 gradients agree with float64 ones.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (and what it imports from there) without leaving the folder
+    on ``sys.path``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def run(script: str, *args: str) -> str:
@@ -72,11 +84,7 @@ def test_bf16_backward_convolutions_keep_the_fp32_forward_and_round_only_the_bac
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bf16_backward
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bf16_backward = benchmark_module("bf16_backward")
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     conv, point = torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.Conv2d(8, 6, 1)
@@ -119,11 +127,7 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import optimisations
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    optimisations = benchmark_module("optimisations")
     from branchadapt_cartoon.critics import Discriminator
     from branchadapt_cartoon.networks import UGATITGenerator
     from branchadapt_cartoon.spectral import SNConv2d
@@ -268,12 +272,7 @@ def test_memory_table_shows_what_the_low_memory_units_save() -> None:
 def test_memory_counts_saved_storages_once_and_releases_them_with_the_graph() -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from memory import _SavedStorages
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    counter = _SavedStorages()
+    counter = benchmark_module("memory")._SavedStorages()
     x = torch.randn(1000, requires_grad=True)  # 4000 bytes per map below
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda held: held.tensor):
         z = x * 2
@@ -405,8 +404,7 @@ def test_inference_table_times_eager_both_layouts_and_onnxruntime() -> None:
 
 
 def test_gil_samples_counts_step_samples_per_function(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import gil_samples
+    gil_samples = benchmark_module("gil_samples")
 
     raw = tmp_path / "ours.txt"
     raw.write_text(
