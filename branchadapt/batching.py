@@ -103,6 +103,19 @@ def meta_template(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to("meta")
 
 
+def gather_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)`` in ``t``'s own memory layout: a channels_last map (or any dense
+    layout whose outermost dimension in memory is the first) gives a result laid out the same way,
+    where ``index_select`` would return a contiguous one and undo the layout for what follows."""
+    if t.dim() < 2 or t.is_contiguous():
+        return t.index_select(0, index)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride()[d])
+    dense = t.permute(order)
+    if order[0] != 0 or not dense.is_contiguous():
+        return t.index_select(0, index)
+    return dense.index_select(0, index).permute([order.index(d) for d in range(t.dim())])
+
+
 def _in_dims(tree: Any, batch: int) -> Any:
     """vmap's ``in_dims`` for ``tree``: 0 for tensors with the batch dimension, None otherwise."""
     return tree_map(lambda t: 0 if has_batch_dim(t, batch) else None, tree)
@@ -131,7 +144,7 @@ def run_stacked(
 
     def grouped(t: Any) -> Any:
         if has_batch_dim(t, batch):
-            return t.index_select(0, order.to(t.device)).view(groups, rows, *t.shape[1:])
+            return gather_rows(t, order.to(t.device)).view(groups, rows, *t.shape[1:])
         return t
 
     inputs = (tree_map(grouped, args), tree_map(grouped, kwargs))
@@ -154,7 +167,7 @@ def run_stacked(
         if not isinstance(t, Tensor):
             return t
         flat = t.reshape(groups * rows, *t.shape[2:])
-        return flat.index_select(0, inverse.to(flat.device))
+        return gather_rows(flat, inverse.to(flat.device))
 
     return tree_unflatten([ungrouped(t) for t in leaves], spec)
 
@@ -163,6 +176,7 @@ __all__ = [
     "AUTO_MAX_BYTES",
     "NotStackable",
     "StackedRule",
+    "gather_rows",
     "has_batch_dim",
     "is_vmapped",
     "meta_template",

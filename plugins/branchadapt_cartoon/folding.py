@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from .hourglass import ConvBlock, HourGlass, HourGlassBlock, InstanceNorm
+from .layout import is_channels_last
 from .lowmem import NormReluConv, ReflectConv2d
 
 #: modules that fold as they are: per-channel operations, containers, and the units handled above
@@ -55,12 +56,20 @@ def unfoldable(module: nn.Module) -> str | None:
 
 
 def fold(x: Tensor) -> Tensor:
-    """``(copies, rows, C, H, W)`` -> ``(rows, copies*C, H, W)`` (a view when ``rows`` is 1)."""
+    """``(copies, rows, C, H, W)`` -> ``(rows, copies*C, H, W)`` (a view when ``rows`` is 1 in the
+    default layout). Copies laid out channels_last give a channels_last map (one copy)."""
+    if is_channels_last(x[0]):
+        k, rows, c, h, w = x.shape
+        return x.permute(1, 3, 4, 0, 2).reshape(rows, h, w, k * c).permute(0, 3, 1, 2)
     return x.transpose(0, 1).flatten(1, 2)
 
 
 def unfold(y: Tensor, copies: int) -> Tensor:
-    """The inverse of :func:`fold` for a map with any channel count per copy."""
+    """The inverse of :func:`fold` for a map with any channel count per copy. A channels_last map
+    gives copies laid out channels_last whose ``(copies, rows)`` dimensions merge without a copy."""
+    if is_channels_last(y):
+        per_copy = y.permute(0, 2, 3, 1).unflatten(3, (copies, -1))  # (rows, H, W, copies, C)
+        return per_copy.permute(3, 0, 1, 2, 4).contiguous().permute(0, 1, 4, 2, 3)
     return y.unflatten(1, (copies, -1)).transpose(0, 1)
 
 
@@ -76,6 +85,14 @@ def folded_network(module: nn.Module, copies: int) -> nn.Module:
         if isinstance(m, ConvBlock):
             m.copies, m.c_out = copies, m.c_out * copies
     return net
+
+
+def _concat(weights: Sequence[Tensor], channels_last: bool) -> Tensor:
+    """The copies' weights along the output channels; convolution weights laid out channels_last
+    for a channels_last map (the layout the kernel would otherwise convert them to on every call)."""
+    if not channels_last or weights[0].dim() != 4:
+        return torch.cat(list(weights))
+    return torch.cat([w.permute(0, 2, 3, 1) for w in weights]).permute(0, 3, 1, 2)
 
 
 class FoldedCopies:
@@ -107,8 +124,9 @@ class FoldedCopies:
             net = self.networks[copies] = folded_network(self.structure, copies)
         if net.training != training:
             net.train(training)
-        weights = {n: torch.cat([p[n] for p in params]) for n in self.names}
-        out = functional_call(net, weights, (fold(args[0]),), strict=False)
+        x = fold(args[0])
+        weights = {n: _concat([p[n] for p in params], is_channels_last(x)) for n in self.names}
+        out = functional_call(net, weights, (x,), strict=False)
         return tree_map(lambda t: unfold(t, copies) if isinstance(t, Tensor) else t, out)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .instnorm import instance_norm
+from .layout import is_channels_last
 from .lowmem import NormReluConv, ReflectConv2d
 
 
@@ -60,6 +61,9 @@ class ConvBlock(nn.Module):
         residual = x if x.shape[1] == self.c_out else self.ConvBlock4(x)
         if self.copies == 1:
             return residual + torch.cat((x1, x2, x3), 1)
+        if is_channels_last(x1):  # channels innermost: one cat over (rows, H, W, copies, C) keeps the layout
+            per_copy = [t.permute(0, 2, 3, 1).unflatten(3, (self.copies, -1)) for t in (x1, x2, x3)]
+            return residual + torch.cat(per_copy, 4).flatten(3, 4).permute(0, 3, 1, 2)
         per_copy = [t.unflatten(1, (self.copies, -1)) for t in (x1, x2, x3)]
         return residual + torch.cat(per_copy, 2).flatten(1, 2)
 

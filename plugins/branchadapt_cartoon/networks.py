@@ -152,7 +152,7 @@ class CAM(nn.Module):
 
 
 #: ``channels_last = "auto"`` uses channels_last for training inputs of at least this many pixels a side
-CHANNELS_LAST_MIN_SIDE = 256
+CHANNELS_LAST_MIN_SIDE = 128
 
 
 class UGATITOptions(PluginOptions):
@@ -175,7 +175,7 @@ class UGATITOptions(PluginOptions):
         "auto",
         description="train with the activations in channels_last memory format (outputs stay in the default "
         f"layout); auto: on a CPU for inputs of at least {CHANNELS_LAST_MIN_SIDE} px (0.92x of the one-group "
-        "step at 256 px; a tie at 128 px and for the 256 px transfer stage; docs/performance.md)",
+        "step at 256 px, 0.94-0.96x at 128 px, a tie for the 64 px transfer stage; docs/performance.md)",
     )
     bf16_decoder: bool | Literal["auto"] = Field(
         "auto",

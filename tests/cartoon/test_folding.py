@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from branchadapt import BranchedModel, Participation, batching
 from branchadapt_cartoon import folding
@@ -20,11 +21,32 @@ def generator(**options) -> UGATITGenerator:
     return UGATITGenerator(UGATITGenerator.Options(width=8, image_size=32, n_blocks=1, **options)).double()
 
 
+class ConvLayouts(TorchDispatchMode):
+    """Records whether each convolution's input is channels_last, and its group count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.convolution.default:
+            self.seen.append((args[0].is_contiguous(memory_format=torch.channels_last), args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("stage", ["ConvBlock1", "HourGlass1", "HourGlass4", "ConvBlock2"])
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_each_branch_stage_folded_gives_the_loop_over_copies(monkeypatch, stage, low_memory):
+@pytest.mark.parametrize(
+    ("low_memory", "channels_last"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_each_branch_stage_folded_gives_the_loop_over_copies(monkeypatch, stage, low_memory, channels_last):
     """Three copies, two rows each (the fold copies rather than views), every unit on its plain
-    or its low-memory path (which reads the convolution's group count from the shapes)."""
+    or its low-memory path (which reads the convolution's group count from the shapes), in either
+    layout: channels_last copies fold into a channels_last map and come back in that layout."""
+    if channels_last:  # the norms' and pads' channels_last paths on these small maps, as at 128 px
+        from branchadapt_cartoon import instnorm, padding
+
+        monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
+        monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
     gen = generator(low_memory_min_mb=0 if low_memory else 1000)
     module = gen.get_submodule(stage)
     copies = 3
@@ -33,7 +55,10 @@ def test_each_branch_stage_folded_gives_the_loop_over_copies(monkeypatch, stage,
         for _ in range(copies)
     ]
     c_in = 3 if stage.startswith("ConvBlock") else 8  # ConvBlock2 takes HourGlass4's 3-channel side output
-    x = torch.randn(copies, 2, c_in, 32, 32, dtype=torch.double, requires_grad=True)
+    x = torch.randn(copies, 2, c_in, 32, 32, dtype=torch.double)
+    if channels_last:  # each copy's rows NHWC, as run_stacked groups a channels_last batch
+        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    x.requires_grad_()
     rule = folding.folded_rule(module)
     assert rule is not None
     paths = []
@@ -42,8 +67,14 @@ def test_each_branch_stage_folded_gives_the_loop_over_copies(monkeypatch, stage,
 
         real = lowmem._groups
         monkeypatch.setattr(lowmem, "_groups", lambda x, w: paths.append(real(x, w)) or paths[-1])
-    out = rule(params, (x,), {}, training=True)
+    with ConvLayouts() as layouts:
+        out = rule(params, (x,), {}, training=True)
     assert not low_memory or (paths and set(paths) == {copies})
+    assert layouts.seen and {g for _, g in layouts.seen} == {copies}  # every convolution grouped
+    assert {cl for cl, _ in layouts.seen} == {channels_last}  # and in the copies' layout throughout
+    assert out[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    if channels_last:  # (copies, rows) merge without a copy, as run_stacked reshapes them
+        assert out.reshape(copies * 2, *out.shape[2:]).data_ptr() == out.data_ptr()
     flat = [p for ps in params for p in ps.values()]
     grads = torch.autograd.grad(out.square().sum(), [x, *flat], allow_unused=True)
     loop = torch.stack([functional_call(module, params[i], (x[i],)) for i in range(copies)])
@@ -70,9 +101,14 @@ def test_the_generator_folds_its_hourglass_stages_and_leaves_the_others_to_vmap(
     assert all(vmap_gen.backbone.get_submodule(p).rule is None for p in vmap_gen.branch_paths)
 
 
-@pytest.mark.parametrize("mode", ["folded", "vmap"])
-def test_stacked_generator_trains_like_the_loop_either_way(monkeypatch, mode):
-    gen = generator(stacked_copies=mode, low_memory_min_mb=0)
+@pytest.mark.parametrize(("mode", "channels_last"), [("folded", False), ("vmap", False), ("folded", True)])
+def test_stacked_generator_trains_like_the_loop_either_way(monkeypatch, mode, channels_last):
+    if channels_last:  # the norms' and pads' channels_last paths on these small maps, as at 128 px
+        from branchadapt_cartoon import instnorm, padding
+
+        monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
+        monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+    gen = generator(stacked_copies=mode, low_memory_min_mb=0, channels_last=channels_last)
     names = gen.stage_names()
     groups = ("anchor", "b", "c", "d")
     loop = BranchedModel(gen, groups, names[:2] + names[-3:], {g: Participation.DETACHED for g in groups[1:]})

@@ -292,8 +292,9 @@ def test_channels_last_activations_give_the_same_values_and_gradients(monkeypatc
 def test_channels_last_auto_is_for_large_cpu_training_inputs():
     gen = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=32))
     assert gen.options.channels_last == "auto"
-    large, small = torch.zeros(1, 3, 256, 256), torch.zeros(1, 3, 128, 128)
-    assert gen._channels_last(large) and not gen._channels_last(small)
+    large, small = torch.zeros(1, 3, 128, 128), torch.zeros(1, 3, 64, 64)
+    assert gen._channels_last(large) and gen._channels_last(torch.zeros(1, 3, 256, 256))
+    assert not gen._channels_last(small) and not gen._channels_last(torch.zeros(1, 3, 128, 96))
     with torch.no_grad():
         assert not gen._channels_last(large)  # inference keeps the default layout
     off = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=32, channels_last=False))

@@ -265,3 +265,47 @@ def test_train_stack_branches_trains_the_same_weights(small_experiment, tmp_path
     assert finals[True].keys() == finals[False].keys()
     for key, value in finals[False].items():
         torch.testing.assert_close(finals[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_gather_rows_keeps_the_layout_that_index_select_would_undo():
+    from branchadapt.batching import gather_rows
+
+    index = torch.tensor([2, 0, 3, 1, 0])
+    cl = torch.randn(4, 5, 3, 6).contiguous(memory_format=torch.channels_last)
+    cl3d = torch.randn(4, 5, 2, 3, 6).contiguous(memory_format=torch.channels_last_3d)
+    plain = torch.randn(4, 5, 3, 6)
+    rows_inner = torch.randn(5, 4, 3).transpose(0, 1)  # the rows are not outermost in memory
+    for t in (cl, cl3d, plain, rows_inner, torch.randn(4)):
+        got = gather_rows(t, index)
+        torch.testing.assert_close(got, t.index_select(0, index), rtol=0, atol=0)
+    assert not cl.index_select(0, index).is_contiguous(memory_format=torch.channels_last)  # why it exists
+    assert gather_rows(cl, index).is_contiguous(memory_format=torch.channels_last)
+    assert gather_rows(cl3d, index).is_contiguous(memory_format=torch.channels_last_3d)
+    assert gather_rows(plain, index).is_contiguous()
+
+
+def test_a_rule_gets_channels_last_rows_grouped_in_that_layout_and_may_return_it():
+    from torch.func import functional_call
+
+    from branchadapt.batching import run_stacked
+
+    torch.manual_seed(0)
+    copies = [nn.Conv2d(3, 4, 3, padding=1) for _ in range(2)]
+    params = [dict(c.named_parameters()) for c in copies]
+    seen = []
+
+    def rule(params, args, kwargs, training):  # type: ignore[no-untyped-def]
+        x = args[0]
+        seen.append(all(x[i].is_contiguous(memory_format=torch.channels_last) for i in range(len(x))))
+        outs = [functional_call(copies[0], p, (x[i],)) for i, p in enumerate(params)]
+        return torch.stack([o.permute(0, 2, 3, 1) for o in outs]).permute(0, 1, 4, 2, 3)  # copies stay NHWC
+
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    positions = [torch.tensor([3, 0]), torch.tensor([1, 2])]
+    out = run_stacked(params, copies[0], positions, (x,), {}, batch=4, rule=rule)
+    assert seen == [True]
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the batch back in its own layout
+    want = torch.empty_like(out)
+    for c, rows in zip(copies, positions, strict=True):
+        want[rows] = c(x[rows])
+    torch.testing.assert_close(out, want)
