@@ -39,12 +39,12 @@ MATHS = {"aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_
 MEASURED_REFERENCE = {128: 5.27, 256: 13.32}  # step_time.py --reference-repo (docs/performance.md)
 
 
-def measure(size: int, width: int, steps: int) -> tuple[float, float, Counter[str]]:
+def measure(size: int, width: int, steps: int, extra: list[str]) -> tuple[float, float, Counter[str]]:
     """Median step time (s) after a warm-up step, then one profiled step: the fraction of its self
     time in convolutions/matmuls, and the other ops' profiled times (s)."""
     # torch.profiler records the calling thread's ops only: the default step's concurrent
     # directions (worker threads) would be missing, so the serial step is profiled (same ops).
-    trainer, rt = build(size, width, 0, [*SAME_RECOGNIZER, "task.concurrent=false"])
+    trainer, rt = build(size, width, 0, [*SAME_RECOGNIZER, "task.concurrent=false", *extra])
     step = statistics.median(repeat_times(lambda: trainer.train_step(rt, rt.data[0]), steps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.train_step(rt, rt.data[1])
@@ -67,16 +67,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reference-repo", type=Path, help="photo2cartoon checkout: time its iteration now")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="repeatable: a config override for our step, e.g. model.channels_last=false")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak, peak_name = peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads, width {args.width}; measured peak {peak:.0f} "
-          f"GFLOP/s ({peak_name})\n")  # fmt: skip
+          f"GFLOP/s ({peak_name}); overrides: {' '.join(args.set) or 'none'}\n")  # fmt: skip
     print("| size | step (s) | convs+matmuls (s) | their GFLOP/s | rest (s) | convs at peak + rest (s) "
           "| reference (s) | bound / reference | largest other ops (s) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size in args.sizes:
-        step, share, rest = measure(size, args.width, args.steps)
+        step, share, rest = measure(size, args.width, args.steps, args.set)
         flops = step_flops(size, args.width, SAME_RECOGNIZER)
         if args.reference_repo:
             from reference_step import ReferenceStep

@@ -65,6 +65,10 @@ class StackedRule(Protocol):
     would give it, gradients reaching each copy's parameters. ``training`` is the copies' mode.
     Raising ``TypeError``, ``ValueError``, ``RuntimeError`` or ``NotImplementedError`` makes the
     stage fall back to the loop over the copies for good (with a warning), as for vmap.
+
+    The rows are grouped in the batch's memory layout (:func:`gather_rows`): channels_last inputs
+    arrive as channels_last copies. Outputs whose ``(copies, rows)`` dimensions merge without a
+    copy return to the batch's row order in their own layout.
     """
 
     def __call__(

@@ -115,7 +115,11 @@ def test_bf16_backward_convolutions_keep_the_fp32_forward_and_round_only_the_bac
 
 def test_profile_step_splits_the_step_and_bounds_it() -> None:
     # 2 threads: the default step would run its directions on worker threads the profiler misses
-    out = run("profile_step.py", "--sizes", "32", "--width", "4", "--steps", "1", "--threads", "2")
+    out = run(
+        "profile_step.py", "--sizes", "32", "--width", "4", "--steps", "1", "--threads", "2",
+        "--set", "model.channels_last=true",
+    )  # fmt: skip
+    assert "overrides: model.channels_last=true" in out
     (row,) = table_rows(out, r"32$")
     step, maths, rest, bound = (float(row[i]) for i in (1, 2, 4, 5))
     assert abs(maths + rest - step) < 0.02 * step + 0.01  # the split adds up to the step
