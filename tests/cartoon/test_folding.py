@@ -38,15 +38,14 @@ class ConvLayouts(TorchDispatchMode):
 @pytest.mark.parametrize(
     ("low_memory", "channels_last"), [(False, False), (True, False), (False, True), (True, True)]
 )
-def test_each_branch_stage_folded_gives_the_loop_over_copies(monkeypatch, stage, low_memory, channels_last):
+def test_each_branch_stage_folded_gives_the_loop_over_copies(
+    monkeypatch, request, stage, low_memory, channels_last
+):
     """Three copies, two rows each (the fold copies rather than views), every unit on its plain
     or its low-memory path (which reads the convolution's group count from the shapes), in either
     layout: channels_last copies fold into a channels_last map and come back in that layout."""
     if channels_last:  # the norms' and pads' channels_last paths on these small maps, as at 128 px
-        from branchadapt_cartoon import instnorm, padding
-
-        monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
-        monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+        request.getfixturevalue("own_kernels_on_small_maps")
     gen = generator(low_memory_min_mb=0 if low_memory else 1000)
     module = gen.get_submodule(stage)
     copies = 3
@@ -102,12 +101,9 @@ def test_the_generator_folds_its_hourglass_stages_and_leaves_the_others_to_vmap(
 
 
 @pytest.mark.parametrize(("mode", "channels_last"), [("folded", False), ("vmap", False), ("folded", True)])
-def test_stacked_generator_trains_like_the_loop_either_way(monkeypatch, mode, channels_last):
+def test_stacked_generator_trains_like_the_loop_either_way(monkeypatch, request, mode, channels_last):
     if channels_last:  # the norms' and pads' channels_last paths on these small maps, as at 128 px
-        from branchadapt_cartoon import instnorm, padding
-
-        monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
-        monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+        request.getfixturevalue("own_kernels_on_small_maps")
     gen = generator(stacked_copies=mode, low_memory_min_mb=0, channels_last=channels_last)
     names = gen.stage_names()
     groups = ("anchor", "b", "c", "d")

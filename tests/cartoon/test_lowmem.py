@@ -168,17 +168,14 @@ def test_rejects_what_it_cannot_fuse():
         NormReluConv(InstanceNorm(4), nn.Identity(), nn.Conv2d(4, 4, 3, padding=1))
 
 
-def test_compiled_hourglass_unit_matches_eager(monkeypatch):
+@pytest.mark.usefixtures("own_kernels_on_small_maps")
+def test_compiled_hourglass_unit_matches_eager():
     """``train.compile = "units"`` compiles ConvBlocks, whose units are these autograd functions,
     with the plugins' pad gradient and instance-norm forward inside (on maps of any size here)."""
     import copy
 
-    import branchadapt_cartoon.instnorm as instnorm
-    import branchadapt_cartoon.padding as padding
     from branchadapt_cartoon.networks import ConvBlock
 
-    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
-    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
     torch.manual_seed(4)
     block = ConvBlock(8, 16).double()  # c_in != c_out: the residual's own instance norm runs too
     compiled = copy.deepcopy(block)

@@ -255,13 +255,8 @@ def test_the_generator_runs_live_and_detached_groups_in_one_call_with_the_same_g
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-10, msg=name)
 
 
-def test_channels_last_activations_give_the_same_values_and_gradients(monkeypatch):
-    import branchadapt_cartoon.instnorm as instnorm
-    import branchadapt_cartoon.padding as padding
-
-    # small maps: take the norms' and pads' own channels_last paths as a 256 px map would
-    monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0)
-    monkeypatch.setattr(padding, "FOLD_MIN_NUMEL", 0)
+@pytest.mark.usefixtures("own_kernels_on_small_maps")  # the norms' and pads' own channels_last paths
+def test_channels_last_activations_give_the_same_values_and_gradients():
     torch.manual_seed(0)
     opts = {"width": 8, "image_size": 32, "n_blocks": 1, "low_memory_min_mb": 0}
     plain = UGATITGenerator(UGATITGenerator.Options(**opts)).double()
