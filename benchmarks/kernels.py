@@ -15,7 +15,9 @@ from 65,536 elements (``FOLD_MIN_NUMEL``, ``FAST_MIN_NUMEL``); the rows below th
 A second table times the generator's 3x3 convolutions (already padded input, forward and backward
 to input and weight) through oneDNN, torch's default on a CPU, against torch's own im2col kernel
 (``aten.thnn_conv2d``), the alternative for small-channel maps whose oneDNN backward spends much
-of its time reordering layouts.
+of its time reordering layouts, and against oneDNN on channels_last maps and weights
+(``model.channels_last``). The grouped rows are three folded branch copies (``groups = 3``,
+channels per copy), which the im2col kernel does not take.
 
     .venv/bin/python benchmarks/kernels.py --threads 2
 """
@@ -28,11 +30,14 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from branchadapt_cartoon import instnorm, padding
 
-CONVS = [(2, 32, 16, 128), (2, 16, 8, 128), (2, 8, 8, 128), (2, 32, 16, 64), (2, 64, 32, 64), (2, 128, 128, 32),
-         (2, 3, 32, 128)]  # (batch, in channels, out channels, size)  # fmt: skip
+# (batch, in channels, out channels, size, groups); channels per group
+CONVS = [(2, 32, 16, 128, 1), (2, 16, 8, 128, 1), (2, 8, 8, 128, 1), (2, 32, 16, 64, 1), (2, 64, 32, 64, 1),
+         (2, 128, 128, 32, 1), (2, 3, 32, 128, 1), (1, 32, 16, 128, 3), (1, 8, 8, 128, 3)]  # fmt: skip
 SHAPES = [(2, 32, 256, 256), (2, 8, 256, 256), (1, 32, 128, 128), (2, 32, 128, 128), (2, 128, 64, 64),
           (1, 128, 32, 32), (1, 16, 32, 32), (2, 8, 16, 16)]  # fmt: skip
 
@@ -92,24 +97,39 @@ def main() -> None:
 
 
 def conv_table(repeat: int) -> None:
-    """oneDNN against the im2col kernel for 3x3 convolutions, forward and both gradients."""
-    print("\n| batch, in -> out channels, size | oneDNN fwd+bwd | im2col fwd+bwd | im2col / oneDNN |")
-    print("|---|---:|---:|---:|")
-    for b, cin, cout, hw in CONVS:
-        x = torch.randn(b, cin, hw + 2, hw + 2, requires_grad=True)
-        w = torch.randn(cout, cin, 3, 3, requires_grad=True)
-        g = torch.randn(b, cout, hw, hw)
-        kernels = {
-            "onednn": lambda x=x, w=w: torch.nn.functional.conv2d(x, w),
-            "im2col": lambda x=x, w=w: torch._C._nn.thnn_conv2d(x, w, [3, 3], None, [1, 1], [0, 0]),
-        }
-        torch.testing.assert_close(kernels["im2col"](), kernels["onednn"](), rtol=1e-4, atol=1e-3)
-        ms = median_ms(
-            {k: lambda f=f, x=x, w=w, g=g: torch.autograd.grad(f(), (x, w), g) for k, f in kernels.items()},
-            repeat,
+    """oneDNN in both layouts against the im2col kernel for 3x3 convolutions, forward and both gradients."""
+    print("\n| batch, in -> out channels, size, groups | oneDNN fwd+bwd | im2col fwd+bwd | im2col / oneDNN "
+          "| oneDNN channels_last fwd+bwd | channels_last / oneDNN |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for b, cin, cout, hw, groups in CONVS:
+        ms = conv_ms(b, cin, cout, hw, groups, repeat)
+        im2col = f"{ms['im2col']:.2f} | {ms['im2col'] / ms['onednn']:.2f}" if "im2col" in ms else "- | -"
+        print(f"| {b}, {cin} -> {cout}, {hw}², {groups} | {ms['onednn']:.2f} | {im2col} "
+              f"| {ms['channels_last']:.2f} | {ms['channels_last'] / ms['onednn']:.2f} |", flush=True)  # fmt: skip
+
+
+def conv_ms(b: int, cin: int, cout: int, hw: int, groups: int, repeat: int) -> dict[str, float]:
+    """Milliseconds of one convolution's forward and backward per kernel and layout (im2col: ungrouped only)."""
+    x = torch.randn(b, cin * groups, hw + 2, hw + 2)
+    w = torch.randn(cout * groups, cin, 3, 3)
+    g = torch.randn(b, cout * groups, hw, hw)
+    cl = torch.channels_last
+    kernels: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], torch.memory_format]] = {
+        "onednn": (lambda a, v: F.conv2d(a, v, groups=groups), torch.contiguous_format),
+        "channels_last": (lambda a, v: F.conv2d(a, v, groups=groups), cl),
+    }
+    if groups == 1:
+        kernels["im2col"] = (
+            lambda a, v: torch._C._nn.thnn_conv2d(a, v, [3, 3], None, [1, 1], [0, 0]),
+            torch.contiguous_format,
         )
-        print(f"| {b}, {cin} -> {cout}, {hw}² | {ms['onednn']:.2f} | {ms['im2col']:.2f} "
-              f"| {ms['im2col'] / ms['onednn']:.2f} |", flush=True)  # fmt: skip
+    calls = {}
+    for name, (conv, layout) in kernels.items():
+        a, v = (t.contiguous(memory_format=layout).requires_grad_() for t in (x, w))
+        torch.testing.assert_close(conv(a, v), F.conv2d(x, w, groups=groups), rtol=1e-4, atol=1e-3, msg=name)
+        d = g.contiguous(memory_format=layout)
+        calls[name] = lambda conv=conv, a=a, v=v, d=d: torch.autograd.grad(conv(a, v), (a, v), d)
+    return median_ms(calls, repeat)
 
 
 if __name__ == "__main__":

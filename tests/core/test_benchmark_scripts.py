@@ -356,11 +356,15 @@ def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
             assert slow > 0 and fast > 0 and ratio > 0
             if fast >= 0.1:  # printed to 3 decimals: the ratio is recomputable where they are large
                 assert ratio == pytest.approx(slow / fast, rel=0.02, abs=0.01)
-    convs = table_rows(out, r"\d+, \d+ -> \d+, \d+²$")
-    assert len(convs) == 7  # benchmarks/kernels.py CONVS
+    convs = table_rows(out, r"\d+, \d+ -> \d+, \d+², \d+$")
+    assert len(convs) == 9  # benchmarks/kernels.py CONVS
     for row in convs:
-        onednn, im2col, ratio = (float(v) for v in row[1:])
-        assert onednn > 0 and im2col > 0 and ratio > 0
+        onednn, cl, cl_ratio = float(row[1]), float(row[4]), float(row[5])
+        assert onednn > 0 and cl > 0 and cl_ratio > 0
+        if row[0].endswith(", 1"):  # the im2col kernel takes no groups
+            assert float(row[2]) > 0 and float(row[3]) > 0
+        else:
+            assert row[2:4] == ["-", "-"]
 
 
 def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
