@@ -1,13 +1,15 @@
 """The step time of one configuration, each run in a process of its own.
 
 For stages too large to hold two trainers in one process (the transfer stage at 256 px needs about
-19 GB, so ``optimisations.py --stage 1 --size 256`` does not fit 24 GiB): every ``--config`` (a
+19 GB, so ``optimisations.py --stage 2 --size 256`` does not fit 24 GiB): every ``--config`` (a
 name and ``key=value`` overrides separated by ``;``) runs in a fresh Python process, one after the
 other, ``--rounds`` times in alternating order. Each process reports the median of ``--steps``
 after ``--warmup``, its peak RSS, and the median system CPU time and minor page faults of a step
 (what the kernel spent serving the allocator); the table prints the median over rounds. The override
 ``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages), and ``<bf16 backward>``
-runs its steps with bf16 backward convolutions (``bf16_backward.py``).
+runs its steps with bf16 backward convolutions (``bf16_backward.py``), and ``<channels_last weights>`` lays
+the generators' convolution weights out channels_last (their activations' layout from 128 px), so that
+oneDNN need not convert them on every call.
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -35,14 +37,20 @@ from bf16_backward import MARKER as BWD16
 from bf16_backward import patched
 from step_time import COPYING, NAIVE, build, naive_step
 
+CL_WEIGHTS = "<channels_last weights>"
+MARKERS = (NAIVE, BWD16, CL_WEIGHTS)
+
 
 def child(args: argparse.Namespace) -> None:
     """Run one configuration here and print its result as one JSON line."""
     torch.set_num_threads(args.threads)
     overrides = [o for o in args.child.split(";") if o]
-    trainer, rt = build(
-        args.size, args.width, args.stage - 1, [o for o in overrides if o not in (NAIVE, BWD16)]
-    )
+    trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in overrides if o not in MARKERS])
+    if CL_WEIGHTS in overrides:
+        for name in ("gen_a2b", "gen_b2a"):
+            for p in rt.modules[name].parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
     step = naive_step(trainer, rt) if NAIVE in overrides else partial(trainer.train_step, rt)
     if BWD16 in overrides:
         plain = step

@@ -1,7 +1,7 @@
 """Which single-process optimisations win for the paper's step on this machine?
 
-Stage 1 of the recipe (one photo + one cartoon, five losses; ``--stage 1``: the transfer stage,
-four groups with branches and selective BP) at ``--size`` px, each variant
+Stage 1 of the recipe (``--stage 1``, the default: one photo + one cartoon, five losses; ``--stage 2``:
+the transfer stage, four groups with branches and selective BP; numbered as in ``one_config.py``) at ``--size`` px, each variant
 against the default configuration, steps interleaved, median of ``--steps`` after ``--warmup``:
 
 - ``channels_last``: every module and input in channels_last memory format;
@@ -9,7 +9,7 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   instance norm (``var_mean`` over H, W), so no layout conversion happens around the norms;
 - ``channels_last generators`` / ``default-layout generators``: ``model.channels_last = true`` /
   ``false``, the generators' training activations in channels_last at every size / at none (the
-  default ``auto`` uses it for inputs of 256 px and more on a CPU; the discriminators and the
+  default ``auto`` uses it for inputs of 128 px and more on a CPU; the discriminators and the
   generators' outputs stay in the default layout);
 - ``bf16 autocast``: ``precision = "bf16"`` (convolutions and matmuls in bfloat16); in one process
   with the others it slows the fp32 steps after it (docs/performance.md): take its figure from
@@ -154,7 +154,7 @@ def _unfuse(module: torch.nn.Module) -> None:
 SWITCHES = {
     "torch pad backward": [("branchadapt_cartoon.padding", "fold_enabled")],
     "torch IN forward": [("branchadapt_cartoon.instnorm", "fast_forward")],
-    # the transfer stage (--stage 1) on small maps: what the branch copies cost
+    # the transfer stage (--stage 2) on small maps: what the branch copies cost
     "live-row mode in branch copies": [("branchadapt.rowgrad", "pause_in_branches")],
     "autograd functions under vmap": [
         ("branchadapt_cartoon.instnorm", "vmap_kernels"),
@@ -244,9 +244,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument(
-        "--stage", type=int, default=0, help="0: stage 1 (basic); 1: the transfer stage (branches)"
-    )
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: basic; 2: transfer (branches)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
@@ -288,7 +286,8 @@ def main() -> None:
     if "default" in args.skip:
         ap.error("--skip: the default is every variant's yardstick")
     names = [n for n in names if n not in args.skip]
-    steps = {n: variant(n, args.size, args.width, args.stage) for n in names}
+    stage = args.stage - 1  # the experiment's stage index
+    steps = {n: variant(n, args.size, args.width, stage) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     system: dict[str, list[float]] = {n: [] for n in names}  # the kernel's time: mostly page faults here
     first: dict[str, float] = {}
@@ -306,7 +305,7 @@ def main() -> None:
                 system[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - before)
     torch.set_num_threads(args.threads)
     base = statistics.median(times["default"])
-    print(f"stage {args.stage + 1} step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
+    print(f"stage {args.stage} step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
           f"after {args.warmup} (interleaved)\n")  # fmt: skip
     print("| variant | s / step | vs default | first step (s) | system CPU (s / step) |")
     print("|---|---:|---:|---:|---:|")
@@ -315,7 +314,7 @@ def main() -> None:
         print(
             f"| {name} | {t:.3f} | {t / base:.2f} | {first[name]:.1f} | {statistics.median(system[name]):.2f} |"
         )
-    _, rt = build(args.size, args.width, args.stage, [])
+    _, rt = build(args.size, args.width, stage, [])
     params = [p.detach() for opt in rt.optimizers.values() for g in opt.param_groups for p in g["params"]]
     print(
         f"\nthe optimiser steps alone: Adam over the stage's {sum(p.numel() for p in params):,} parameters\n"

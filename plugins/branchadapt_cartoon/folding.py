@@ -80,6 +80,8 @@ def folded_network(module: nn.Module, copies: int) -> nn.Module:
         if isinstance(m, nn.Conv2d):
             m.in_channels, m.out_channels = m.in_channels * copies, m.out_channels * copies
             m.groups *= copies
+        if isinstance(m, nn.InstanceNorm2d):  # torch's own path (no gradients) checks the channel count
+            m.num_features *= copies
         if isinstance(m, NormReluConv | ReflectConv2d):
             m.min_bytes = m.min_bytes * copies  # each copy's own map decides, as in the loop
         if isinstance(m, ConvBlock):

@@ -86,6 +86,24 @@ def test_each_branch_stage_folded_gives_the_loop_over_copies(
             torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_folded_stage_without_gradients_gives_the_loop_and_no_warning(training):
+    """Without gradients (the discriminator's fakes under `task.reuse_fakes = false`, samples) the
+    instance norms take torch's own path, which checks the channel count it was built for."""
+    module = generator().HourGlass1
+    params = [{n: p * (1 + 0.1 * i) for n, p in module.named_parameters()} for i in range(3)]
+    x = torch.randn(3, 2, 8, 32, 32, dtype=torch.double)
+    rule = folding.folded_rule(module)
+    assert rule is not None
+    module.train(training)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = rule(params, (x,), {}, training=training)
+        loop = torch.stack([functional_call(module, params[i], (x[i],)) for i in range(3)])
+    torch.testing.assert_close(out, loop, rtol=1e-10, atol=1e-12)
+
+
 def test_the_generator_folds_its_hourglass_stages_and_leaves_the_others_to_vmap():
     gen = generator()
     names = gen.stage_names()
