@@ -9,7 +9,9 @@ after ``--warmup``, its peak RSS, and the median system CPU time and minor page 
 ``<naive>`` runs selective BP the naive way (``step_time.py``'s deep copy of the shared stages), and ``<bf16 backward>``
 runs its steps with bf16 backward convolutions (``bf16_backward.py``), and ``<channels_last weights>`` lays
 the generators' convolution weights out channels_last (their activations' layout from 128 px), so that
-oneDNN need not convert them on every call.
+oneDNN need not convert them on every call. ``<one arena>`` runs the process with ``MALLOC_ARENA_MAX=1``:
+every thread allocates from glibc's main arena (the worker threads' own arenas serve blocks of 64 MiB
+and more with fresh mappings, whatever ``train.retain_freed_memory`` sets).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,7 +41,8 @@ from bf16_backward import patched
 from step_time import COPYING, NAIVE, build, naive_step
 
 CL_WEIGHTS = "<channels_last weights>"
-MARKERS = (NAIVE, BWD16, CL_WEIGHTS)
+ONE_ARENA = "<one arena>"
+MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -101,7 +105,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
             cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "MALLOC_ARENA_MAX": "1"} if ONE_ARENA in overrides.split(";") else None
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
