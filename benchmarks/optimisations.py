@@ -42,10 +42,12 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
   of the generator's repeated units (hourglass ConvBlock, encoder ResnetBlock, decoder
   SoftAdaLINBlock), forward and backward;
-  compiling whole modules did not finish within 15 minutes here. The first (compiling) step is
-  reported separately;
+  the first (compiling) step is reported separately;
 - ``torch.compile, directions at once`` (with ``--compile``): the same with ``task.concurrent =
-  true`` (``auto`` runs compiled steps serially; the worker threads compile their own graphs).
+  true`` (``auto`` runs compiled steps serially; the worker threads compile their own graphs);
+- ``torch.compile, whole generators`` (with ``--compile``): each generator compiled whole with
+  ``nn.Module.compile`` instead of by units, the directions one after the other as ``auto`` runs
+  compiled modules (the first step compiles: minutes on a small CPU).
 
     .venv/bin/python benchmarks/optimisations.py --size 128 --steps 3
 """
@@ -69,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import build
 
 import branchadapt as ba
+from branchadapt.interfaces import Backbone
 
 
 def _channels_last(batch: ba.Batch) -> ba.Batch:
@@ -176,6 +179,7 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
         "default-layout generators": ["model.channels_last=false"],
         "torch.compile": ['train.compile="units"'],
         "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
+        "torch.compile, whole generators": ["task.concurrent=false"],  # as auto runs compiled modules
         "all units low-memory": ["model.low_memory_min_mb=0"],
         "branch copies under vmap": ['model.stacked_copies="vmap"'],
     }.get(name, [])
@@ -193,6 +197,11 @@ def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[
     if name == "unfused units":
         for m in rt.modules.values():
             _unfuse(m)
+    if name == "torch.compile, whole generators":  # one graph per backbone, compiled in place
+        for m in rt.modules.values():
+            for sub in m.modules():
+                if isinstance(sub, Backbone):
+                    sub.compile()
     threads = 1 if name == "1 thread" else None
     convert: Callable[[ba.Batch], ba.Batch] = lambda b: b  # noqa: E731
     if name in ("channels_last", "channels_last + IN"):
@@ -276,7 +285,11 @@ def main() -> None:
         "branch copies under vmap",
         "signature-bound autograd functions",
     ]
-    names += ["torch.compile", "torch.compile, directions at once"] if args.compile else []
+    names += (
+        ["torch.compile", "torch.compile, directions at once", "torch.compile, whole generators"]
+        if args.compile
+        else []
+    )
     for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):
         unknown = set(chosen) - set(names)
         if unknown:

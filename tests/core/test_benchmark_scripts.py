@@ -241,6 +241,32 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
     )
 
 
+def test_the_whole_generators_variant_compiles_each_backbone_in_place_and_runs_serially() -> None:
+    """Built only (compiling is lazy, and minutes long at real sizes): every backbone of the stage
+    is compiled whole, the discriminators are not, and the directions run one after the other."""
+    from branchadapt.compiling import has_compiled
+    from branchadapt.interfaces import Backbone
+
+    optimisations = benchmark_module("optimisations")
+    built = {}
+    real_build = optimisations.build
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        built["trainer"], built["rt"] = real_build(*args, **kwargs)
+        return built["trainer"], built["rt"]
+
+    optimisations.build = spy
+    try:
+        optimisations.variant("torch.compile, whole generators", 32, 4)
+    finally:
+        optimisations.build = real_build
+    backbones = [m for mod in built["rt"].modules.values() for m in mod.modules() if isinstance(m, Backbone)]
+    assert len(backbones) == 2 and all(has_compiled(b) for b in backbones)
+    others = [m for name, m in built["rt"].modules.items() if not name.startswith("gen")]
+    assert others and not any(has_compiled(m) for m in others)
+    assert built["rt"].task.options.concurrent is False  # as "auto" runs compiled modules
+
+
 def test_memory_table_shows_what_the_low_memory_units_save() -> None:
     # 32 px maps are below the units' default size threshold: make every unit save memory
     out = run("memory.py", "--size", "32", "--width", "4", "--steps", "1", "--low-memory-min-mb", "0")
