@@ -11,7 +11,8 @@ runs its steps with bf16 backward convolutions (``bf16_backward.py``), and ``<ch
 the generators' convolution weights out channels_last (their activations' layout from 128 px), so that
 oneDNN need not convert them on every call. ``<one arena>`` runs the process with ``MALLOC_ARENA_MAX=1``:
 every thread allocates from glibc's main arena (the worker threads' own arenas serve blocks of 64 MiB
-and more with fresh mappings, whatever ``train.retain_freed_memory`` sets).
+and more with fresh mappings, whatever ``train.retain_freed_memory`` sets), and ``<top pad>`` with
+``MALLOC_TOP_PAD_`` at 256 MiB (glibc then keeps a worker arena's free 64 MiB heaps instead of deleting them).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -42,7 +43,10 @@ from step_time import COPYING, NAIVE, build, naive_step
 
 CL_WEIGHTS = "<channels_last weights>"
 ONE_ARENA = "<one arena>"
-MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA)
+TOP_PAD = "<top pad>"
+#: the child's extra environment per marker (glibc reads these when the process starts)
+MARKER_ENV = {ONE_ARENA: {"MALLOC_ARENA_MAX": "1"}, TOP_PAD: {"MALLOC_TOP_PAD_": str(256 << 20)}}
+MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA, TOP_PAD)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -105,7 +109,9 @@ def main() -> None:
     for r in range(args.rounds):
         for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
             cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
-            env = {**os.environ, "MALLOC_ARENA_MAX": "1"} if ONE_ARENA in overrides.split(";") else None
+            env = dict(os.environ)
+            for marker in overrides.split(";"):
+                env.update(MARKER_ENV.get(marker, {}))
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
