@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from allocator import SETTING_ENV
 from bf16_backward import MARKER as BWD16
 from bf16_backward import patched
 from step_time import COPYING, NAIVE, build, naive_step
@@ -45,8 +46,17 @@ CL_WEIGHTS = "<channels_last weights>"
 ONE_ARENA = "<one arena>"
 TOP_PAD = "<top pad>"
 #: the child's extra environment per marker (glibc reads these when the process starts)
-MARKER_ENV = {ONE_ARENA: {"MALLOC_ARENA_MAX": "1"}, TOP_PAD: {"MALLOC_TOP_PAD_": str(256 << 20)}}
+MARKER_ENV = {ONE_ARENA: SETTING_ENV["one arena"], TOP_PAD: {"MALLOC_TOP_PAD_": str(256 << 20)}}
 MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA, TOP_PAD)
+
+
+def child_env(overrides: str) -> dict[str, str]:
+    """The environment of the process that runs ``overrides`` (a ``--config`` value): ours, plus
+    what its markers set."""
+    env = dict(os.environ)
+    for marker in overrides.split(";"):
+        env.update(MARKER_ENV.get(marker, {}))
+    return env
 
 
 def child(args: argparse.Namespace) -> None:
@@ -109,10 +119,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
             cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
-            env = dict(os.environ)
-            for marker in overrides.split(";"):
-                env.update(MARKER_ENV.get(marker, {}))
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(overrides))
             if done.returncode != 0:
                 sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -430,6 +430,14 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
 
 
+def test_one_config_markers_set_the_allocator_environment_of_their_process_only() -> None:
+    one_config = benchmark_module("one_config")
+    assert one_config.child_env("<one arena>;model.width=4")["MALLOC_ARENA_MAX"] == "1"
+    assert one_config.child_env("<top pad>")["MALLOC_TOP_PAD_"] == str(256 << 20)
+    plain = one_config.child_env("model.width=4")
+    assert not {"MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_"} & (set(plain) - set(os.environ))
+
+
 def test_inference_table_times_eager_both_layouts_and_onnxruntime() -> None:
     out = run("inference.py", "--size", "32", "--width", "4", "--batch", "2", "--repeat", "2", "--no-compile")
     rows = {row[0]: row for row in table_rows(out, r"(eager|torch\.compile|onnxruntime)")}
