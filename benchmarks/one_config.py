@@ -13,6 +13,9 @@ oneDNN need not convert them on every call. ``<one arena>`` runs the process wit
 every thread allocates from glibc's main arena (the worker threads' own arenas serve blocks of 64 MiB
 and more with fresh mappings, whatever ``train.retain_freed_memory`` sets), and ``<top pad>`` with
 ``MALLOC_TOP_PAD_`` at 256 MiB (glibc then keeps a worker arena's free 64 MiB heaps instead of deleting them).
+``<huge pages>`` sets torch's ``THP_MEM_ALLOC_ENABLE=1``: its CPU allocator aligns blocks of 2 MiB and more
+to 2 MiB and asks the kernel for transparent huge pages on them (``madvise``), so that a fresh mapping
+faults once per 2 MiB instead of once per 4 KiB page.
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -45,9 +48,14 @@ from step_time import COPYING, NAIVE, build, naive_step
 CL_WEIGHTS = "<channels_last weights>"
 ONE_ARENA = "<one arena>"
 TOP_PAD = "<top pad>"
-#: the child's extra environment per marker (glibc reads these when the process starts)
-MARKER_ENV = {ONE_ARENA: SETTING_ENV["one arena"], TOP_PAD: {"MALLOC_TOP_PAD_": str(256 << 20)}}
-MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA, TOP_PAD)
+HUGE_PAGES = "<huge pages>"
+#: the child's extra environment per marker (glibc and torch read these when the process starts)
+MARKER_ENV = {
+    ONE_ARENA: SETTING_ENV["one arena"],
+    TOP_PAD: {"MALLOC_TOP_PAD_": str(256 << 20)},
+    HUGE_PAGES: {"THP_MEM_ALLOC_ENABLE": "1"},
+}
+MARKERS = (NAIVE, BWD16, CL_WEIGHTS, ONE_ARENA, TOP_PAD, HUGE_PAGES)
 
 
 def child_env(overrides: str) -> dict[str, str]:
