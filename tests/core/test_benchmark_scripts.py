@@ -436,7 +436,9 @@ def test_one_config_markers_set_the_allocator_environment_of_their_process_only(
     assert one_config.child_env("<top pad>")["MALLOC_TOP_PAD_"] == str(256 << 20)
     assert one_config.child_env("model.width=4;<huge pages>")["THP_MEM_ALLOC_ENABLE"] == "1"
     plain = one_config.child_env("model.width=4")
-    assert not {"MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_", "THP_MEM_ALLOC_ENABLE"} & (set(plain) - set(os.environ))
+    assert not {"MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_", "THP_MEM_ALLOC_ENABLE"} & (
+        set(plain) - set(os.environ)
+    )
 
 
 def test_inference_table_times_eager_both_layouts_and_onnxruntime() -> None:
