@@ -201,7 +201,7 @@ def load_experiment(
     local = raw.get("plugins", [])
     if isinstance(local, list) and all(isinstance(m, str) for m in local):
         try:
-            plugins.load_modules(local, search_dir=source.resolve().parent, where=f"{source}: plugins")
+            plugins.load_modules(local, search_dir=source.resolve().parent, where="plugins")
         except (RegistryError, UserError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import sys
+import traceback
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import UserError
+from .errors import RegistryError, UserError
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "branchadapt"
@@ -51,6 +52,8 @@ class PluginSet:
         self.registry = Registry()
         self.origins: dict[int, str] = {}
         self.local_modules: list[str] = []
+        #: plugin name -> (its module path, its origin): names a clash's both sides
+        self.sources: dict[str, tuple[str, str]] = {}
         from . import builtin
 
         self._add(builtin, "builtin", f"branchadapt {_core_version()} (builtin)")
@@ -61,27 +64,46 @@ class PluginSet:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist
             origin = f"{dist.name} {dist.version}" if dist is not None else f"entry point {ep.value}"
-            if self.pm.get_plugin(ep.name) is not None or ep.value in self.local_modules:
+            if ep.value in self.local_modules:
                 continue
+            if ep.name in self.sources:
+                value, first = self.sources[ep.name]
+                if value == ep.value:  # the same module listed twice (one package seen on two paths)
+                    continue
+                raise RegistryError(
+                    f"two plugins use the entry-point name {ep.name!r} (group {ENTRY_POINT_GROUP!r}): "
+                    f"{value!r} from {first} and {ep.value!r} from {origin}; entry-point names share one "
+                    f"namespace with branchadapt's own plugin sets, so one package must rename its entry point"
+                )
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not hide the others
+            except Exception as exc:  # stop, naming it: running without it would change which names exist
+                fix = f"fix or uninstall {dist.name}" if dist is not None else "fix or uninstall it"
                 raise UserError(
-                    f"plugin entry point {ep.name!r} = {ep.value!r} (from {origin}) failed to import: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"plugin entry point {ep.name!r} = {ep.value!r} (from {origin}) failed to import at "
+                    f"{raised_at(exc)}: {type(exc).__name__}: {exc}; {fix}"
                 ) from exc
-            self._add(plugin, ep.name, origin)
+            self._add(plugin, ep.name, origin, ep.value)
 
-    def _add(self, plugin: Any, name: str, origin: str) -> None:
+    def _add(self, plugin: Any, name: str, origin: str, value: str | None = None) -> None:
         if self.pm.is_registered(plugin):
             return
         self.pm.register(plugin, name=name)
         self.origins[id(plugin)] = origin
+        self.sources[name] = (value or str(getattr(plugin, "__name__", name)), origin)
         for hook_name, kind in HOOK_KINDS.items():
             caller = getattr(self.pm.hook, hook_name)
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin:
-                    impl.function(register=self._registrar(kind, origin))
+                    try:
+                        impl.function(register=self._registrar(kind, origin))
+                    except UserError:
+                        raise
+                    except Exception as exc:
+                        raise UserError(
+                            f"plugin {name!r} (from {origin}) failed in its {hook_name} hook at "
+                            f"{raised_at(exc)}: {type(exc).__name__}: {exc}"
+                        ) from exc
 
     def _registrar(self, kind: str, origin: str) -> hookspecs.Register:
         def register(obj: type, name: str | None = None) -> None:
@@ -116,15 +138,34 @@ def _on_path(directory: Path | None) -> Iterator[None]:
             sys.path.remove(entry)
 
 
+def raised_at(exc: BaseException) -> str:
+    """``file:line`` where ``exc`` was raised (a syntax error: where the bad source is)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "(unknown location)"
+
+
 def _import_local(module_path: str, search_dir: Path | None, where: str) -> ModuleType:
+    at = f"{where}: " if where else ""
     with _on_path(search_dir):
         try:
             return importlib.import_module(module_path)
         except ModuleNotFoundError as exc:
-            at = f"{where}: " if where else ""
+            missing = exc.name or ""
+            if missing and missing != module_path and not module_path.startswith(missing + "."):
+                raise UserError(
+                    f"{at}plugin module {module_path!r} imports {missing!r}, which is not installed "
+                    f"(at {raised_at(exc)})"
+                ) from exc
             raise UserError(
                 f"{at}plugin module {module_path!r} not found ({exc}); expected an importable module "
                 f"on PYTHONPATH or beside the experiment file"
+            ) from exc
+        except Exception as exc:
+            raise UserError(
+                f"{at}plugin module {module_path!r} failed to import at {raised_at(exc)}: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
 

@@ -25,6 +25,11 @@ KINDS: dict[str, type] = {
 }
 
 
+#: how messages name several implementations of a kind
+PLURALS = {"backbone": "backbones", "splitter": "splitters", "loss": "losses", "sampler": "samplers",
+           "task": "tasks", "data": "data sources"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered implementation and where it came from."""
@@ -82,9 +87,9 @@ class Registry:
         names = sorted(self._entries[kind])
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
         at = f"{where}: " if where else ""
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
         known = ", ".join(names) if names else "(none registered)"
-        return f"{at}unknown {kind} {name!r}{hint} Registered {kind}s: {known}"
+        return f"{at}unknown {kind} {name!r}{hint} Registered {PLURALS[kind]}: {known}"
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])

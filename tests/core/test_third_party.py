@@ -169,6 +169,95 @@ def test_duplicate_names_name_both_origins(tmp_path, run_cli, third_party):
     assert "ba-thirdparty 0.3.1" in out.stderr and "ba-dup 1.0" in out.stderr
 
 
+def add_dist(site: Path, name: str, entry_points: str, module: str, source: str) -> None:
+    """A second installed package in ``site``: module ``module`` and its ``branchadapt`` entry points."""
+    (site / module).mkdir()
+    (site / module / "__init__.py").write_text(textwrap.dedent(source))
+    dist = site / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[branchadapt]\n{entry_points}\n")
+
+
+@pytest.mark.parametrize("taken", ["thirdparty", "builtin", "cartoon"])
+def test_an_entry_point_name_used_twice_is_an_error_naming_both(tmp_path, run_cli, third_party, taken):
+    # silently skipping the second would drop a whole plugin set (cartoon: every face component)
+    site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
+    add_dist(site, "ba-clash", f"{taken} = ba_clash", "ba_clash", "import branchadapt as ba\n")
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 2, out.stdout
+    assert f"two plugins use the entry-point name {taken!r}" in out.stderr
+    assert "'ba_clash' from ba-clash 1.0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import os\nraise RuntimeError('no licence key')\n", "RuntimeError: no licence key"),
+        ("def broken(:\n    pass\n", "SyntaxError"),
+    ],
+)
+def test_a_plugin_that_fails_to_import_names_the_file_and_line(
+    tmp_path, run_cli, third_party, source, expected
+):
+    site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
+    add_dist(site, "ba-broken", "broken = ba_broken", "ba_broken", source)
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 2
+    init = str(site / "ba_broken" / "__init__.py")
+    assert f"failed to import at {init}:" in out.stderr and expected in out.stderr
+    assert "fix or uninstall ba-broken" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_plugin_hook_that_raises_is_a_user_error_naming_the_plugin(tmp_path, run_cli, third_party):
+    site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
+    source = """
+        import branchadapt as ba
+        @ba.hookimpl
+        def register_tasks(register):
+            raise ValueError("bad settings file")
+        """
+    add_dist(site, "ba-hook", "hooky = ba_hook", "ba_hook", source)
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "plugin 'hooky' (from ba-hook 1.0) failed in its register_tasks hook at " in out.stderr
+    assert "ValueError: bad settings file" in out.stderr
+
+
+def test_a_local_plugin_module_with_a_missing_dependency_says_so(tmp_path, run_cli):
+    (tmp_path / "needs_dep.py").write_text("import not_installed_dependency_xyz\n")
+    (tmp_path / "raises.py").write_text("x = 1 / 0\n")
+    exp = tmp_path / "local.toml"
+    exp.write_text('plugins = ["needs_dep"]\n' + EXPERIMENT)
+    out = run_cli("validate", str(exp))
+    assert out.returncode == 2
+    assert (
+        "plugin module 'needs_dep' imports 'not_installed_dependency_xyz', which is not installed"
+        in out.stderr
+    )
+    assert out.stderr.count(str(exp)) == 1  # the file named once
+    exp.write_text('plugins = ["raises"]\n' + EXPERIMENT)
+    out = run_cli("validate", str(exp))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        f"plugin module 'raises' failed to import at {tmp_path / 'raises.py'}:1: ZeroDivisionError"
+        in out.stderr
+    )
+
+
+def test_an_unknown_name_without_a_close_match_reads_as_sentences(tmp_path, run_cli):
+    exp = tmp_path / "e.toml"
+    exp.write_text(
+        EXPERIMENT.replace('type = "thirdparty_wide"', 'type = "zzzzqqq"').replace(
+            "[losses.logit_penalty]\nweight = 0.01\npower = 2\n", ""
+        )
+    )
+    out = run_cli("validate", str(exp))
+    assert out.returncode == 2
+    assert "unknown backbone 'zzzzqqq'. Registered backbones: " in out.stderr
+
+
 def test_core_never_imports_a_plugin_set():
     """The core is domain-free: no module under branchadapt/ names a plugin package or a domain."""
     import re
