@@ -15,7 +15,9 @@ and more with fresh mappings, whatever ``train.retain_freed_memory`` sets), and 
 ``MALLOC_TOP_PAD_`` at 256 MiB (glibc then keeps a worker arena's free 64 MiB heaps instead of deleting them).
 ``<huge pages>`` sets torch's ``THP_MEM_ALLOC_ENABLE=1``: its CPU allocator aligns blocks of 2 MiB and more
 to 2 MiB and asks the kernel for transparent huge pages on them (``madvise``), so that a fresh mapping
-faults once per 2 MiB instead of once per 4 KiB page.
+faults once per 2 MiB instead of once per 4 KiB page. ``--flops`` counts each configuration's FLOPs
+in one more step after the timed ones (serial, with ``torch.utils.flop_counter``) and prints a second
+table: GFLOP per step, GFLOP/s and the fraction of the machine's measured peak (``step_time.py``'s).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
         --config default= --config "default layout=model.channels_last=false"
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocator import SETTING_ENV
 from bf16_backward import MARKER as BWD16
 from bf16_backward import patched
-from step_time import COPYING, NAIVE, build, naive_step
+from step_time import COPYING, NAIVE, build, naive_step, peak_gflops, serial_flops
 
 CL_WEIGHTS = "<channels_last weights>"
 ONE_ARENA = "<one arena>"
@@ -98,10 +100,12 @@ def child(args: argparse.Namespace) -> None:
         faults.append(after.ru_minflt - before.ru_minflt)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     measured = slice(args.warmup, None)
+    # after the timed steps and the peak RSS: one more step, serial, under the FLOP counter
+    flops = serial_flops(trainer, rt, rt.data[0]) if args.flops else None
     print(json.dumps({"step": statistics.median(times[measured]), "first": times[0], "rss_mb": rss_mb,
                       "copying": statistics.median(copying[measured]),
                       "system": statistics.median(system[measured]),
-                      "faults": statistics.median(faults[measured])}))  # fmt: skip
+                      "faults": statistics.median(faults[measured]), "flops": flops}))  # fmt: skip
 
 
 def main() -> None:
@@ -116,6 +120,12 @@ def main() -> None:
     ap.add_argument(
         "--config", action="append", metavar="NAME=OVERRIDES", help="repeatable; first is the base"
     )
+    ap.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count each configuration's FLOPs per step (one more, serial, step after the timed ones) "
+        "and print its GFLOP/s against the machine's measured peak",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -124,6 +134,7 @@ def main() -> None:
     configs = dict(c.split("=", 1) for c in args.config or ["default="])
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     shared = [f"--{k}={getattr(args, k)}" for k in ("size", "width", "stage", "steps", "warmup", "threads")]
+    shared += ["--flops"] if args.flops else []
     for r in range(args.rounds):
         for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
             cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
@@ -148,6 +159,17 @@ def main() -> None:
         faults = statistics.median(r["faults"] for r in runs)
         print(f"| {name} | {step:.3f} | {step / base:.2f} | {copying:.3f} | {first:.1f} | {rss:,.0f} "
               f"| {system:.2f} | {faults:,.0f} |")  # fmt: skip
+    if args.flops:
+        torch.set_num_threads(args.threads)
+        peak, peak_name = peak_gflops()
+        print(
+            f"\nFLOPs (torch.utils.flop_counter) against the measured peak, {peak:.0f} GFLOP/s ({peak_name})\n"
+        )
+        print("| configuration | GFLOP per step | GFLOP/s | of peak |\n|---|---:|---:|---:|")
+        for name, runs in results.items():
+            gflop = runs[0]["flops"] / 1e9  # the same in every round
+            rate = gflop / statistics.median(r["step"] for r in runs)
+            print(f"| {name} | {gflop:.4g} | {rate:.0f} | {rate / peak:.2f} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ global/local discriminators sized for the image, toonfaces data, fp32 unless sta
    ``naive`` (selective BP by deep-copying
    both generators' shared stages every step and running the few-shot groups through the copy;
    ``of which copying``: the part of its step spent copying, the work ours does not do);
-   ``ref order`` (translations recomputed for the generator update, as the reference does).
+   ``ref order`` (translations recomputed for the generator update, as the reference does); and
+   ours's FLOPs per step (counted on a trainer of its own, see below), GFLOP/s and fraction of peak.
 2. **The reference's maths** (stage 1: one photo + one cartoon, no branches, five losses, the
    face-ID loss through a MobileFaceNet as in the reference, not the toonfaces recognizer):
    ``ours``, ``ref order``, ``ours`` with ``train.compile = "units"`` (its first, compiling,
@@ -165,14 +166,25 @@ def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]]
     return medians
 
 
-def step_flops(size: int, width: int, extra: list[str]) -> int:
-    """FLOPs of one stage-1 step. Counted with ``task.concurrent = false``: the counter is a
-    dispatch mode of this thread and would miss the worker threads (the FLOPs are the same)."""
-    trainer, rt = build(size, width, 0, [*extra, "task.concurrent=false"])
-    trainer.train_step(rt, rt.data[0])
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(rt, rt.data[1])
+def serial_flops(trainer: Trainer, rt: StageRuntime, batch: ba.Batch) -> int:
+    """FLOPs of one more training step of a built stage (it trains one step), counted with both
+    directions on this thread: the counter is a dispatch mode of the calling thread and would miss
+    the worker threads of ``task.concurrent`` (the FLOPs are the same)."""
+    options = rt.task.options  # type: ignore[attr-defined]
+    rt.task.options = options.model_copy(update={"concurrent": False})  # type: ignore[attr-defined]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(rt, batch)
+    finally:
+        rt.task.options = options  # type: ignore[attr-defined]
     return counter.get_total_flops()
+
+
+def step_flops(size: int, width: int, extra: list[str], stage: int = 0) -> int:
+    """FLOPs of one step of stage ``stage`` (0: basic), after one uncounted step."""
+    trainer, rt = build(size, width, stage, extra)
+    trainer.train_step(rt, rt.data[0])
+    return serial_flops(trainer, rt, rt.data[1])
 
 
 def peak_gflops(repeat: int = 10) -> tuple[float, str]:
@@ -237,9 +249,9 @@ def main() -> None:
             "| size | ours | no branches | overhead | loop | overhead, loop | stacked | overhead, stacked "
             "| fused | overhead, fused | separate calls | overhead, separate | vmap copies | overhead, vmap "
             "| naive copy | of which copying | ref order | ours bf16 | overhead per round (min-max) "
-            "| serial directions | no branches, serial | overhead, serial |"
+            "| serial directions | no branches, serial | overhead, serial | GFLOP per step | GFLOP/s | of peak |"
         )
-        print("|---:" * 22 + "|", flush=True)
+        print("|---:" * 25 + "|", flush=True)
         wanted = set(args.only or OPTIONAL_VARIANTS) - ({"bf16"} if args.no_bf16 else set())
         configs = {"ours": [], "plain": NO_BRANCHES}
         configs |= {k: v for k, v in OPTIONAL_VARIANTS.items() if k in wanted}
@@ -262,6 +274,9 @@ def main() -> None:
                      cell("naive"), cell("copying"), cell("ref"), cell("bf16"),
                      f"{min(ratios):.2f}-{max(ratios):.2f}", cell("serial"), cell("plain serial"),
                      f"{t['serial'] / t['plain serial']:.2f}" if "serial" in t else "-"]  # fmt: skip
+            flops = step_flops(size, args.width, [], stage=1)  # ours, counted on a trainer of its own
+            rate = flops / t["ours"] / 1e9
+            cells += [f"{flops / 1e9:.4g}", f"{rate:.0f}", f"{rate / peak:.2f}"]
             print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
         print()
     if args.skip_reference:

@@ -352,7 +352,10 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
     assert low == high == pytest.approx(overhead, abs=0.011)
     serial, plain_serial = map(float, row[19:21])  # both directions one after the other, both sides
     assert min(serial, plain_serial) > 0 and float(row[21]) == printed_ratio(serial, plain_serial)
-    assert "measured peak" in out
+    peak = float(re.search(r"measured peak (\d+) GFLOP/s", out).group(1))  # type: ignore[union-attr]
+    gflop, rate, of_peak = map(float, row[22:25])  # ours's FLOPs per step, GFLOP/s, of peak
+    assert gflop > 0 and rate == pytest.approx(gflop / ours, rel=0.02, abs=1)
+    assert of_peak == pytest.approx(rate / peak, rel=0.05, abs=0.0051 + 0.51 / peak)  # printed rounded
 
 
 def test_data_loading_compares_loader_throughput_with_training() -> None:
@@ -428,6 +431,24 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     # only the naive configuration copies the shared stages, and its copying is part of its step
     assert all(float(row[3]) == 0 for name, row in rows.items() if name != "naive")
     assert 0 < float(rows["naive"][3]) < float(rows["naive"][1])
+
+
+def test_one_config_counts_the_same_flops_with_the_directions_at_once_or_not() -> None:
+    # with 2 threads the default runs both directions on worker threads, which a FLOP counter on
+    # the calling thread would not see: the count must come from a serial step
+    out = run(
+        "one_config.py", "--size", "32", "--width", "4", "--stage", "1", "--steps", "1", "--threads", "2",
+        "--flops", "--config", "default=", "--config", "serial=task.concurrent=false",
+    )  # fmt: skip
+    steps = {row[0]: float(row[1]) for row in table_rows(out, "(default|serial)$") if len(row) == 8}
+    flops = {row[0]: row[1:] for row in table_rows(out, "(default|serial)$") if len(row) == 4}
+    assert set(flops) == set(steps) == {"default", "serial"}
+    peak = float(re.search(r"measured peak, (\d+) GFLOP/s", out).group(1))  # type: ignore[union-attr]
+    assert flops["default"][0] == flops["serial"][0] and float(flops["default"][0]) > 0
+    for name, (gflop, rate, of_peak) in flops.items():
+        assert float(rate) == pytest.approx(float(gflop) / steps[name], rel=0.05, abs=1)
+        # printed rounded: the rate to 1 GFLOP/s, the fraction to 0.01
+        assert float(of_peak) == pytest.approx(float(rate) / peak, rel=0.05, abs=0.0051 + 0.51 / peak)
 
 
 def test_one_config_markers_set_the_allocator_environment_of_their_process_only() -> None:
