@@ -47,17 +47,19 @@ def split_state(state: Mapping[str, Tensor], names: list[str] | None = None) -> 
 
 
 def save_weights(
-    path: Path, modules: Mapping[str, nn.Module], metadata: Mapping[str, str] | None = None
+    path: str | Path, modules: Mapping[str, nn.Module], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Atomically write every module's state to one safetensors file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(module_state(modules), str(tmp), metadata=dict(metadata or {}))
     os.replace(tmp, path)
 
 
-def read_tensors(path: Path) -> dict[str, Tensor]:
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file; a missing or corrupt file is a user error naming it."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} not found")
     try:
@@ -66,7 +68,7 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def load_weights(path: Path, modules: Mapping[str, nn.Module]) -> None:
+def load_weights(path: str | Path, modules: Mapping[str, nn.Module]) -> None:
     """Load a :func:`save_weights` file into ``modules``; any key or shape difference is an error."""
     state = split_state(read_tensors(path), list(modules))
     problems = []

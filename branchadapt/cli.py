@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -60,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if exp.task.cls.evaluate is not Task.evaluate:
             report = evaluate_run(trainer.run_dir, device=args.device)
             print_report(report)
-            console.print(f"metrics written to {report['path']}")
+            console.print(written(report))
     return 0
 
 
@@ -69,8 +70,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.run_dir, stage=args.stage, split=args.split, device=args.device)
     print_report(report)
-    Console(stderr=True, soft_wrap=True).print(f"metrics written to {report['path']}")
+    Console(stderr=True, soft_wrap=True).print(written(report))
     return 0
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def written(report: dict[str, Any]) -> str:
+    """Where an evaluation's files are: its metrics, and its HTML report when one was written."""
+    html = report.get("html")
+    return f"metrics written to {report['path']}" + (f", report in {html}" if html else "")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -114,7 +132,9 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         "--run-dir", type=Path, default=None, help="default: run_dir of the file, else runs/<name>"
     )
     run.add_argument("--device", default=None, help="override the experiment's device (auto, cpu, cuda, mps)")
-    run.add_argument("--max-steps", type=int, default=None, help="pause after N steps (resume by re-running)")
+    run.add_argument(
+        "--max-steps", type=positive_int, default=None, help="pause after N steps (resume by re-running)"
+    )
     run.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     run.set_defaults(handler=cmd_run)
     evaluate = sub.add_parser("evaluate", help="per-group metrics of a finished run on a held-out split")

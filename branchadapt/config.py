@@ -113,7 +113,11 @@ class Experiment(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 enables autocast")
-    run_dir: str | None = Field(None, description="default: runs/<name> beside the experiment file")
+    run_dir: str | None = Field(
+        None,
+        description="default: runs/<name> under the current directory; a relative path is taken beside the "
+        "experiment file",
+    )
     plugins: list[str] = Field(default_factory=list, description="local plugin modules to import")
     groups: list[GroupName] = Field(min_length=1)
     anchor: GroupName | None = Field(None, description="the many-sample group (default: first group)")
@@ -140,7 +144,7 @@ class Experiment(_Strict):
     def _device(cls, device: str) -> str:
         base = device.split(":")[0]
         if base not in {"auto", "cpu", "cuda", "mps"}:
-            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
         return device
 
     @model_validator(mode="before")
@@ -179,6 +183,9 @@ def inherit_defaults(data: Any) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         return data
     data = dict(data)
+    for key, default in (("splitter", "single"), ("sampler", "per_group")):
+        if isinstance(data.get(key), dict) and "type" not in data[key]:  # e.g. --set sampler.per_group=2
+            data[key] = {"type": default, **data[key]}
     defaults = {
         "splitter": data.get("splitter", {"type": "single"}),
         "sampler": data.get("sampler", {"type": "per_group"}),

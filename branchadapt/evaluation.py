@@ -92,10 +92,11 @@ def evaluate_run(
     exp, stage, task, modules, trainer = (
         loaded.experiment, loaded.stage, loaded.task, loaded.modules, loaded.trainer
     )  # fmt: skip
+    source = trainer.build_source(split)  # an unknown split fails here, before anything is written
     out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        metrics = task.evaluate(modules, trainer.build_source(split), trainer.device, out_dir)
+        metrics = task.evaluate(modules, source, trainer.device, out_dir)
     if metrics is None:
         raise UserError(f"task {exp.task.type!r} does not define an evaluation")
     report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}

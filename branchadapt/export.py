@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +76,27 @@ def export_onnx(backbone: Backbone, path: Path, batch_size: int = 2) -> float | 
     except NotImplementedError as exc:
         raise UserError(f"{exc}; the backbone must declare its inputs to be exported") from exc
     batch = torch.export.Dim("batch")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            backbone,
-            inputs,
-            str(tmp),
-            dynamo=True,
-            input_names=[f"input{i}" for i in range(len(inputs))],
-            dynamic_shapes=tuple({0: batch} for _ in inputs),
-            verbose=False,
-        )
-    os.replace(tmp, path)
+    # one self-contained file unless the weights exceed protobuf's 2 GiB: then "<name>.data" beside it,
+    # which the .onnx names; both are written under a temporary folder and moved into place
+    weight_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    external = weight_bytes >= 2**31 - 2**27
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+        tmp = Path(folder) / path.name
+        with torch.no_grad():
+            torch.onnx.export(
+                backbone,
+                inputs,
+                str(tmp),
+                dynamo=True,
+                external_data=external,
+                input_names=[f"input{i}" for i in range(len(inputs))],
+                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                verbose=False,
+            )
+        data = tmp.with_name(f"{tmp.name}.data")
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
+        os.replace(tmp, path)
     return onnx_difference(backbone, path, inputs)
 
 

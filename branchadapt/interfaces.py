@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .batching import StackedRule
+from .errors import UserError
 
 #: A step's input: for every stream (e.g. "source", "target", "train") a dict of batched tensors,
 #: always including ``"group"``, the index of each sample's group in the experiment's group list.
@@ -174,6 +175,8 @@ class DataSource(ABC):
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: the splits it can load; another one is a user error naming these
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
 
     def __init__(
         self,
@@ -182,6 +185,10 @@ class DataSource(ABC):
         base_dir: Path,
         split: str = "train",
     ) -> None:
+        if split not in self.splits:
+            raise UserError(
+                f"data split {split!r} does not exist; {type(self).__name__} has {', '.join(map(repr, self.splits))}"
+            )
         self.options = options if options is not None else self.Options()
         self.groups = tuple(groups)
         self.base_dir = base_dir

@@ -126,13 +126,22 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         parts.append(int(index) if index else name)
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.strip()[:1] in ("[", "{", '"', "'"):  # meant as TOML, not as a bare string
+            raise ConfigError(f"--set {assignment!r}: the value is not valid TOML ({exc})") from None
         value = text
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         try:
             if isinstance(node, dict) and part not in node:
+                if i == 1 and parts[0] == "stages" and node:  # a new stage from --set: a typo?
+                    close = difflib.get_close_matches(str(part), [str(k) for k in node], n=1, cutoff=0.7)
+                    if close:
+                        raise ConfigError(
+                            f"--set {assignment!r}: there is no stage {part!r}; did you mean {close[0]!r}? "
+                            f"Stages: {', '.join(map(str, node))} (a new stage belongs in the file)"
+                        )
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]
         except (KeyError, IndexError, TypeError) as exc:
@@ -315,6 +324,12 @@ def json_schema(plugins: PluginSet | None = None) -> dict[str, Any]:
     """JSON schema of experiment files, with every registered plugin's options attached."""
     plugins = plugins or default_plugins()
     schema = Experiment.model_json_schema()
+    # read before validation (``read_toml`` merges the base in), so not a model field
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "title": "Extends",
+        "description": "path of a base experiment (relative to this file); this file's keys override it",
+    }
     per_kind: dict[str, dict[str, Any]] = {}
     for entry in plugins.registry:
         options = getattr(entry.obj, "Options", PluginOptions)

@@ -38,12 +38,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: what a run directory holds once a run has trained (its config alone is not a run yet)
+TRAINED = ("metrics.jsonl", "checkpoints", "stages")
+
+
+def has_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any training result (metrics, a checkpoint, a finished stage)."""
+    return any((run_dir / name).exists() for name in TRAINED)
+
+
 def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
-    """Create ``run_dir`` with the resolved config, or check it holds this same experiment."""
+    """Create ``run_dir`` with the resolved config, or check it holds this same experiment.
+
+    A directory with a config but no training result (a run that stopped at set-up, e.g. on a
+    wrong data path) takes the new config: there is nothing of the old run to protect."""
     dump = exp.spec.model_dump(mode="json", exclude_none=True)
     record = {"config_hash": config_hash(exp.spec), "source": str(exp.source), "experiment": dump}
     saved_path = run_dir / "config.json"
-    if saved_path.exists():
+    if saved_path.exists() and has_trained(run_dir):
         try:
             saved = json.loads(saved_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

@@ -141,6 +141,10 @@ class Trainer:
         self.exp = experiment
         self.spec = experiment.spec
         self.run_dir = Path(run_dir) if run_dir is not None else experiment.run_dir
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(
+                f"run directory {self.run_dir} is a file; expected a folder (new, or holding this run)"
+            )
         device_ = select_device(device or self.spec.device)
         # torchrun: join the process group, else one process
         self.dist = distributed.setup(device_) if join_process_group else distributed.DistInfo()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from branchadapt import Backbone, PluginOptions
+from branchadapt import Backbone, PluginOptions, UserError
 from branchadapt.batching import StackedRule
 from branchadapt.device import autocast
 
@@ -275,6 +275,14 @@ class UGATITGenerator(Backbone):
             raise ValueError(
                 "image sides must be multiples of 16 and at least 32 (the hourglass halves them 4 times "
                 f"and reflection-pads the 2 px result), got {tuple(x.shape[-2:])}"
+            )
+        side = self.options.image_size
+        if tuple(x.shape[-2:]) != (side, side) and (torch.is_grad_enabled() or not self.options.light):
+            # the full FC's size depends on it; a light model trained at another size would export
+            # (example_inputs) and be documented at the wrong one
+            raise UserError(
+                f"model.image_size is {side} but the images are {x.shape[-2]}x{x.shape[-1]} px; set "
+                f"model.image_size to the data's size"
             )
         layout = self._channels_last(x)
         bf16 = bf16_decoder_applies(self.options.bf16_decoder, x)  # decided on the input image's size

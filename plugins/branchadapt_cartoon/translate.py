@@ -61,6 +61,10 @@ def plan_jobs(
             raise UserError(f"{source}: a single image needs --group (one of {list(groups)})")
         target = output if output.suffix.lower() in IMAGE_SUFFIXES else output / f"{source.stem}.png"
         return [(group, source, target.with_suffix(".png"))]
+    if output.is_file() or output.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(
+            f"{output}: a folder of images translates into a folder; expected a folder, not an image file"
+        )
     if group is not None:
         images = list_images(source)
         if not images:

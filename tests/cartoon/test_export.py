@@ -24,13 +24,18 @@ def trained(tmp_path_factory, tiny_cartoon_text):
     return run
 
 
-def test_onnx_export_matches_the_groups_eager_generator(trained, run_cli):
+def test_onnx_export_matches_the_groups_eager_generator(trained, run_cli, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     done = run_cli("export", str(trained), "--group", "men", "--format", "onnx")
     assert done.returncode == 0, done.stderr
     path = trained / "export" / "gen_a2b-men.onnx"
     assert path.is_file() and f"written to {path}" in done.stdout
     assert "onnxruntime vs eager: max abs difference" in done.stdout
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    # the file stands alone: copied elsewhere without anything beside it, it still loads
+    alone = tmp_path / "deployed.onnx"
+    alone.write_bytes(path.read_bytes())
+    path = alone
     # independent check: another batch size (the batch dimension is dynamic), men's own branches
     men = load_stage(trained).modules["gen_a2b"].extract("men").eval()
     women = load_stage(trained).modules["gen_a2b"].extract("women").eval()

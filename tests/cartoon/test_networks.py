@@ -63,6 +63,17 @@ def test_forward_shapes_small_and_size_errors():
         gen(torch.randn(1, 3, 16, 16))
 
 
+def test_images_of_another_size_than_model_image_size_are_a_user_error_in_training():
+    light = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=64, n_blocks=1))
+    with pytest.raises(ba.UserError, match=r"model\.image_size is 64 but the images are 32x32 px"):
+        light(torch.randn(1, 3, 32, 32))  # training: it would export and report the wrong size
+    with torch.no_grad():
+        assert light(torch.randn(1, 3, 32, 32))[0].shape == (1, 3, 32, 32)  # a light model's inference
+    full = UGATITGenerator(UGATITGenerator.Options(width=4, image_size=64, n_blocks=1, light=False))
+    with torch.no_grad(), pytest.raises(ba.UserError, match=r"set model\.image_size to the data.s size"):
+        full(torch.randn(1, 3, 32, 32))  # its FC layer is sized for 64 px
+
+
 def test_weights_are_initialised_from_n_0_002():
     gen = UGATITGenerator(UGATITGenerator.Options(width=32, image_size=256))
     w = gen.DecodeBlock1.conv1.weight.detach()

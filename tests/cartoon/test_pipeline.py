@@ -70,6 +70,11 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(tiny_cartoon, tmp
     assert done.returncode == 2 and "--group" in done.stderr
     done = run_cli("translate", str(run), str(src / "men"), str(out / "m"), "--group", "nobody")
     assert done.returncode == 2 and "nobody" in done.stderr
+    # a folder into an existing image file: refused, the file kept
+    (out / "single.png").write_bytes(b"keep")
+    done = run_cli("translate", str(run), str(src / "men"), str(out / "single.png"), "--group", "men")
+    assert done.returncode == 2 and "expected a folder, not an image file" in done.stderr
+    assert "Traceback" not in done.stderr and (out / "single.png").read_bytes() == b"keep"
 
 
 def test_resume_gives_bit_identical_weights(tiny_cartoon, tmp_path):

@@ -13,6 +13,12 @@ import pytest
         (["run", "{exp}", "--device", "cuda:3"], "CUDA is not available"),
         (["run", "{exp}", "--set", "stages.basic.sampler.type=per_grup"], "did you mean 'per_group'"),
         (["validate", "{exp}", "--set", "nonsense"], "expected KEY.PATH=VALUE"),
+        (
+            ["validate", "{exp}", "--set", "stages.tranfer.steps=3"],
+            "no stage 'tranfer'; did you mean 'transfer'?",
+        ),
+        (["validate", "{exp}", "--set", "device=tpu"], "expected auto, cpu, cuda, cuda:N or mps (got 'tpu')"),
+        (["run", "{exp}", "--run-dir", "{bad}"], "is a file; expected a folder"),
     ],
 )
 def test_user_errors_exit_2(args, expected, small_experiment, tmp_path, run_cli):
@@ -23,6 +29,12 @@ def test_user_errors_exit_2(args, expected, small_experiment, tmp_path, run_cli)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and expected in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_max_steps_must_be_positive(small_experiment, tmp_path, run_cli):
+    out = run_cli("run", str(small_experiment()), "--max-steps", "-5", cwd=tmp_path)
+    assert out.returncode == 2 and "argument --max-steps: expected at least 1, got -5" in out.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 def test_run_prints_progress_lines_and_resumes(small_experiment, tmp_path, run_cli):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -104,11 +105,48 @@ def test_apply_override_paths():
         apply_override(data, "nothing")
 
 
+def test_an_override_naming_a_misspelt_stage_is_refused_not_added():
+    data = {"stages": {"basic": {"steps": 1}, "transfer": {"steps": 2}}}
+    with pytest.raises(
+        ba.ConfigError, match=r"no stage 'tranfser'; did you mean 'transfer'\? Stages: basic, transfer"
+    ):
+        apply_override(data, "stages.tranfser.steps=3")
+    assert data == {"stages": {"basic": {"steps": 1}, "transfer": {"steps": 2}}}
+    apply_override(data, "stages.finetune.steps=4")  # a name unlike any stage: a new stage
+    assert data["stages"]["finetune"] == {"steps": 4}
+
+
+def test_an_override_value_meant_as_toml_must_parse():
+    data: dict = {}
+    for text in ("[1", "{a = 1", '"unclosed'):
+        with pytest.raises(ba.ConfigError, match="the value is not valid TOML"):
+            apply_override(data, f"stages.basic.steps={text}")
+    apply_override(data, "name=plain words")  # a bare string stays a string
+    assert data == {"name": "plain words"}
+
+
 def test_schema_includes_plugin_options():
     schema = json_schema()
     assert "stages" in schema["properties"]
     assert "label_smoothing" in schema["x-branchadapt-plugins"]["loss"]["cross_entropy"]["properties"]
     assert "low" in schema["x-branchadapt-plugins"]["splitter"]["branches"]["properties"]
+    assert schema["properties"]["extends"]["type"] == "string"  # variant files use it
+
+
+def test_config_doc_lists_every_key():
+    from branchadapt.config import StageSpec, TrainSpec
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    for model in (ba.config.Experiment, StageSpec, TrainSpec):
+        missing = [name for name in model.model_fields if f"`{name}`" not in doc]
+        assert not missing, f"docs/config.md does not mention {model.__name__} keys {missing}"
+
+
+def test_a_sampler_table_without_type_takes_the_default_type(small_experiment):
+    # the file has no top-level [sampler] table: --set creates one without a type
+    exp = ba.load_experiment(small_experiment(), ["sampler.per_group=5"])
+    assert exp.spec.sampler.type == "per_group" and exp.spec.sampler.options() == {"per_group": 5}
+    assert [stage.sampler.options.per_group for stage in exp.stages] == [4, 2]  # the stages' own win
 
 
 def test_cli_validate_schema_and_errors(small_experiment, run_cli):

@@ -28,3 +28,13 @@ def test_custom_loop_example_trains_branches_and_reloads(tmp_path):
     assert branched["anchor"] >= basic["anchor"] - 0.02
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert (tmp_path / "final" / "meta.json").is_file()
+
+
+def test_the_library_doc_snippet_runs_as_pasted(tmp_path, monkeypatch):
+    import re
+
+    text = (ROOT / "docs" / "library.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "docs/library.md", "exec"), {})
+    assert (tmp_path / "out" / "final" / "meta.json").is_file()

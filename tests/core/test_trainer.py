@@ -80,6 +80,35 @@ def test_rerun_with_other_config_is_refused_and_changes_nothing(small_experiment
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
 
 
+def test_a_run_dir_that_never_trained_takes_the_corrected_config(small_experiment, tmp_path):
+    # a run that stopped at set-up (here: a stage whose groups have no data) left only its config
+    path = small_experiment()
+    with pytest.raises(ba.UserError, match="have no training data"):
+        train(path, tmp_path / "run", overrides=["data.counts.a=0"])
+    assert (tmp_path / "run" / "config.json").exists()
+    train(path, tmp_path / "run")  # the corrected command reuses the directory
+    assert (tmp_path / "run" / "stages" / "transfer" / "final.safetensors").exists()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["experiment"]["data"]["counts"]["a"] == 64
+
+
+def test_a_run_dir_that_is_a_file_is_a_user_error(small_experiment, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ba.UserError, match=r"run directory .*notes.txt is a file; expected a folder"):
+        train(small_experiment(), tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_weights_files_take_str_paths_as_well(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = ba.build_backbone("mlp", in_features=6, hidden=[8], out_features=3)
+    ba.save_weights("out/w.safetensors", {"model": model})  # a str, as a researcher types it
+    other = ba.build_backbone("mlp", in_features=6, hidden=[8], out_features=3)
+    ba.load_weights("out/w.safetensors", {"model": other})
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
 def test_checkpoint_for_another_model_is_refused(small_experiment, tmp_path):
     path = small_experiment()
     train(path, tmp_path / "run", max_steps=2)
@@ -209,6 +238,11 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
     assert "stage basic on the test split" in out.stdout and "accuracy" in out.stdout
     bad = run_cli("evaluate", str(tmp_path))
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    nope = run_cli("evaluate", str(tmp_path / "run"), "--split", "nope")
+    assert nope.returncode == 2 and "Traceback" not in nope.stderr
+    assert "data split 'nope' does not exist; ClusterData has 'train', 'test'" in nope.stderr
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing written
 
 
 def test_task_samples_are_written_every_n_steps_in_eval_mode(small_experiment, tmp_path, monkeypatch):
