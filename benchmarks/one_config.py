@@ -16,7 +16,8 @@ and more with fresh mappings, whatever ``train.retain_freed_memory`` sets), and 
 ``<huge pages>`` sets torch's ``THP_MEM_ALLOC_ENABLE=1``: its CPU allocator aligns blocks of 2 MiB and more
 to 2 MiB and asks the kernel for transparent huge pages on them (``madvise``), so that a fresh mapping
 faults once per 2 MiB instead of once per 4 KiB page. ``--flops`` counts each configuration's FLOPs
-in one more step after the timed ones (serial, with ``torch.utils.flop_counter``) and prints a second
+in one more process per configuration (``step_time.step_flops``: a serial step after one uncounted
+step, with ``torch.utils.flop_counter``; markers left out, they do not change the maths) and prints a second
 table: GFLOP per step, GFLOP/s and the fraction of the machine's measured peak (``step_time.py``'s).
 
     .venv/bin/python benchmarks/one_config.py --size 256 --stage 2 --steps 3 --threads 2 \\
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocator import SETTING_ENV
 from bf16_backward import MARKER as BWD16
 from bf16_backward import patched
-from step_time import COPYING, NAIVE, build, naive_step, peak_gflops, serial_flops
+from step_time import COPYING, NAIVE, build, naive_step, peak_gflops, step_flops
 
 CL_WEIGHTS = "<channels_last weights>"
 ONE_ARENA = "<one arena>"
@@ -73,6 +74,10 @@ def child(args: argparse.Namespace) -> None:
     """Run one configuration here and print its result as one JSON line."""
     torch.set_num_threads(args.threads)
     overrides = [o for o in args.child.split(";") if o]
+    if args.count:  # a process of its own: a serial step's memory on top of a timed trainer's does not fit
+        flops = step_flops(args.size, args.width, [o for o in overrides if o not in MARKERS], args.stage - 1)
+        print(json.dumps({"flops": flops}))
+        return
     trainer, rt = build(args.size, args.width, args.stage - 1, [o for o in overrides if o not in MARKERS])
     if CL_WEIGHTS in overrides:
         for name in ("gen_a2b", "gen_b2a"):
@@ -100,12 +105,10 @@ def child(args: argparse.Namespace) -> None:
         faults.append(after.ru_minflt - before.ru_minflt)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     measured = slice(args.warmup, None)
-    # after the timed steps and the peak RSS: one more step, serial, under the FLOP counter
-    flops = serial_flops(trainer, rt, rt.data[0]) if args.flops else None
     print(json.dumps({"step": statistics.median(times[measured]), "first": times[0], "rss_mb": rss_mb,
                       "copying": statistics.median(copying[measured]),
                       "system": statistics.median(system[measured]),
-                      "faults": statistics.median(faults[measured]), "flops": flops}))  # fmt: skip
+                      "faults": statistics.median(faults[measured])}))  # fmt: skip
 
 
 def main() -> None:
@@ -123,10 +126,11 @@ def main() -> None:
     ap.add_argument(
         "--flops",
         action="store_true",
-        help="also count each configuration's FLOPs per step (one more, serial, step after the timed ones) "
-        "and print its GFLOP/s against the machine's measured peak",
+        help="also count each configuration's FLOPs per step (in one more process per configuration, serial "
+        "steps) and print its GFLOP/s against the machine's measured peak",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--count", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         child(args)
@@ -134,7 +138,6 @@ def main() -> None:
     configs = dict(c.split("=", 1) for c in args.config or ["default="])
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     shared = [f"--{k}={getattr(args, k)}" for k in ("size", "width", "stage", "steps", "warmup", "threads")]
-    shared += ["--flops"] if args.flops else []
     for r in range(args.rounds):
         for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
             cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
@@ -142,6 +145,13 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    flops: dict[str, int] = {}
+    for name, overrides in configs.items() if args.flops else ():
+        cmd = [sys.executable, __file__, *shared, f"--child={overrides}", "--count"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(overrides))
+        if done.returncode != 0:
+            sys.exit(f"counting the FLOPs of {name!r} failed:\n{done.stderr[-2000:]}")
+        flops[name] = json.loads(done.stdout.strip().splitlines()[-1])["flops"]
     print(f"stage {args.stage} at {args.size} px, width {args.width}, {args.threads} threads, median of "
           f"{args.steps} after {args.warmup} per process, {args.rounds} round(s), one process per run\n")  # fmt: skip
     print(
@@ -167,7 +177,7 @@ def main() -> None:
         )
         print("| configuration | GFLOP per step | GFLOP/s | of peak |\n|---|---:|---:|---:|")
         for name, runs in results.items():
-            gflop = runs[0]["flops"] / 1e9  # the same in every round
+            gflop = flops[name] / 1e9
             rate = gflop / statistics.median(r["step"] for r in runs)
             print(f"| {name} | {gflop:.4g} | {rate:.0f} | {rate / peak:.2f} |")
 

@@ -166,25 +166,17 @@ def interleaved(size: int, width: int, stage: int, configs: dict[str, list[str]]
     return medians
 
 
-def serial_flops(trainer: Trainer, rt: StageRuntime, batch: ba.Batch) -> int:
-    """FLOPs of one more training step of a built stage (it trains one step), counted with both
-    directions on this thread: the counter is a dispatch mode of the calling thread and would miss
-    the worker threads of ``task.concurrent`` (the FLOPs are the same)."""
-    options = rt.task.options  # type: ignore[attr-defined]
-    rt.task.options = options.model_copy(update={"concurrent": False})  # type: ignore[attr-defined]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            trainer.train_step(rt, batch)
-    finally:
-        rt.task.options = options  # type: ignore[attr-defined]
-    return counter.get_total_flops()
-
-
 def step_flops(size: int, width: int, extra: list[str], stage: int = 0) -> int:
-    """FLOPs of one step of stage ``stage`` (0: basic), after one uncounted step."""
-    trainer, rt = build(size, width, stage, extra)
+    """FLOPs of one step of stage ``stage`` (0: basic), after one uncounted step, on a trainer of
+    its own built with ``task.concurrent = false``: the counter is a dispatch mode of the calling
+    thread and would miss the worker threads (the FLOPs are the same). Switching a trainer that
+    ran concurrent steps to serial ones would not do: the serial step's memory comes on top of
+    what the worker threads' allocator arenas keep (out of memory at 256 px)."""
+    trainer, rt = build(size, width, stage, [*extra, "task.concurrent=false"])
     trainer.train_step(rt, rt.data[0])
-    return serial_flops(trainer, rt, rt.data[1])
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(rt, rt.data[1])
+    return counter.get_total_flops()
 
 
 def peak_gflops(repeat: int = 10) -> tuple[float, str]:

@@ -435,7 +435,7 @@ def test_one_config_runs_each_configuration_in_its_own_process() -> None:
 
 def test_one_config_counts_the_same_flops_with_the_directions_at_once_or_not() -> None:
     # with 2 threads the default runs both directions on worker threads, which a FLOP counter on
-    # the calling thread would not see: the count must come from a serial step
+    # the calling thread would not see: the count comes from serial steps in a process of its own
     out = run(
         "one_config.py", "--size", "32", "--width", "4", "--stage", "1", "--steps", "1", "--threads", "2",
         "--flops", "--config", "default=", "--config", "serial=task.concurrent=false",
