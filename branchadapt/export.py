@@ -145,7 +145,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=Path, help="run directory")
     p.add_argument("--group", required=True, help="whose branches to take")
-    p.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS)
+    p.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS, help="default: onnx")
     p.add_argument("--module", default=None, help="which branched module (default: the first)")
     p.add_argument("--stage", default=None, help="stage whose final weights to export (default: last)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export/MODULE-GROUP.FORMAT")

@@ -97,7 +97,8 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
     if not path.is_file():
         where = f"{_chain[-1]}: extends: " if _chain else ""
-        raise ConfigError(f"{where}experiment file {path} not found")
+        what = "is a folder; expected a .toml file" if path.is_dir() else "not found"
+        raise ConfigError(f"{where}experiment file {path} {what}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -306,6 +307,8 @@ def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, A
             resolved = component("loss", loss, f"{at}.losses.{loss_name}")
             if resolved is not None and getattr(resolved.options, "enabled", True):
                 losses[loss_name] = resolved
+        if not losses and not any(p.startswith(f"{at}.losses") for p in problems):
+            problems.append(f"{at}.losses: no enabled loss terms; the stage would train nothing")
         optim = {}
         default = stage.optim.get("default", OptimSpec())
         for phase, opt in stage.optim.items():

@@ -196,13 +196,7 @@ class Trainer:
             spec = self.exp.optim_for(stage, phase.name)
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
-        all_sizes = source.sizes()
-        sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
-        empty = [g for g, s in sizes.items() if not any(s.values())]
-        if empty:
-            raise UserError(
-                f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
-            )
+        sizes = self._stage_sizes(stage, source)
         sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
         ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
@@ -222,6 +216,17 @@ class Trainer:
         if not out:
             raise ConfigError(f"{self.exp.source}: stages.{stage.name}.losses: no enabled loss terms")
         return out
+
+    def _stage_sizes(self, stage: ResolvedStage, source: DataSource) -> dict[str, dict[str, int]]:
+        """The stage's groups' stream sizes; a group without training data is a user error."""
+        all_sizes = source.sizes()
+        sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
+        empty = [g for g, s in sizes.items() if not any(s.values())]
+        if empty:
+            raise UserError(
+                f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
+            )
+        return sizes
 
     def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
         """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""
@@ -247,6 +252,8 @@ class Trainer:
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
         source = self.build_source("train")
+        for stage in self.exp.stages:  # every stage's data before the first step, not hours into a run
+            self._stage_sizes(stage, source)
         budget = max_steps
         for index, stage in enumerate(self.exp.stages):
             final = self.run_dir / "stages" / stage.name / "final.safetensors"

@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..data import group_batches
+from ..errors import UserError
 from ..interfaces import Backbone, Batch, DataSource, LossOptions, LossTerm, Phase, PluginOptions, Task
 
 
@@ -77,6 +78,11 @@ class ClusterData(DataSource):
     ):
         super().__init__(options, groups, base_dir, split)
         o = self.options
+        unknown = sorted(set(o.counts) - set(self.groups))
+        if unknown:
+            raise UserError(
+                f"data.counts: {unknown} are not groups of the experiment; groups: {list(self.groups)}"
+            )
         rng = np.random.default_rng([o.seed, 7])
         centres = rng.normal(0, 2.0, (o.classes, o.features))
         self._x: dict[str, np.ndarray] = {}

@@ -113,5 +113,7 @@ def run_translate(args: argparse.Namespace) -> int:
                         target.with_name(f"{target.stem}_cam.png"), to_uint8(heatmap_overlay(x[i], heat[i]))
                     )
             bar.advance(task_id, len(chunk))
-    print(f"translated {len(jobs)} images ({args.direction}) into {args.output}")
+    print(
+        f"translated {len(jobs)} image{'s' if len(jobs) != 1 else ''} ({args.direction}) into {args.output}"
+    )
     return 0

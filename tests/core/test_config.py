@@ -93,6 +93,14 @@ def test_stage_can_disable_a_loss_and_a_stage(small_experiment):
     assert exp.stages[1].losses["smooth"].options.label_smoothing == 0.1
     exp = ba.load_experiment(small_experiment(), ["stages.transfer.enabled=false"])
     assert [s.name for s in exp.stages] == ["basic"]
+    # a stage left with no loss at all is caught when the file loads, not when that stage starts
+    with pytest.raises(ba.ConfigError, match=r"stages\.transfer\.losses: no enabled loss terms"):
+        ba.load_experiment(small_experiment(), ["stages.transfer.losses.cross_entropy.enabled=false"])
+
+
+def test_a_folder_given_as_the_experiment_file_says_so(tmp_path):
+    with pytest.raises(ba.ConfigError, match=r"is a folder; expected a \.toml file"):
+        ba.load_experiment(tmp_path)
 
 
 def test_apply_override_paths():

@@ -92,6 +92,15 @@ def test_a_run_dir_that_never_trained_takes_the_corrected_config(small_experimen
     assert saved["experiment"]["data"]["counts"]["a"] == 64
 
 
+def test_a_later_stage_without_data_stops_the_run_before_the_first_step(small_experiment, tmp_path):
+    # group b trains only in the transfer stage: its missing data must not wait for basic to finish
+    with pytest.raises(ba.UserError, match=r"stages\.transfer: groups \['b'\] have no training data"):
+        train(small_experiment(), tmp_path / "run", overrides=["data.counts.b=0"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ba.UserError, match=r"data\.counts: \['d'\] are not groups of the experiment"):
+        train(small_experiment(), tmp_path / "run", overrides=["data.counts.d=5"])
+
+
 def test_a_run_dir_that_is_a_file_is_a_user_error(small_experiment, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ba.UserError, match=r"run directory .*notes.txt is a file; expected a folder"):
