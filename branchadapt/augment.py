@@ -9,10 +9,12 @@ training starts) and apply it with :class:`Augmenter`, whose randomness comes fr
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any
 
 import albumentations as A
 import numpy as np
+from pydantic import ValidationError
 
 __all__ = ["Augmenter", "build_transform", "check_augment"]
 
@@ -30,10 +32,26 @@ def build_transform(name: str, params: dict[str, Any]) -> A.BasicTransform:
         close = difflib.get_close_matches(name, _transform_names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"{name!r} is not an albumentations transform{hint}")
+    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
     try:
-        return cls(**params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            transform = cls(**params)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in params.items())}): {exc}") from exc
+        raise ValueError(f"{call}: {_one_line(exc)}") from exc
+    for warning in caught:  # albumentations only warns about an argument it does not know
+        if "not valid for transform" in str(warning.message):
+            raise ValueError(f"{call}: {warning.message}")
+    return transform
+
+
+def _one_line(exc: BaseException) -> str:
+    """An albumentations argument error in one line: its pydantic errors as ``arg: problem``
+    (albumentations re-raises them as a plain ValueError, the ValidationError as its cause)."""
+    cause = exc if isinstance(exc, ValidationError) else exc.__cause__
+    if isinstance(cause, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in cause.errors())
+    return str(exc)
 
 
 def _split(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:

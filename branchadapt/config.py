@@ -156,7 +156,7 @@ class Experiment(_Strict):
     def _check_references(self) -> Experiment:
         groups = set(self.groups)
         if self.anchor is not None and self.anchor not in groups:
-            raise ValueError(f"anchor {self.anchor!r} is not one of the groups {self.groups}")
+            raise ValueError(f"anchor: {self.anchor!r} is not one of the groups {self.groups}")
         seen: list[str] = []
         for name, stage in self.stages.items():
             for g in stage.groups or []:
@@ -170,7 +170,7 @@ class Experiment(_Strict):
             if stage.enabled:
                 seen.append(name)
         if not seen:
-            raise ValueError("every stage is disabled; enable at least one")
+            raise ValueError("stages: every stage is disabled; enable at least one")
         return self
 
     @property

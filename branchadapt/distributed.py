@@ -145,10 +145,11 @@ def average_values(values: Mapping[str, float], world: int, device: torch.device
     """Mean over ranks of scalar metrics with the same keys on every rank (for logs)."""
     if world == 1 or not values:
         return dict(values)
-    keys = sorted(values)
+    keys = sorted(values)  # one order on every rank for the reduction
     flat = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(flat)
-    return {k: float(v) / world for k, v in zip(keys, flat.tolist(), strict=True)}
+    mean = {k: float(v) / world for k, v in zip(keys, flat.tolist(), strict=True)}
+    return {k: mean[k] for k in values}  # the caller's order, as a one-process run logs them
 
 
 def all_finite(value: torch.Tensor, info: DistInfo) -> bool:

@@ -189,11 +189,14 @@ def describe(error: Mapping[str, Any], model: type[BaseModel], prefix: Sequence[
     if error["type"] == "extra_forbidden":
         known = _known_keys(model, error["loc"][:-1])
         close = difflib.get_close_matches(str(error["loc"][-1]), known, n=2)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = f"; did you mean {' or '.join(close)}?" if close else "."
         return f"{dotted(loc)}: unknown key{hint} Expected one of: {', '.join(known) or '(no keys)'}"
     got = error.get("input")
     shown = "" if isinstance(got, dict | list) or error["type"] == "missing" else f" (got {got!r})"
-    return f"{dotted(loc) if error['loc'] else dotted(prefix)}: {error['msg']}{shown}"
+    message = str(error["msg"]).removeprefix("Value error, ")  # a validator's own words
+    if not loc and re.match(r"[\w.\[\]]+: ", message):  # a whole-file check naming its key itself
+        return f"{message}{shown}"
+    return f"{dotted(loc) if error['loc'] else dotted(prefix)}: {message}{shown}"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -295,6 +298,8 @@ def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, A
     model = component("backbone", spec.model, "model")
     task = component("task", spec.task, "task")
     data = component("data", spec.data, "data")
+    component("splitter", spec.splitter, "splitter")  # checked even where every stage names its own
+    component("sampler", spec.sampler, "sampler")
     stages = []
     for name, stage in spec.stages.items():
         if not stage.enabled:

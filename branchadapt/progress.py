@@ -19,8 +19,11 @@ from rich.progress import (
 )
 
 
-def format_metrics(metrics: Mapping[str, float], limit: int = 6) -> str:
-    items = list(metrics.items())[:limit]
+def format_metrics(metrics: Mapping[str, float], limit: int | None = None) -> str:
+    """``key=value`` pairs; with ``limit``, the phases' totals first, then the terms, that many."""
+    items = list(metrics.items())
+    if limit is not None:
+        items = sorted(items, key=lambda kv: not kv[0].startswith("total/"))[:limit]
     return " ".join(f"{k}={v:.4g}" for k, v in items)
 
 
@@ -71,10 +74,11 @@ class ProgressReporter:
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         rate = self.rate(step)
-        text = format_metrics(metrics or {})
         if self.mode == "rich" and self._progress is not None and self._task is not None:
+            text = format_metrics(metrics or {}, limit=6)  # one terminal line; the log has every value
             self._progress.update(self._task, completed=step, rate=f"{rate:.2f} it/s", metrics=text)
         elif self.mode == "plain" and metrics is not None:
+            text = format_metrics(metrics)
             eta = (self._total - step) / rate if rate else float("nan")
             print(
                 f"[{self._stage}] step {step}/{self._total} {rate:.2f} it/s eta {eta:.0f}s {text}",

@@ -155,6 +155,19 @@ def load_hook(spec: str) -> Callable[[np.ndarray], np.ndarray]:
     return fn  # type: ignore[no-any-return]
 
 
+def check_headers(files: list[Path]) -> list[Path]:
+    """``files``, once OpenCV recognises each one's header (a few bytes each, so every image of a
+    large group too): a corrupt or mislabelled file stops the run before its first step, not when
+    a step first samples it; a file that is damaged further in still fails when decoded."""
+    bad = [p for p in files if not cv2.haveImageReader(str(p))]
+    if bad:
+        more = f" (and {len(bad) - 1} more in {bad[0].parent})" if len(bad) > 1 else ""
+        raise UserError(
+            f"{bad[0]}: not an image OpenCV can read (corrupt or another format){more}; expected PNG/JPEG"
+        )
+    return files
+
+
 class FaceImages(DataSource):
     """Unpaired photos and cartoons per group for training; paired ones for testing."""
 
@@ -174,7 +187,7 @@ class FaceImages(DataSource):
             for stream in STREAMS:
                 folder = self.root / FOLDERS[layout][(split, stream)] / group
                 if folder.is_dir():
-                    self.files[group][stream] = list_images(folder)
+                    self.files[group][stream] = check_headers(list_images(folder))
                 elif split == "train":
                     raise UserError(
                         f"data: no folder {folder} for group {group!r}; expected one sub-folder per group "

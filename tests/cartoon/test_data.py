@@ -63,7 +63,11 @@ def test_rgba_is_composited_on_white(tmp_path):
 def test_corrupt_and_missing_inputs_name_the_file(tmp_path):
     root = make_folder(tmp_path / "data")
     bad = root / "train" / "photo" / "a" / "1.png"
-    bad.write_bytes(b"not an image")
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")  # caught when the source is built, before any step
+    with pytest.raises(ba.UserError, match=r"1\.png: not an image OpenCV can read"):
+        FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
+    bad.write_bytes(good[:40])  # a PNG header with its data cut off: caught when decoded
     src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
     with pytest.raises(ba.UserError, match=r"1\.png: cannot decode"):
         src.get("a", "photo", 1, np.random.default_rng(0))

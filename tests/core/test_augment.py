@@ -15,6 +15,17 @@ def test_typos_and_bad_arguments_name_the_entry():
         check_augment([{"p": 0.5}])
     with pytest.raises(ValueError, match=r"augment\[0\]: Resize\(height=-3\)"):
         check_augment([{"name": "Resize", "height": -3}])
+    # one line per problem, naming the argument (not pydantic's multi-line block and its URL)
+    with pytest.raises(
+        ValueError, match=r"^augment\[0\]: HorizontalFlip\(p=2\): p: Input should be less"
+    ) as info:
+        check_augment([{"name": "HorizontalFlip", "p": 2}])
+    assert "\n" not in str(info.value) and "pydantic.dev" not in str(info.value)
+    # an argument the transform does not take: albumentations only warns, here it is an error
+    with pytest.raises(
+        ValueError, match=r"augment\[0\]: HorizontalFlip\(q=2\): Argument\(s\) 'q' are not valid"
+    ):
+        check_augment([{"name": "HorizontalFlip", "q": 2}])
 
 
 def test_the_callers_rng_fixes_the_augmentation_and_the_size_is_kept():

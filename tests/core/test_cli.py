@@ -60,3 +60,14 @@ def test_corrupt_checkpoint_via_cli(small_experiment, tmp_path, run_cli):
     assert out.returncode == 2
     assert "meta.json: corrupt checkpoint metadata" in out.stderr
     assert meta.read_text() == "{ truncated"  # nothing already written is lost
+
+
+def test_plain_progress_lines_show_every_metric_and_the_rich_line_the_totals_first():
+    from branchadapt.progress import format_metrics
+
+    metrics = {f"loss/term{i}": float(i) for i in range(8)} | {"total/generator": 9.0}
+    assert (
+        format_metrics(metrics) == " ".join(f"loss/term{i}={i:.4g}" for i in range(8)) + " total/generator=9"
+    )
+    short = format_metrics(metrics, limit=3).split()
+    assert short == ["total/generator=9", "loss/term0=0", "loss/term1=1"]

@@ -49,11 +49,14 @@ def test_unknown_plugin_name_lists_closest(small_experiment):
 
 
 def test_references_are_checked(small_experiment):
-    assert "not an earlier enabled stage" in error_of(
-        small_experiment(), ['stages.basic.init_from="transfer"']
+    # whole-file checks name their own key, without pydantic's "(top level): Value error, " before it
+    init = error_of(small_experiment(), ['stages.basic.init_from="transfer"'])
+    assert "\n  stages.basic.init_from: 'transfer' is not an earlier enabled stage" in init
+    assert "stages.basic.groups: 'zz' is not one of the groups" in error_of(
+        small_experiment(), ['stages.basic.groups=["zz"]']
     )
-    assert "'zz' is not one of the groups" in error_of(small_experiment(), ['stages.basic.groups=["zz"]'])
-    assert "anchor 'q'" in error_of(small_experiment(), ['anchor="q"'])
+    anchor = error_of(small_experiment(), ['anchor="q"'])
+    assert "\n  anchor: 'q' is not one of the groups" in anchor and "top level" not in anchor
     assert "unique" in error_of(small_experiment(), ['groups=["a", "a"]'])
 
 
@@ -96,6 +99,11 @@ def test_stage_can_disable_a_loss_and_a_stage(small_experiment):
     # a stage left with no loss at all is caught when the file loads, not when that stage starts
     with pytest.raises(ba.ConfigError, match=r"stages\.transfer\.losses: no enabled loss terms"):
         ba.load_experiment(small_experiment(), ["stages.transfer.losses.cross_entropy.enabled=false"])
+
+
+def test_a_top_level_sampler_every_stage_overrides_is_still_checked(small_experiment):
+    # both stages of the small experiment name their own sampler: the top-level one is unused
+    assert "sampler.type: unknown sampler 'nope'" in error_of(small_experiment(), ['sampler.type="nope"'])
 
 
 def test_a_folder_given_as_the_experiment_file_says_so(tmp_path):
