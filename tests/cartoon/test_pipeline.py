@@ -99,6 +99,27 @@ def test_every_ablation_validates_and_runs(ablation, tiny_cartoon, tmp_path, run
     assert result.paused_at is None and result.completed
 
 
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_ablation_has_a_cpu_sized_variant_making_the_same_change(ablation, run_cli):
+    from pathlib import Path
+
+    from branchadapt.loading import read_toml
+    from branchadapt.rundir import config_differences
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    cpu = examples / "cartoon_cpu" / Path(ablation).name
+    checked = run_cli("validate", str(cpu))
+    assert checked.returncode == 0, checked.stderr
+
+    def change(variant: Path, base: Path) -> list[str]:
+        return [
+            d for d in config_differences(read_toml(base), read_toml(variant)) if not d.startswith("name:")
+        ]
+
+    full = change(examples / ablation, examples / "cartoon.toml")
+    assert full and change(cpu, examples / "cartoon_cpu.toml") == full
+
+
 def test_selective_bp_in_the_transfer_stage_leaves_shared_stages_to_the_anchor(tiny_cartoon, tmp_path):
     """One real training step: few-shot groups' samples never reach the shared parameters."""
     exp = ba.load_experiment(tiny_cartoon(steps=2))
