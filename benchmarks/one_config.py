@@ -138,20 +138,23 @@ def main() -> None:
     configs = dict(c.split("=", 1) for c in args.config or ["default="])
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     shared = [f"--{k}={getattr(args, k)}" for k in ("size", "width", "stage", "steps", "warmup", "threads")]
-    for r in range(args.rounds):
-        for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
-            cmd = [sys.executable, __file__, *shared, f"--child={overrides}"]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(overrides))
-            if done.returncode != 0:
-                sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
-            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    flops: dict[str, int] = {}
-    for name, overrides in configs.items() if args.flops else ():
-        cmd = [sys.executable, __file__, *shared, f"--child={overrides}", "--count"]
+
+    def in_child(name: str, overrides: str, *extra: str) -> dict[str, Any]:
+        """Run ``overrides`` in a fresh process of its own environment; its JSON result line."""
+        cmd = [sys.executable, __file__, *shared, f"--child={overrides}", *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(overrides))
         if done.returncode != 0:
-            sys.exit(f"counting the FLOPs of {name!r} failed:\n{done.stderr[-2000:]}")
-        flops[name] = json.loads(done.stdout.strip().splitlines()[-1])["flops"]
+            sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    for r in range(args.rounds):
+        for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
+            results[name].append(in_child(name, overrides))
+    flops = (
+        {name: in_child(name, overrides, "--count")["flops"] for name, overrides in configs.items()}
+        if args.flops
+        else {}
+    )
     print(f"stage {args.stage} at {args.size} px, width {args.width}, {args.threads} threads, median of "
           f"{args.steps} after {args.warmup} per process, {args.rounds} round(s), one process per run\n")  # fmt: skip
     print(

@@ -106,6 +106,10 @@ class StageSpec(_Strict):
     optim: dict[str, OptimSpec] = Field(default_factory=dict)
 
 
+#: the splitter and sampler of an experiment (and a table of them) that names no type
+DEFAULT_TYPES = {"splitter": "single", "sampler": "per_group"}
+
+
 class Experiment(_Strict):
     """An experiment file after ``extends`` and ``--set`` overrides are applied."""
 
@@ -124,8 +128,8 @@ class Experiment(_Strict):
     data: ComponentSpec
     task: ComponentSpec
     model: ComponentSpec
-    splitter: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type="single"))
-    sampler: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type="per_group"))
+    splitter: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type=DEFAULT_TYPES["splitter"]))
+    sampler: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type=DEFAULT_TYPES["sampler"]))
     losses: dict[str, ComponentSpec] = Field(default_factory=dict)
     optim: dict[str, OptimSpec] = Field(default_factory=dict)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -183,12 +187,12 @@ def inherit_defaults(data: Any) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         return data
     data = dict(data)
-    for key, default in (("splitter", "single"), ("sampler", "per_group")):
-        if isinstance(data.get(key), dict) and "type" not in data[key]:  # e.g. --set sampler.per_group=2
-            data[key] = {"type": default, **data[key]}
+    for key, default in DEFAULT_TYPES.items():  # a table without a type (--set sampler.per_group=2)
+        table = data.get(key, {})
+        data[key] = {"type": default, **table} if isinstance(table, dict) else table
     defaults = {
-        "splitter": data.get("splitter", {"type": "single"}),
-        "sampler": data.get("sampler", {"type": "per_group"}),
+        "splitter": data["splitter"],
+        "sampler": data["sampler"],
         "losses": data.get("losses", {}),
         "optim": data.get("optim", {}),
     }

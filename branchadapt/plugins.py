@@ -80,8 +80,8 @@ class PluginSet:
             except Exception as exc:  # stop, naming it: running without it would change which names exist
                 fix = f"fix or uninstall {dist.name}" if dist is not None else "fix or uninstall it"
                 raise UserError(
-                    f"plugin entry point {ep.name!r} = {ep.value!r} (from {origin}) failed to import at "
-                    f"{raised_at(exc)}: {type(exc).__name__}: {exc}; {fix}"
+                    f"plugin entry point {ep.name!r} = {ep.value!r} (from {origin}) failed to import "
+                    f"{failure(exc)}; {fix}"
                 ) from exc
             self._add(plugin, ep.name, origin, ep.value)
 
@@ -101,8 +101,7 @@ class PluginSet:
                         raise
                     except Exception as exc:
                         raise UserError(
-                            f"plugin {name!r} (from {origin}) failed in its {hook_name} hook at "
-                            f"{raised_at(exc)}: {type(exc).__name__}: {exc}"
+                            f"plugin {name!r} (from {origin}) failed in its {hook_name} hook {failure(exc)}"
                         ) from exc
 
     def _registrar(self, kind: str, origin: str) -> hookspecs.Register:
@@ -146,6 +145,11 @@ def raised_at(exc: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "(unknown location)"
 
 
+def failure(exc: BaseException) -> str:
+    """``at file:line: Type: message``: how a plugin's own exception is reported."""
+    return f"at {raised_at(exc)}: {type(exc).__name__}: {exc}"
+
+
 def _import_local(module_path: str, search_dir: Path | None, where: str) -> ModuleType:
     at = f"{where}: " if where else ""
     with _on_path(search_dir):
@@ -163,10 +167,7 @@ def _import_local(module_path: str, search_dir: Path | None, where: str) -> Modu
                 f"on PYTHONPATH or beside the experiment file"
             ) from exc
         except Exception as exc:
-            raise UserError(
-                f"{at}plugin module {module_path!r} failed to import at {raised_at(exc)}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise UserError(f"{at}plugin module {module_path!r} failed to import {failure(exc)}") from exc
 
 
 _default: PluginSet | None = None

@@ -213,9 +213,7 @@ class Trainer:
                     f"{self.exp.task.type!r}; expected one of {names}"
                 )
             out.setdefault(term.phase, []).append(term.to(self.device))
-        if not out:
-            raise ConfigError(f"{self.exp.source}: stages.{stage.name}.losses: no enabled loss terms")
-        return out
+        return out  # not empty: loading refuses a stage without an enabled loss
 
     def _stage_sizes(self, stage: ResolvedStage, source: DataSource) -> dict[str, dict[str, int]]:
         """The stage's groups' stream sizes; a group without training data is a user error."""
