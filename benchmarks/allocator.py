@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import rounds_order
 from step_time import SAME_RECOGNIZER, build
 
 from branchadapt import hostmem
@@ -101,21 +102,20 @@ def main() -> None:
     for size in args.sizes:
         for program in programs:
             runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
-            for r in range(args.rounds):
-                for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
-                    cmd = [sys.executable, __file__, "--child", program.split()[0], setting, str(size),
-                           *map(str, ["--width", args.width, "--steps", args.steps, "--warmup", args.warmup,
-                                      "--threads", args.threads])]  # fmt: skip
-                    if args.reference_repo:
-                        cmd += ["--reference-repo", str(args.reference_repo)]
-                    done = subprocess.run(
-                        cmd, capture_output=True, text=True, env={**env, **SETTING_ENV.get(setting, {})}
+            for setting in rounds_order(SETTINGS, args.rounds):
+                cmd = [sys.executable, __file__, "--child", program.split()[0], setting, str(size),
+                       *map(str, ["--width", args.width, "--steps", args.steps, "--warmup", args.warmup,
+                                  "--threads", args.threads])]  # fmt: skip
+                if args.reference_repo:
+                    cmd += ["--reference-repo", str(args.reference_repo)]
+                done = subprocess.run(
+                    cmd, capture_output=True, text=True, env={**env, **SETTING_ENV.get(setting, {})}
+                )
+                if done.returncode:
+                    sys.exit(
+                        f"{program} ({setting}, {size} px): the child process failed:\n{done.stderr[-3000:]}"
                     )
-                    if done.returncode:
-                        sys.exit(
-                            f"{program} ({setting}, {size} px): the child process failed:\n{done.stderr[-3000:]}"
-                        )
-                    runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
             m = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in SETTINGS}
             d, k, a = m["default"], m["retained"], m["one arena"]
             print(f"| {size} | {program} | {d['seconds']:.3f} | {k['seconds']:.3f} | {k['seconds'] / d['seconds']:.2f} "

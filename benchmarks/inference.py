@@ -26,6 +26,7 @@ import branchadapt as ba
 from branchadapt.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interleave import rounds_order
 from step_time import repeat_times
 
 
@@ -39,11 +40,10 @@ def interleaved_rates(fns: dict[str, Callable[[], object]], batch: int, repeat: 
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeat):
-        for name, fn in list(fns.items())[:: -1 if r % 2 else 1]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    for name, fn in rounds_order(list(fns.items()), repeat):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
     return {name: batch / statistics.median(t) for name, t in times.items()}
 
 

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocator import SETTING_ENV
 from bf16_backward import MARKER as BWD16
 from bf16_backward import patched
+from interleave import rounds_order
 from step_time import COPYING, NAIVE, build, naive_step, peak_gflops, step_flops
 
 CL_WEIGHTS = "<channels_last weights>"
@@ -147,9 +148,8 @@ def main() -> None:
             sys.exit(f"configuration {name!r} failed:\n{done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
-    for r in range(args.rounds):
-        for name, overrides in list(configs.items())[:: -1 if r % 2 else 1]:
-            results[name].append(in_child(name, overrides))
+    for name, overrides in rounds_order(list(configs.items()), args.rounds):
+        results[name].append(in_child(name, overrides))
     flops = (
         {name: in_child(name, overrides, "--count")["flops"] for name, overrides in configs.items()}
         if args.flops

@@ -413,14 +413,15 @@ def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
 
 def test_one_config_runs_each_configuration_in_its_own_process() -> None:
     out = run(
-        "one_config.py", "--size", "32", "--width", "4", "--stage", "2", "--steps", "1", "--rounds", "2",
+        "one_config.py", "--size", "32", "--width", "4", "--stage", "2", "--steps", "1", "--rounds", "1",
         "--config", "default=", "--config", "plain=model.channels_last=false;task.concurrent=false",
-        "--config", "naive=<naive>", "--config", "bwd=<bf16 backward>",
-        "--config", "clw=<channels_last weights>;model.channels_last=true",
+        "--config", "naive=<naive>",
+        "--config", "bwd+clw=<bf16 backward>;<channels_last weights>;model.channels_last=true",
     )  # fmt: skip
-    # (the markers that only set the process's environment are tested on child_env below)
-    names = {"default", "plain", "naive", "bwd", "clw"}
-    rows = {row[0]: row for row in table_rows(out, "(" + "|".join(names) + ")$")}
+    # (the markers that only set the process's environment are tested on child_env below; the
+    # order of the rounds on rounds_order)
+    names = {"default", "plain", "naive", "bwd+clw"}
+    rows = {row[0]: row for row in table_rows(out, "(" + "|".join(map(re.escape, names)) + ")$")}
     assert set(rows) == names and rows["default"][2] == "1.00"
     assert all(float(row[1]) > 0 and float(row[5].replace(",", "")) > 100 for row in rows.values())
     # the kernel's share of a step (system CPU time, minor page faults): counted, and a part of it
@@ -449,6 +450,12 @@ def test_one_config_counts_the_same_flops_with_the_directions_at_once_or_not() -
         assert float(rate) == pytest.approx(float(gflop) / steps[name], rel=0.05, abs=1)
         # printed rounded: the rate to 1 GFLOP/s, the fraction to 0.01
         assert float(of_peak) == pytest.approx(float(rate) / peak, rel=0.05, abs=0.0051 + 0.51 / peak)
+
+
+def test_rounds_run_every_configuration_once_each_and_reverse_every_other_round() -> None:
+    rounds_order = benchmark_module("interleave").rounds_order
+    assert "".join(rounds_order("abc", 4)) == "abccbaabccba"
+    assert list(rounds_order(("x",), 0)) == []
 
 
 def test_one_config_markers_set_the_allocator_environment_of_their_process_only() -> None:
