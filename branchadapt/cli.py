@@ -85,6 +85,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def split_names(text: str) -> list[str]:
+    """An argparse type: comma-separated data split names, at least one."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected split names such as train,test, got {text!r}")
+    return names
+
+
 def written(report: dict[str, Any]) -> str:
     """Where an evaluation's files are: its metrics, and its HTML report when one was written."""
     html = report.get("html")
@@ -93,6 +101,12 @@ def written(report: dict[str, Any]) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, args.overrides)
+    unknown = [s for s in args.data or () if s not in exp.data.cls.splits]
+    if unknown:
+        raise UserError(
+            f"--data: no split {unknown[0]!r} in data source {exp.data.type!r}; "
+            f"expected one or more of {', '.join(exp.data.cls.splits)} (comma-separated)"
+        )
     spec = exp.spec
     print(f"{args.experiment}: OK (config hash {exp.config_hash})")
     print(f"  groups: {', '.join(spec.groups)} (anchor {spec.anchor_group})")
@@ -104,6 +118,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  stage {stage.name}: {stage.spec.steps} steps, groups {', '.join(stage.groups)}, "
             f"splitter {stage.splitter.type}, sampler {stage.sampler.type}{init}; losses {losses}"
         )
+    return check_every_item(exp, args.data) if args.data else 0
+
+
+def check_every_item(exp: Any, splits: Sequence[str]) -> int:
+    """``validate --data``: read every item of each split; 2 when one cannot be read."""
+    from rich.progress import Progress
+
+    from .datacheck import check_data
+
+    failed = 0
+    for split in splits:
+        console = Console(stderr=True)
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task(f"reading the {split} data", total=None)
+
+            def advance(done: int, total: int, task: Any = task, bar: Progress = bar) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = check_data(exp, split, advance)
+        groups = ", ".join(f"{g} {sum(s.values())}" for g, s in report.sizes.items())
+        print(f"  data ({split}): {report.items} items read ({groups})", end="")
+        if not report.problems:
+            print(", all readable")
+            continue
+        failed += len(report.problems)
+        print(f", {len(report.problems)} cannot be read:")
+        for message in report.problems[:20]:
+            print(f"    {message}")
+        if len(report.problems) > 20:
+            print(f"    ... and {len(report.problems) - 20} more")
+    if failed:
+        items = "1 data item" if failed == 1 else f"{failed} data items"
+        print(f"error: {items} cannot be read; fix or remove them", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -147,6 +195,16 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_evaluate)
     validate = sub.add_parser("validate", help="check an experiment file without running it")
     _experiment_args(validate)
+    validate.add_argument(
+        "--data",
+        nargs="?",
+        const=["train"],
+        type=split_names,
+        default=None,
+        metavar="SPLITS",
+        help="also read every item of the data once and list those that cannot be read "
+        "(default split: train; e.g. --data train,test)",
+    )
     validate.set_defaults(handler=cmd_validate)
     sub.add_parser("plugins", help="list every registered plugin name").set_defaults(handler=cmd_plugins)
     sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(

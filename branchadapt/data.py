@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .distributed import shard
+from .errors import UserError
 from .interfaces import Batch, DataSource, GroupSampler
 
 
@@ -65,12 +66,42 @@ class StepData(Dataset[Batch]):
         return batch
 
 
+class _Failed:
+    """A worker's user error, returned as a value: the loader would re-raise it wrapped in the
+    worker's traceback, and the user should see only its message."""
+
+    def __init__(self, error: UserError) -> None:
+        self.error = error
+
+
+class _Guarded(Dataset[Batch | _Failed]):
+    def __init__(self, data: StepData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, step: int) -> Batch | _Failed:
+        try:
+            return self.data[step]
+        except UserError as exc:
+            return _Failed(exc)
+
+
+def _unwrapped(batches: Iterator[Batch | _Failed]) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, _Failed):
+            raise batch.error
+        yield batch
+
+
 def step_batches(data: StepData, start: int, stop: int, workers: int = 0) -> Iterator[Batch]:
-    """Batches for steps ``start .. stop-1``, in order, optionally from worker processes."""
+    """Batches for steps ``start .. stop-1``, in order, optionally from worker processes. A
+    :class:`UserError` in a worker (a file that cannot be read, say) is raised here as itself."""
     if workers == 0:
         return (data[s] for s in range(start, stop))
     loader = DataLoader(
-        data,
+        _Guarded(data),
         batch_size=None,
         sampler=range(start, stop),
         num_workers=workers,
@@ -78,7 +109,7 @@ def step_batches(data: StepData, start: int, stop: int, workers: int = 0) -> Ite
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
-    return iter(loader)
+    return _unwrapped(iter(loader))
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -8,9 +8,8 @@ experiment skips finished stages and resumes the current one from its latest che
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,55 +30,14 @@ from .checkpoint import (
     state_differences,
 )
 from .compiling import compile_units, compiles_units
-from .config import OptimSpec
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .errors import CheckpointError, ConfigError, UserError
-from .interfaces import Backbone, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
+from .interfaces import Backbone, Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .loading import ResolvedExperiment, ResolvedStage
+from .optim import build_optimizer, build_scheduler, unique_params
 from .progress import ProgressReporter
 from .rundir import prepare_run_dir
-
-FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused Adam/AdamW kernels exist for every float dtype
-
-
-def build_optimizer(
-    spec: OptimSpec, params: Iterable[nn.Parameter], fused: bool = True
-) -> torch.optim.Optimizer:
-    """Adam or AdamW from an :class:`OptimSpec`.
-
-    ``fused`` takes torch's fused kernels (one pass over each parameter and its state) when every
-    parameter is a floating-point tensor on a device that has them, otherwise torch's default
-    kernels (a per-parameter loop on CPU, foreach on CUDA); the maths is the same up to rounding."""
-    params = list(params)
-    cls = torch.optim.AdamW if spec.type == "adamw" else torch.optim.Adam
-    fused = fused and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
-    return cls(
-        params,
-        lr=spec.lr,
-        betas=spec.betas,
-        eps=spec.eps,
-        weight_decay=spec.weight_decay,
-        **({"fused": True} if fused else {}),
-    )
-
-
-def build_scheduler(
-    spec: OptimSpec, optimizer: torch.optim.Optimizer, steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up, then constant, linear decay to 0 or cosine decay starting at ``start`` of the stage."""
-    sched = spec.schedule
-    begin = int(sched.start * steps)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / sched.warmup) if sched.warmup else 1.0
-        if sched.type == "constant" or step < begin:
-            return warm
-        frac = (step - begin) / max(1, steps - begin)
-        decay = 1.0 - frac if sched.type == "linear_decay" else 0.5 * (1 + math.cos(math.pi * frac))
-        return warm * max(0.0, decay)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def wrap_backbones(
@@ -192,7 +150,9 @@ class Trainer:
         for phase in phases:
             if not losses.get(phase.name):
                 continue
-            params = _unique(p for m in phase.modules for p in modules[m].parameters() if p.requires_grad)
+            params = unique_params(
+                p for m in phase.modules for p in modules[m].parameters() if p.requires_grad
+            )
             spec = self.exp.optim_for(stage, phase.name)
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
@@ -316,9 +276,11 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         count = 0
         last: dict[str, float] = {}
+        saved = start  # the step of the newest checkpoint (or what was resumed)
         try:
             batches = step_batches(rt.data, start, stop, train.workers)
-            for step, batch in zip(range(start, stop), batches, strict=False):
+            for step in range(start, stop):
+                batch = self._next_batch(rt, batches, step, saved)
                 values = self.train_step(rt, to_device(batch, self.device))
                 for k, v in values.items():
                     sums[k] = sums[k] + v if k in sums else v
@@ -333,6 +295,7 @@ class Trainer:
                     self.progress.update(done)
                 if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == stop:
                     self._checkpoint(rt, done)
+                    saved = done
                 if (
                     self.dist.is_main
                     and train.sample_every
@@ -342,6 +305,18 @@ class Trainer:
         finally:
             self.progress.end_stage()
         return last
+
+    def _next_batch(self, rt: StageRuntime, batches: Iterator[Batch], step: int, saved: int) -> Batch:
+        """The batch of ``step``; when its data cannot be read (a user error), the steps trained
+        since the newest checkpoint are checkpointed first, so that a fixed file resumes there."""
+        try:
+            return next(batches)
+        except UserError as exc:
+            if step > saved:
+                self._checkpoint(rt, step)
+            where = f"stage {rt.stage.name}: stopped before step {step + 1} of {rt.steps}"
+            kept = f"steps 1-{step} are in {self.run_dir / 'checkpoints'}; " if step else ""
+            raise UserError(f"{exc}\n{where}; {kept}fix the data and run again to resume") from exc
 
     def _samples(self, rt: StageRuntime, step: int) -> None:
         """Let the task write its training samples, in eval mode and without gradients."""
@@ -395,13 +370,3 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         self.progress.update(step, metrics)
-
-
-def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out

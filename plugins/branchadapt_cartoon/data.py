@@ -158,7 +158,8 @@ def load_hook(spec: str) -> Callable[[np.ndarray], np.ndarray]:
 def check_headers(files: list[Path]) -> list[Path]:
     """``files``, once OpenCV recognises each one's header (a few bytes each, so every image of a
     large group too): a corrupt or mislabelled file stops the run before its first step, not when
-    a step first samples it; a file that is damaged further in still fails when decoded."""
+    a step first samples it; a file that is damaged further in fails when decoded (``branchadapt
+    validate --data`` decodes them all)."""
     bad = [p for p in files if not cv2.haveImageReader(str(p))]
     if bad:
         more = f" (and {len(bad) - 1} more in {bad[0].parent})" if len(bad) > 1 else ""

@@ -104,3 +104,31 @@ def test_unknown_augment_in_experiment_is_a_clean_cli_error(tmp_path):
         [sys.executable, "-m", "branchadapt", "validate", str(exp)], capture_output=True, text=True
     )
     assert out.returncode == 2 and "data.augment" in out.stderr and "Flipp" in out.stderr
+
+
+def test_validate_data_lists_images_damaged_past_their_header(tmp_path):
+    from pathlib import Path
+
+    root = make_folder(tmp_path / "data")
+    base = Path(__file__).resolve().parents[2] / "examples" / "cartoon_cpu.toml"
+    exp = tmp_path / "x.toml"
+    exp.write_text(
+        f'extends = "{base.as_posix()}"\ngroups = ["a", "b"]\nanchor = "a"\n[data]\nroot = "data"\n'
+        '[stages.basic]\ngroups = ["a"]\n'
+    )
+    damaged = root / "train" / "cartoon" / "b" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])  # the header is fine: building the source passes
+
+    def validate(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "branchadapt", "validate", str(exp), *args], capture_output=True, text=True
+        )
+
+    out = validate("--data", "test,train")
+    assert out.returncode == 2, out.stderr
+    assert "data (test): 12 items read (a 6, b 6), all readable" in out.stdout
+    assert f"data (train): 12 items read (a 6, b 6), 1 cannot be read:\n    {damaged}: cannot decode" in out.stdout
+    assert "error: 1 data item cannot be read" in out.stderr
+    damaged.unlink()
+    out = validate("--data")
+    assert out.returncode == 0 and "11 items read (a 6, b 5), all readable" in out.stdout

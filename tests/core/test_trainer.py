@@ -10,7 +10,8 @@ import torch
 
 import branchadapt as ba
 from branchadapt.checkpoint import read_tensors, stage_checkpoints
-from branchadapt.trainer import Trainer, build_optimizer, build_scheduler
+from branchadapt.optim import build_optimizer, build_scheduler
+from branchadapt.trainer import Trainer
 
 
 def train(path: Path, run_dir: Path, overrides=(), max_steps=None):
@@ -69,6 +70,39 @@ def test_resume_is_bit_identical(small_experiment, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (stage, key)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_data_keeps_the_steps_trained_and_resumes_after_the_fix(
+    small_experiment, tmp_path, monkeypatch, workers
+):
+    from branchadapt.data import StepData
+
+    path = small_experiment(steps=6, ckpt=3)
+    overrides = [f"train.workers={workers}"]
+    train(path, tmp_path / "straight", overrides)
+    fetch = StepData.__getitem__
+
+    def broken(self, step):  # the transfer stage's 5th batch holds a file that cannot be read
+        if self.stage == 1 and step == 4:
+            raise ba.UserError("data/b/7.png: cannot decode the image")
+        return fetch(self, step)
+
+    monkeypatch.setattr(StepData, "__getitem__", broken)  # worker processes fork with it
+    with pytest.raises(ba.UserError) as caught:
+        train(path, tmp_path / "run", overrides)
+    message = str(caught.value)
+    assert message.startswith("data/b/7.png: cannot decode the image\n")  # the data's own message first
+    assert "stage transfer: stopped before step 5 of 6; steps 1-4 are in" in message
+    assert "Traceback" not in message and "worker" not in message
+    assert [p.name for p in stage_checkpoints(tmp_path / "run", "transfer")] == [
+        "transfer-00000003",
+        "transfer-00000004",  # written when the data failed: checkpoint_every = 3
+    ]
+    monkeypatch.setattr(StepData, "__getitem__", fetch)  # the file fixed
+    train(path, tmp_path / "run", overrides)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rerun_with_other_config_is_refused_and_changes_nothing(small_experiment, tmp_path):
