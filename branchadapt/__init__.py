@@ -7,9 +7,10 @@ trainer's optimiser helpers, and checkpoint save/load.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from .branched import BranchedModel, GroupBranches
+from .branched import BranchedModel, GroupBranches, check_group_names
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from .config import Experiment
 from .data import StepData, step_batches, to_device
@@ -103,13 +104,22 @@ def build_backbone(name: str, **options: Any) -> Backbone:
 
 def branch(
     backbone: Backbone,
-    groups: list[str],
+    groups: Sequence[str],
     splitter: str = "branches",
     anchor: str | None = None,
     **options: Any,
 ) -> BranchedModel:
-    """Branch ``backbone`` for ``groups`` with a registered splitter: ``branch(net, g, low=2, top=1)``."""
+    """Branch ``backbone`` for ``groups`` with a registered splitter: ``branch(net, g, low=2, top=1)``.
+
+    ``anchor`` (default: the first group) is the group with many samples. The backbone is branched
+    in place: use the returned model (or its ``extract(group)``) from then on."""
+    check_group_names(groups)
     split: BranchSplitter = build("splitter", splitter, **options)
-    anchor = anchor or groups[0]
+    anchor = groups[0] if anchor is None else anchor
+    if anchor not in groups:
+        raise UserError(f"anchor {anchor!r} is not one of the groups {list(groups)}")
+    problems = split.check_groups(groups)
+    if problems:
+        raise UserError(f"splitter {splitter!r}: " + "; ".join(problems))
     policy = {g: split.participation(g, anchor) for g in groups}
     return BranchedModel(backbone, groups, split.branch_stages(backbone.stage_names()), policy)

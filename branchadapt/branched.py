@@ -142,6 +142,18 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def check_group_names(groups: Sequence[str]) -> None:
+    """At least one group, each a distinct non-empty name without a dot (they name sub-modules)."""
+    if not groups:
+        raise UserError("a branched model needs at least one group")
+    bad = [g for g in groups if not isinstance(g, str) or not g or "." in g]
+    if bad:
+        raise UserError(f"group names must be non-empty strings without a dot, got {bad}")
+    twice = sorted({g for g in groups if list(groups).count(g) > 1})
+    if twice:
+        raise UserError(f"group names must be distinct; {twice} appear more than once")
+
+
 class BranchedModel(nn.Module):
     """A backbone with per-group branch stages and per-group participation in the shared stages.
 
@@ -159,8 +171,12 @@ class BranchedModel(nn.Module):
         fused: bool | Literal["auto"] = False,
     ) -> None:
         super().__init__()
-        if not groups:
-            raise UserError("a branched model needs at least one group")
+        check_group_names(groups)
+        if any(isinstance(m, GroupBranches) for m in backbone.modules()):
+            raise UserError(
+                f"this {type(backbone).__name__} is already branched (a BranchedModel replaced its branch "
+                "stages in place); branch a fresh backbone, or a copy.deepcopy of an unbranched one"
+            )
         stage_names = backbone.stage_names()
         unknown = [s for s in branch_stages if s not in stage_names]
         if unknown:
@@ -172,6 +188,9 @@ class BranchedModel(nn.Module):
         #: sub-module paths replaced by routers (a stage may span several sibling modules)
         self.branch_paths = tuple(p for s in self.branch_stages for p in backbone.stage_paths(s))
         policy = dict(participation or {})
+        strangers = [g for g in policy if g not in groups]
+        if strangers:
+            raise UserError(f"participation names groups {strangers} that are not among {list(groups)}")
         self.participation = {g: Participation(policy.get(g, Participation.LIVE)) for g in self.groups}
         self.router = Router(self.groups)
         for path in self.branch_paths:
@@ -302,16 +321,34 @@ class BranchedModel(nn.Module):
             ):
                 return torch.zeros(rows.batch_size(args, kwargs), dtype=torch.long)
             raise ValueError("this model has per-group branches: pass groups=<group index per sample>")
-        ids = torch.as_tensor(groups, dtype=torch.long).cpu()
+        given = torch.as_tensor(groups)
+        if given.numel() == 0:  # torch.as_tensor([]) is float
+            given = given.to(torch.long)
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool or given.dim() != 1:
+            raise ValueError(
+                f"groups must be a 1-d sequence of integer group indices, got {given.dtype} of shape "
+                f"{tuple(given.shape)}"
+            )
+        ids = given.to(torch.long).cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.groups)):
             raise ValueError(f"group ids must be in [0, {len(self.groups)}), got {ids.tolist()}")
+        n = rows.batch_size(args, kwargs)
+        if len(ids) != n:
+            raise ValueError(f"groups has {len(ids)} entries for a batch of {n} rows; expected one per row")
         return ids
 
     # ------------------------------------------------------------------ parameters
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self._shared.tensors())
 
+    def _known(self, group: str) -> str:
+        if group not in self.groups:
+            raise UserError(f"unknown group {group!r}; this model's groups are {list(self.groups)}")
+        return group
+
     def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
+        if group is not None:
+            self._known(group)
         for path in self.branch_paths:
             router = self.backbone.get_submodule(path)
             assert isinstance(router, GroupBranches)
@@ -331,6 +368,7 @@ class BranchedModel(nn.Module):
 
     def group_state_dict(self, group: str) -> dict[str, Tensor]:
         """The plain (unbranched) backbone state for ``group``, keys prefixed ``backbone.``."""
+        self._known(group)
         out = {}
         for key, value in self.state_dict().items():
             mapped = self.single_key(key, group)
@@ -343,15 +381,15 @@ class BranchedModel(nn.Module):
         return {m: v for k, v in state.items() if (m := self.single_key(k, anchor)) is not None}
 
     def load_flexible(self, state: Mapping[str, Tensor], anchor: str, source: str = "state") -> None:
-        """Load a state of the same layout, or a plain one (every group's branch starts from it)."""
+        """Load a state of the same layout, a plain one (every group's branch starts from it), or
+        one of another split depth or group set: a branch the state has for the same stage and
+        group is kept, every other branch starts from the anchor's weights."""
         own = self.state_dict()
         if set(state) == set(own):
             check_shapes(own, state, source)
             self.load_state_dict(state)
             return
-        plain = dict(state)
-        if any(f".{BRANCHES}." in k for k in plain):  # another split depth: go through the anchor
-            plain = plain_from_any(plain, anchor)
+        plain = plain_from_any(state, anchor)  # another split depth: go through the anchor
         wanted = {}
         for key in own:
             single = key
@@ -364,12 +402,14 @@ class BranchedModel(nn.Module):
         unexpected = sorted(set(plain) - set(wanted.values()))
         if missing or unexpected:
             raise CheckpointError(diff_message(source, missing, unexpected, []))
-        mapped = {k: plain[s] for k, s in wanted.items()}
+        # the same stage's branch of a group the state has (another group set): the group's own
+        mapped = {k: state[k] if k != s and k in state else plain[s] for k, s in wanted.items()}
         check_shapes(own, mapped, source)
         self.load_state_dict(mapped)
 
     def extract(self, group: str) -> Backbone:
         """A plain backbone carrying ``group``'s branches: the group's own single model."""
+        self._known(group)
         clone = copy.deepcopy(self.backbone)
         for path in self.branch_paths:
             router = clone.get_submodule(path)

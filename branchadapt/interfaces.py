@@ -110,6 +110,11 @@ class BranchSplitter(ABC):
     def participation(self, group: str, anchor: str) -> Participation:
         """How ``group`` takes part in the shared stages (the anchor is the many-sample group)."""
 
+    def check_groups(self, groups: Sequence[str]) -> list[str]:
+        """Problems with the options given the experiment's ``groups`` (an option naming a group
+        that does not exist, say), one message each; checked when an experiment is loaded."""
+        return []
+
 
 class LossOptions(PluginOptions):
     """Options every loss term has; a loss plugin extends this model with its own fields."""

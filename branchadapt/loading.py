@@ -298,7 +298,13 @@ def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, A
     model = component("backbone", spec.model, "model")
     task = component("task", spec.task, "task")
     data = component("data", spec.data, "data")
-    component("splitter", spec.splitter, "splitter")  # checked even where every stage names its own
+
+    def splitter_groups(comp: Component | None, where: str) -> None:
+        if comp is not None:
+            problems.extend(f"{where}.{p}" for p in comp.cls(comp.options).check_groups(spec.groups))
+
+    # checked even where every stage names its own
+    splitter_groups(component("splitter", spec.splitter, "splitter"), "splitter")
     component("sampler", spec.sampler, "sampler")
     stages = []
     for name, stage in spec.stages.items():
@@ -306,6 +312,7 @@ def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, A
             continue
         at = f"stages.{name}"
         splitter = component("splitter", stage.splitter, f"{at}.splitter")
+        splitter_groups(splitter, f"{at}.splitter")
         sampler = component("sampler", stage.sampler, f"{at}.sampler")
         losses = {}
         for loss_name, loss in stage.losses.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -12,18 +12,33 @@ from .errors import CheckpointError
 BRANCHES = "branches"  # attribute of GroupBranches holding the per-group copies
 
 
+def _router_heads(keys: Iterable[str], anchor: str) -> set[str]:
+    """The ``<path>`` of every ``<path>.branches.<anchor>.`` in ``keys``: the branched stages. A
+    backbone's own sub-module named ``branches`` (a ModuleList, say) has no child named after the
+    anchor group, so its keys are left alone."""
+    marker = f".{BRANCHES}.{anchor}."
+    heads = set()
+    for key in keys:
+        start = key.find(marker)
+        while start != -1:
+            heads.add(key[:start])
+            start = key.find(marker, start + 1)
+    return heads
+
+
 def plain_from_any(state: Mapping[str, Tensor], anchor: str) -> dict[str, Tensor]:
     """Strip ``<stage>.branches.<anchor>.`` from keys of any split depth; drop other groups."""
+    heads = _router_heads(state, anchor)
     out = {}
-    marker = f".{BRANCHES}."
     for key, value in state.items():
-        if marker in key:
-            head, _, rest = key.partition(marker)
-            group, _, tail = rest.partition(".")
-            if group != anchor:
-                continue
-            key = f"{head}.{tail}"
-        out[key] = value
+        for head in heads:
+            prefix = f"{head}.{BRANCHES}."
+            if key.startswith(prefix):
+                group, _, tail = key[len(prefix) :].partition(".")
+                key = f"{head}.{tail}" if group == anchor else ""
+                break
+        if key:
+            out[key] = value
     return out
 
 

@@ -42,8 +42,15 @@ class DepthSplitter(BranchSplitter):
     def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
         names = list(stage_names)
         low = names[: self.options.low]
-        top = names[len(names) - self.options.top :] if self.options.top else []
+        top = names[max(0, len(names) - self.options.top) :] if self.options.top else []
         return [n for n in names if n in low or n in top]
+
+    def check_groups(self, groups: Sequence[str]) -> list[str]:
+        return [
+            f"overrides: {g!r} is not one of the groups {list(groups)}"
+            for g in self.options.overrides
+            if g not in groups
+        ]
 
     def participation(self, group: str, anchor: str) -> Participation:
         if group in self.options.overrides:

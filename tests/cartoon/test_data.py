@@ -127,7 +127,10 @@ def test_validate_data_lists_images_damaged_past_their_header(tmp_path):
     out = validate("--data", "test,train")
     assert out.returncode == 2, out.stderr
     assert "data (test): 12 items read (a 6, b 6), all readable" in out.stdout
-    assert f"data (train): 12 items read (a 6, b 6), 1 cannot be read:\n    {damaged}: cannot decode" in out.stdout
+    assert (
+        f"data (train): 12 items read (a 6, b 6), 1 cannot be read:\n    {damaged}: cannot decode"
+        in out.stdout
+    )
     assert "error: 1 data item cannot be read" in out.stderr
     damaged.unlink()
     out = validate("--data")

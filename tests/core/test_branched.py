@@ -224,3 +224,107 @@ def test_stage_spanning_several_modules_is_branched_as_a_whole():
     assert all(g.abs().sum() > 0 for g in grads_of(model.backbone.norm.branches["few"]))
     plain = {f"backbone.{k}" for k in TwoPartStem().state_dict()}
     assert set(model.group_state_dict("few")) == plain
+
+
+def test_a_top_deeper_than_the_backbone_branches_every_stage():
+    net = ba.build_backbone("mlp", in_features=4, hidden=[8, 8], out_features=2)
+    for low, top in [(0, 3), (0, 5), (1, 9)]:
+        model = ba.branch(copy.deepcopy(net), GROUPS, low=low, top=top)
+        assert model.branch_stages == ("input", "hidden1", "head"), (low, top)
+
+
+def test_the_groups_vector_must_have_one_integer_per_row():
+    model = make(Participation.DETACHED)
+    x = torch.randn(4, 4)
+    for groups, match in [
+        ([0, 1], "2 entries for a batch of 4 rows"),
+        ([1], "1 entries for a batch of 4 rows"),
+        ([0, 1, 0, 1, 0], "5 entries for a batch of 4 rows"),
+        ([0.0, 1.7, 0.0, 1.0], "integer group indices, got torch.float32"),
+        (torch.zeros(2, 2, dtype=torch.long), r"shape \(2, 2\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model(x, groups=groups)
+    assert model(x, groups=(0, 1, 1, 0)).shape == (4, 2)
+
+
+def test_group_names_that_do_not_exist_are_errors_not_silent_choices():
+    net = ba.build_backbone("mlp", in_features=4, hidden=[8], out_features=2)
+    with pytest.raises(ba.UserError, match="anchor 'anchr' is not one of the groups"):
+        ba.branch(copy.deepcopy(net), GROUPS, anchor="anchr")
+    with pytest.raises(ba.UserError, match=r"overrides: 'Few' is not one of the groups"):
+        ba.branch(copy.deepcopy(net), GROUPS, overrides={"Few": "live"})
+    with pytest.raises(ba.UserError, match=r"participation names groups \['Few'\]"):
+        BranchedModel(copy.deepcopy(net), GROUPS, ["input"], {"Few": Participation.DETACHED})
+    for groups, match in [([], "at least one group"), (["a", "a"], "distinct"), (["a.b"], "without a dot")]:
+        with pytest.raises(ba.UserError, match=match):
+            ba.branch(copy.deepcopy(net), groups)
+    model = ba.branch(copy.deepcopy(net), ("anchor", "few"), anchor="anchor")  # any sequence of names
+    for call in (model.group_state_dict, model.extract, lambda g: list(model.branch_parameters(g))):
+        with pytest.raises(ba.UserError, match=r"unknown group 'typo'; this model's groups are"):
+            call("typo")
+
+
+def test_a_branched_backbone_cannot_be_branched_again():
+    net = ba.build_backbone("mlp", in_features=4, hidden=[8], out_features=2)
+    ba.branch(net, GROUPS)
+    with pytest.raises(ba.UserError, match="already branched"):
+        ba.branch(net, GROUPS)
+
+
+class MultiBranch(nn.Module):
+    """A block summing parallel paths kept in its own ``branches`` (as HRNet's modules do)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)])
+
+    def forward(self, x):
+        return sum(b(x) for b in self.branches)
+
+
+class OwnBranches(ba.Backbone):
+    """Sub-modules named ``branches`` in a stage that gets branched and in a shared one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = MultiBranch(4, 8)
+        self.mid = MultiBranch(8, 8)
+        self.top = nn.Linear(8, 2)
+
+    def stage_names(self) -> list[str]:
+        return ["low", "mid", "top"]
+
+    def forward(self, x):
+        return self.top(self.mid(self.low(x)))
+
+
+def test_a_backbones_own_modules_named_branches_load_from_plain_and_other_depths():
+    torch.manual_seed(2)
+    plain = OwnBranches()
+    x = torch.randn(3, 4)
+    for low, top in [(1, 1), (2, 0), (0, 1)]:
+        model = ba.branch(OwnBranches(), GROUPS, low=low, top=top)
+        model.load_flexible({f"backbone.{k}": v for k, v in plain.state_dict().items()}, anchor="anchor")
+        for g in range(2):
+            torch.testing.assert_close(model(x, groups=[g] * 3), plain(x))
+        other = ba.branch(OwnBranches(), GROUPS, low=2, top=1)
+        other.load_flexible(model.state_dict(), anchor="anchor")  # another depth, through the anchor
+        torch.testing.assert_close(other(x, groups=[1] * 3), plain(x))
+
+
+def test_loading_into_more_groups_keeps_each_trained_branch():
+    net = ba.build_backbone("mlp", in_features=4, hidden=[8], out_features=2)
+    torch.manual_seed(3)
+    three = ba.branch(copy.deepcopy(net), ["anchor", "a", "b"], low=1, top=1)
+    with torch.no_grad():
+        for p in three.branch_parameters("a"):
+            p.add_(1.0)  # "a" trained away from the anchor
+    four = ba.branch(copy.deepcopy(net), ["anchor", "a", "b", "new"], low=1, top=1)
+    four.load_flexible(three.state_dict(), anchor="anchor")
+    for group in ("anchor", "a", "b"):
+        assert all(
+            torch.equal(four.group_state_dict(group)[k], v) for k, v in three.group_state_dict(group).items()
+        )
+    new, anchor = four.group_state_dict("new"), three.group_state_dict("anchor")
+    assert new.keys() == anchor.keys() and all(torch.equal(new[k], anchor[k]) for k in new)

@@ -187,3 +187,15 @@ def test_extends_replaces_a_component_table_whose_type_changes(tmp_path):
     assert same["stages"]["t"]["splitter"] == {"type": "branches", "low": 1}
     other = deep_merge(base, {"stages": {"t": {"splitter": {"type": "single"}}}})
     assert other["stages"]["t"] == {"splitter": {"type": "single"}, "steps": 3}
+
+
+def test_splitter_overrides_must_name_groups_of_the_experiment(small_experiment):
+    path = small_experiment()
+    with pytest.raises(
+        ba.ConfigError, match=r"stages\.transfer\.splitter\.overrides: 'B' is not one of the groups"
+    ):
+        ba.load_experiment(path, ['stages.transfer.splitter.overrides={B="live"}'])
+    with pytest.raises(ba.ConfigError, match=r"(?m)^  splitter\.overrides: 'z' is not one of the groups"):
+        ba.load_experiment(path, ['splitter={type="branches", overrides={z="frozen"}}'])
+    exp = ba.load_experiment(path, ['stages.transfer.splitter.overrides={b="live"}'])
+    assert exp.stages[1].splitter.options.overrides == {"b": ba.Participation.LIVE}
