@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from .branched import BranchedModel, GroupBranches, check_group_names
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from .config import Experiment
@@ -31,7 +33,7 @@ from .interfaces import (
     Task,
     TaskContext,
 )
-from .loading import load_experiment
+from .loading import describe, load_experiment
 from .plugins import PluginSet, default_plugins
 from .registry import Registry
 
@@ -90,7 +92,11 @@ def build(kind: str, name: str, *args: Any, **options: Any) -> Any:
     the sizes and seed of a sampler, the groups of a data source).
     """
     cls: Any = registry().get(kind, name)
-    opts = cls.Options.model_validate(options)
+    try:
+        opts = cls.Options.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(describe(e, cls.Options) for e in exc.errors())
+        raise ConfigError(f"{kind} {name!r}: {problems}") from None
     if kind == "loss":
         return cls(opts, name=name)
     return cls(opts, *args)

@@ -154,7 +154,7 @@ def optimizer_state(
                     tensors[f"{name}.{pid}.{slot}"] = value.detach().to("cpu", copy=True).contiguous()
                 else:
                     plain.setdefault(str(pid), {})[slot] = value
-        meta[name] = {"param_groups": sd["param_groups"], "plain": plain}
+        meta[name] = {"type": type(opt).__name__, "param_groups": sd["param_groups"], "plain": plain}
     return tensors, meta
 
 
@@ -164,6 +164,11 @@ def load_optimizer_state(
     for name, opt in optimizers.items():
         if name not in meta:
             raise CheckpointError(f"checkpoint has no optimiser state for phase {name!r}")
+        saved = meta[name].get("type")  # (absent from checkpoints written before it was recorded)
+        if saved is not None and saved != type(opt).__name__:
+            raise CheckpointError(
+                f"optimiser state of phase {name!r} is {saved}'s, this run's optimiser is {type(opt).__name__}"
+            )
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             owner, pid, slot = key.split(".", 2)
@@ -187,7 +192,7 @@ def load_optimizer_state(
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(
-    directory: Path,
+    directory: str | Path,
     modules: Mapping[str, nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     meta: Mapping[str, Any] | None = None,
@@ -213,7 +218,7 @@ def save_checkpoint(
     return directory
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "meta.json"
     try:
         meta = json.loads(path.read_text())
@@ -227,13 +232,17 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    directory: Path,
+    directory: str | Path,
     modules: Mapping[str, nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     expect: Mapping[str, Any] | None = None,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load a checkpoint into ``modules``/``optimizers``; ``expect`` meta values must match."""
+    """Load a checkpoint into ``modules``/``optimizers``; ``expect`` meta values must match.
+
+    With ``restore_rng`` (the default) the process-wide torch, numpy and Python random states are
+    set to the checkpoint's as well, so that a resumed run draws what the uninterrupted one would.
+    Returns the checkpoint's metadata."""
     directory = Path(directory)
     meta = read_meta(directory)
     for key, value in (expect or {}).items():
@@ -253,7 +262,7 @@ def load_checkpoint(
     return meta
 
 
-def stage_checkpoints(run_dir: Path, stage: str) -> list[Path]:
+def stage_checkpoints(run_dir: str | Path, stage: str) -> list[Path]:
     """A stage's checkpoint directories, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -262,7 +271,7 @@ def stage_checkpoints(run_dir: Path, stage: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.rpartition("-")[2]))
 
 
-def latest_checkpoint(run_dir: Path, stage: str) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     found = stage_checkpoints(run_dir, stage)
     return found[-1] if found else None
 

@@ -114,7 +114,7 @@ class Experiment(_Strict):
     """An experiment file after ``extends`` and ``--set`` overrides are applied."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds weights, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 enables autocast")
     run_dir: str | None = Field(

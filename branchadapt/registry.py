@@ -45,6 +45,13 @@ class Entry:
         return doc[0] if doc else ""
 
 
+def _kind(kind: str) -> str:
+    """``kind`` if it is one of :data:`KINDS`, else a :class:`RegistryError` listing them."""
+    if kind not in KINDS:
+        raise RegistryError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
 class Registry:
     """Maps (kind, name) to an implementation class."""
 
@@ -53,9 +60,7 @@ class Registry:
 
     def add(self, kind: str, name: str, obj: Any, origin: str = "unknown") -> None:
         """Register ``obj`` under ``name``; duplicates and wrong base classes are errors."""
-        if kind not in KINDS:
-            raise RegistryError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-        base = KINDS[kind]
+        base = KINDS[_kind(kind)]
         if not (isinstance(obj, type) and issubclass(obj, base)):
             raise RegistryError(
                 f"{origin} registered {kind} {name!r} as {obj!r}, which is not a subclass of {base.__name__}"
@@ -76,9 +81,7 @@ class Registry:
         return self.entry(kind, name, where).obj
 
     def entry(self, kind: str, name: str, where: str | None = None) -> Entry:
-        entries = self._entries.get(kind)
-        if entries is None:
-            raise RegistryError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        entries = self._entries[_kind(kind)]
         if name in entries:
             return entries[name]
         raise RegistryError(self.unknown_message(kind, name, where))
@@ -92,7 +95,8 @@ class Registry:
         return f"{at}unknown {kind} {name!r}{hint} Registered {PLURALS[kind]}: {known}"
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self._entries[kind])
+        """The registered names of ``kind`` (one of :data:`KINDS`), sorted."""
+        return sorted(self._entries[_kind(kind)])
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         kind, name = key

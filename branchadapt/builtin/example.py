@@ -8,6 +8,7 @@ the quick-start honest without any domain plugin installed.
 from __future__ import annotations
 
 import itertools
+import typing
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,11 @@ from ..interfaces import Backbone, Batch, DataSource, LossOptions, LossTerm, Pha
 
 class MLPOptions(PluginOptions):
     in_features: int = Field(8, ge=1)
-    hidden: list[int] = Field(default_factory=lambda: [32, 32], description="width of each hidden stage")
+    hidden: list[typing.Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 32],
+        min_length=1,
+        description="width of each hidden stage (at least one)",
+    )
     out_features: int = Field(4, ge=1)
 
 

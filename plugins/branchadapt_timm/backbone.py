@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +159,23 @@ def load_state(path: Path) -> dict[str, Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"model.weights: {path} holds no state dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+#: prefixes of every key in files holding a timm model's state inside a wrapper: DataParallel or
+#: DDP, a TimmBackbone's own state, ``branchadapt export --format safetensors`` of one
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.model.")
+
+
+def unwrapped(state: dict[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without a wrapper's prefix, where its keys only match ``own``'s without it."""
+    if not state or set(state) & set(own):
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+            if set(stripped) & set(own):
+                return stripped
     return state
 
 
@@ -170,8 +185,8 @@ def _few(keys: Sequence[str]) -> str:
 
 def load_weights_into(model: nn.Module, path: Path, model_name: str, skip_classifier: bool) -> None:
     """Load ``path`` strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
-    state = load_state(path)
     own = model.state_dict()
+    state = unwrapped(load_state(path), own)
     if skip_classifier:
         get_classifier = getattr(model, "get_classifier", None)
         classifier = get_classifier() if callable(get_classifier) else None
@@ -245,7 +260,11 @@ class TimmBackbone(Backbone):
         return [f"model.{p}" for p in self._stages[stage]]
 
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
-        _, height, width = self.model.pretrained_cfg.get("input_size", (3, 224, 224))
+        size = self.options.kwargs.get("img_size")  # a model built for another size (a ViT's patch grid)
+        if size is None:
+            _, height, width = self.model.pretrained_cfg.get("input_size", (3, 224, 224))
+        else:
+            height, width = (size, size) if isinstance(size, int) else size
         return (torch.zeros(batch_size, self.options.in_chans, height, width),)
 
     def forward(self, x: Tensor, features: bool = False) -> Tensor | dict[str, Tensor]:

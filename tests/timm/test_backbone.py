@@ -148,7 +148,10 @@ def test_weights_from_safetensors_and_torch_state_dicts(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save(state, tmp_path / "w.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pth")
-    for name in ("w.safetensors", "w.pt", "wrapped.pth"):
+    torch.save({f"model.{k}": v for k, v in state.items()}, tmp_path / "backbone.pt")  # a TimmBackbone's
+    # what `branchadapt export --format safetensors` writes for one group of a run
+    ba.save_weights(tmp_path / "export.safetensors", {"backbone": src})
+    for name in ("w.safetensors", "w.pt", "wrapped.pth", "backbone.pt", "export.safetensors"):
         torch.manual_seed(1)  # another random init: equality proves the file was loaded
         b = TimmBackbone(
             TimmOptions(model="resnet10t", num_classes=10, kwargs=SMALL_RESNET, weights=tmp_path / name)
@@ -181,3 +184,17 @@ def test_weights_that_do_not_match_name_the_keys(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ba.UserError, match="cannot read"):
         backbone("resnet10t", weights=tmp_path / "junk.pt")
+
+
+def test_example_inputs_follow_an_image_size_given_to_timm():
+    vit = backbone(
+        "vit_tiny_patch16_224", kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48}
+    )
+    (x,) = vit.example_inputs(2)
+    assert x.shape == (2, 3, 32, 32) and vit(x).shape == (2, 10)  # 224 px would not fit its patch grid
+    rect = backbone(
+        "vit_tiny_patch16_224", kwargs={"img_size": (16, 24), "patch_size": 8, "depth": 1, "embed_dim": 48}
+    )
+    assert rect.example_inputs()[0].shape == (1, 3, 16, 24)
+    resnet = backbone("resnet10t", kwargs=SMALL_RESNET)  # no img_size: timm's own input size
+    assert resnet.example_inputs()[0].shape == (1, *resnet.model.pretrained_cfg["input_size"])

@@ -1,0 +1,65 @@
+"""Library calls given the wrong thing say what was expected (no raw pydantic, torch or KeyError)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import branchadapt as ba
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bad_options_name_the_component_and_the_key():
+    with pytest.raises(ba.ConfigError) as caught:
+        ba.build("splitter", "branches", low=-1, topp=2)
+    message = str(caught.value)
+    assert message.startswith("splitter 'branches': low: Input should be greater than or equal to 0 (got -1)")
+    assert "topp: unknown key; did you mean top?" in message and "https://" not in message
+    with pytest.raises(ba.ConfigError, match=r"backbone 'mlp': hidden: List should have at least 1 item"):
+        ba.build_backbone("mlp", hidden=[])
+
+
+def test_unknown_kinds_devices_and_precisions():
+    with pytest.raises(ba.RegistryError, match="unknown kind 'lossess'; expected one of backbone"):
+        ba.registry().names("lossess")
+    assert "cross_entropy" in ba.registry().names("loss")
+    with pytest.raises(ba.UserError, match="device: 'gpu' is not a device; expected auto, cpu"):
+        ba.select_device("gpu")
+    for precision in ("BF16", "bfloat16", "fp16"):
+        with pytest.raises(ValueError, match=f"precision '{precision}': expected one of 'fp32', 'bf16'"):
+            ba.autocast(torch.device("cpu"), precision)
+    with ba.autocast("cpu", "bf16"):  # a device name is enough
+        assert torch.is_autocast_enabled("cpu")
+    with ba.autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_negative_seed_is_a_config_error(small_experiment):
+    with pytest.raises(ba.ConfigError, match=r"seed: Input should be greater than or equal to 0 \(got -1\)"):
+        ba.load_experiment(small_experiment(), ["seed=-1"])
+
+
+def test_checkpoints_take_str_paths_and_refuse_another_optimizer(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    adam.step()
+    where = str(tmp_path / "ckpt")  # a str, as docs/library.md writes it
+    ba.save_checkpoint(where, {"model": model}, {"main": adam}, {"step": 1})
+    assert (
+        ba.load_checkpoint(where, {"model": model}, {"main": torch.optim.Adam(model.parameters())})["step"]
+        == 1
+    )
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ba.CheckpointError, match="phase 'main' is Adam's, this run's optimiser is SGD"):
+        ba.load_checkpoint(where, {"model": model}, {"main": sgd})
+
+
+def test_the_package_ships_its_type_hints():
+    assert (ROOT / "branchadapt" / "py.typed").is_file()
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in setup["package-data"]["branchadapt"]  # in the wheel, not only the checkout
