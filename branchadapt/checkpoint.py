@@ -263,11 +263,16 @@ def load_checkpoint(
 
 
 def stage_checkpoints(run_dir: str | Path, stage: str) -> list[Path]:
-    """A stage's checkpoint directories, oldest first."""
+    """A stage's checkpoint directories (``<stage>-<step>``), oldest first; other folders there
+    (a copy the user made, say) are not checkpoints."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.rpartition("-")[0] == stage]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.rpartition("-")[0] == stage and p.name.rpartition("-")[2].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name.rpartition("-")[2]))
 
 

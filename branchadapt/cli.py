@@ -218,17 +218,20 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    command = None
     try:
         plugins = default_plugins()
         parser = build_parser(plugins)
         args = parser.parse_args(argv)
+        command = args.command
         args.context = plugins
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the latest checkpoint is kept, re-run to resume", file=sys.stderr)
+        resume = "; the latest checkpoint is kept, run the same command again to resume"
+        print(f"interrupted{resume if command == 'run' else ''}", file=sys.stderr)
         return 130
 
 

@@ -53,8 +53,12 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
     A directory with a config but no training result (a run that stopped at set-up, e.g. on a
     wrong data path) takes the new config: there is nothing of the old run to protect."""
     dump = exp.spec.model_dump(mode="json", exclude_none=True)
-    record = {"config_hash": config_hash(exp.spec), "source": str(exp.source), "experiment": dump}
+    # the file's absolute path: the run's relative paths (data.root) are beside it, wherever the
+    # run is evaluated from
+    record = {"config_hash": config_hash(exp.spec), "source": str(exp.source.absolute()), "experiment": dump}
     saved_path = run_dir / "config.json"
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK):
+        raise UserError(f"run directory {run_dir} is not writable; choose another with --run-dir")
     if saved_path.exists() and has_trained(run_dir):
         try:
             saved = json.loads(saved_path.read_text(encoding="utf-8"))
@@ -62,12 +66,37 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
             raise UserError(f"{saved_path}: corrupt run config ({exc}); use another run directory") from exc
         if saved.get("config_hash") != record["config_hash"]:
             diffs = config_differences(saved.get("experiment", {}), dump)
-            shown = "\n  ".join(diffs[:10]) or "(hash differs)"
+            more = [f"... and {len(diffs) - 10} more"] if len(diffs) > 10 else []
+            shown = "\n  ".join(diffs[:10] + more) or "(hash differs)"
             raise UserError(
                 f"run directory {run_dir} holds a run of a different experiment; differences:\n  {shown}\n"
                 "Use --run-dir DIR for a new run (nothing in the existing directory was changed)."
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "config.toml", tomli_w.dumps(dump))
-    _write_atomic(saved_path, json.dumps(record, indent=1))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.toml", tomli_w.dumps(dump))
+        _write_atomic(saved_path, json.dumps(record, indent=1))
+    except OSError as exc:
+        raise UserError(
+            f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with --run-dir"
+        ) from None
+
+
+def forget_logged_steps(metrics: Path, stage: str, step: int) -> None:
+    """Drop ``stage``'s records after ``step`` from a metrics log: a run resumed from the
+    checkpoint at ``step`` trains (and logs) those steps again."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def later(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False  # not ours to judge: kept as it is
+        return isinstance(record, dict) and record.get("stage") == stage and record.get("step", 0) > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        _write_atomic(metrics, "".join(kept))

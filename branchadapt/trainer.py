@@ -34,10 +34,11 @@ from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .errors import CheckpointError, ConfigError, UserError
 from .interfaces import Backbone, Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
+from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
 from .progress import ProgressReporter
-from .rundir import prepare_run_dir
+from .rundir import forget_logged_steps, prepare_run_dir
 
 
 def wrap_backbones(
@@ -111,6 +112,7 @@ class Trainer:
         configure_backend(self.device, self.spec.train.retain_freed_memory)
         mode = self.spec.train.progress if self.dist.is_main else "none"
         self.progress = progress or ProgressReporter(mode)
+        self._interrupt = StopRequest(enabled=not self.dist.enabled)
         self.groups = tuple(self.spec.groups)
         self.anchor = self.spec.anchor_group
 
@@ -204,7 +206,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ running
     def run(self, max_steps: int | None = None) -> RunResult:
-        """Run (or resume) every stage; ``max_steps`` pauses after that many steps in this call."""
+        """Run (or resume) every stage; ``max_steps`` pauses after that many steps in this call.
+
+        In a single process, a Ctrl-C stops the run after the step in progress, checkpointed
+        (:mod:`branchadapt.interrupt`); a second one at once."""
+        with self._interrupt:
+            return self._run(max_steps)
+
+    def _run(self, max_steps: int | None) -> RunResult:
         if self.dist.is_main:
             prepare_run_dir(self.run_dir, self.exp)
         distributed.barrier(self.dist)
@@ -234,6 +243,8 @@ class Trainer:
             distributed.barrier(self.dist)  # the next stage (and every rank) reads these weights
             result.completed.append(stage.name)
             self.progress.message(f"stage {stage.name}: done, weights in {final}")
+            if self._interrupt.requested:  # during the stage's last step
+                raise KeyboardInterrupt
             if budget == 0 and index + 1 < len(self.exp.stages):
                 result.paused_at = (self.exp.stages[index + 1].name, 0)
                 return result
@@ -251,8 +262,11 @@ class Trainer:
         )
         for name, sched in rt.schedulers.items():
             sched.load_state_dict(meta["schedulers"][name])
-        self.progress.message(f"stage {rt.stage.name}: resuming from {ckpt} (step {meta['step']})")
-        return int(meta["step"])
+        step = int(meta["step"])
+        if self.dist.is_main:
+            forget_logged_steps(self.run_dir / "metrics.jsonl", rt.stage.name, step)
+        self.progress.message(f"stage {rt.stage.name}: resuming from {ckpt} (step {step})")
+        return step
 
     def _checkpoint(self, rt: StageRuntime, step: int) -> None:
         if not self.dist.is_main:  # identical state on every rank: rank 0 writes it
@@ -280,6 +294,8 @@ class Trainer:
         try:
             batches = step_batches(rt.data, start, stop, train.workers)
             for step in range(start, stop):
+                if self._interrupt.requested:  # Ctrl-C during the step before: keep it, then stop
+                    self._stop(rt, step, saved)
                 batch = self._next_batch(rt, batches, step, saved)
                 values = self.train_step(rt, to_device(batch, self.device))
                 for k, v in values.items():
@@ -305,6 +321,16 @@ class Trainer:
         finally:
             self.progress.end_stage()
         return last
+
+    def _stop(self, rt: StageRuntime, step: int, saved: int) -> None:
+        """Stop for a Ctrl-C after ``step`` steps, checkpointing them first."""
+        if step > saved:
+            self._checkpoint(rt, step)
+        self.progress.message(
+            f"stage {rt.stage.name}: interrupted after step {step} of {rt.steps}; "
+            f"steps 1-{step} are in {self.run_dir / 'checkpoints'}"
+        )
+        raise KeyboardInterrupt
 
     def _next_batch(self, rt: StageRuntime, batches: Iterator[Batch], step: int, saved: int) -> Batch:
         """The batch of ``step``; when its data cannot be read (a user error), the steps trained

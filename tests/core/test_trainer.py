@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,97 @@ def test_task_samples_are_written_every_n_steps_in_eval_mode(small_experiment, t
     ]
     assert all(modes == [False] for _, _, modes, _ in calls)
     assert not any(grad for *_, grad in calls)
+
+
+def test_ctrl_c_keeps_the_step_in_progress_and_resumes_after_it(small_experiment, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    path = small_experiment(steps=6, ckpt=5)
+    train(path, tmp_path / "straight")
+    exp = ba.load_experiment(path)
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    plain_step = Trainer.train_step
+    calls = []
+
+    def step_with_ctrl_c(self, rt, batch):
+        calls.append(rt.stage.name)
+        if len(calls) == 6 + 3:  # the transfer stage's 3rd step: the signal arrives mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+        return plain_step(self, rt, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert calls.count("transfer") == 3  # the step in progress finished, no other began
+    assert [p.name for p in stage_checkpoints(tmp_path / "run", "transfer")] == ["transfer-00000003"]
+    monkeypatch.setattr(Trainer, "train_step", plain_step)
+    train(path, tmp_path / "run")
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_stage_logs_each_step_once(small_experiment, tmp_path):
+    path = small_experiment(steps=6, ckpt=2)
+    import shutil
+
+    train(path, tmp_path / "run", max_steps=5)  # basic logged at 2, 4 and 5, checkpointed at 4 and 5
+    # a hard kill after step 5 was logged but before its checkpoint was written
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "basic-00000005")
+    log = tmp_path / "run" / "metrics.jsonl"
+    train(path, tmp_path / "run")  # resumes from step 4
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
+    assert steps == [("basic", s) for s in (2, 4, 6)] + [("transfer", s) for s in (2, 4, 6)]
+
+
+def test_folders_that_are_not_checkpoints_are_left_alone(small_experiment, tmp_path):
+    path = small_experiment(steps=6, ckpt=2)
+    train(path, tmp_path / "run", max_steps=4)
+    backup = tmp_path / "run" / "checkpoints" / "basic-backup"
+    backup.mkdir()
+    assert [p.name for p in stage_checkpoints(tmp_path / "run", "basic")] == [
+        "basic-00000002",
+        "basic-00000004",
+    ]
+    train(path, tmp_path / "run")
+    assert backup.is_dir()
+
+
+def test_a_run_directory_that_cannot_be_written_is_a_user_error(small_experiment, tmp_path, monkeypatch):
+    import branchadapt.rundir as rundir
+
+    path = small_experiment()
+    monkeypatch.setattr(
+        Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system"))
+    )
+    with pytest.raises(
+        ba.UserError, match=r"run directory .*new cannot be written \(Read-only file system\)"
+    ):
+        train(path, tmp_path / "new")
+    monkeypatch.undo()
+    train(path, tmp_path / "run", max_steps=2)
+    monkeypatch.setattr(rundir.os, "access", lambda *a: False)
+    with pytest.raises(ba.UserError, match=r"run directory .*run is not writable"):
+        train(path, tmp_path / "run")
+
+
+def test_a_long_config_difference_says_how_many_more(small_experiment, tmp_path, monkeypatch):
+    path = small_experiment()
+    monkeypatch.chdir(tmp_path)
+    train(path.name, tmp_path / "run")  # a relative experiment path
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["source"] == str(path)  # absolute: the run's relative paths resolve from anywhere
+    changes = [f"stages.transfer.steps={7 + i}" for i in range(1)] + [
+        "optim.default.lr=0.02",
+        "seed=4",
+        "optim.default.weight_decay=0.1",
+        "data.features=7",
+        "model.in_features=7",
+        "model.hidden=[8, 8, 8]",
+    ]
+    with pytest.raises(ba.UserError) as caught:
+        train(path, tmp_path / "run", overrides=changes)
+    lines = str(caught.value).splitlines()
+    assert sum(1 for line in lines if ": " in line and " -> " in line) == 10
+    assert re.search(r"^  \.\.\. and \d+ more$", "\n".join(lines), re.M)
