@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,55 +32,13 @@ from .compiling import compile_units, compiles_units
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .errors import CheckpointError, ConfigError, UserError
-from .interfaces import Backbone, Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
+from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
 from .progress import ProgressReporter
 from .rundir import forget_logged_steps, prepare_run_dir
-
-
-def wrap_backbones(
-    modules: dict[str, nn.Module], stage: ResolvedStage, groups: tuple[str, ...], anchor: str
-) -> dict[str, nn.Module]:
-    """Branch every :class:`Backbone` among ``modules`` as the stage's splitter says."""
-    splitter = stage.splitter.cls(stage.splitter.options)
-    out: dict[str, nn.Module] = {}
-    for name, module in modules.items():
-        if isinstance(module, Backbone):
-            branches = splitter.branch_stages(module.stage_names())
-            policy = {g: splitter.participation(g, anchor) for g in groups}
-            module = BranchedModel(module, groups, branches, policy)
-        out[name] = module
-    return out
-
-
-@dataclass
-class StageRuntime:
-    """Everything a stage's loop needs, built from the resolved experiment."""
-
-    stage: ResolvedStage
-    index: int
-    task: Task
-    modules: dict[str, nn.Module]
-    phases: list[Phase]
-    losses: dict[str, list[LossTerm]]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
-    data: StepData
-    forward_modules: dict[str, nn.Module]  # what Task.forward calls: DDP-wrapped under torchrun
-
-    @property
-    def steps(self) -> int:
-        return self.stage.spec.steps
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    completed: list[str] = field(default_factory=list)
-    paused_at: tuple[str, int] | None = None
-    last_metrics: dict[str, float] = field(default_factory=dict)
+from .runtime import RunResult, StageRuntime, wrap_backbones
 
 
 class Trainer:
@@ -188,6 +145,17 @@ class Trainer:
             )
         return sizes
 
+    def _check_batches(self, stage: ResolvedStage, sampler: GroupSampler) -> None:
+        """Under torchrun, the stage's first global batch must split evenly over the processes."""
+        world = self.dist.world
+        for stream, picks in sampler.plan(0).items():
+            if len(picks) % world:
+                raise ConfigError(
+                    f"{self.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global batch "
+                    f"of stream {stream!r} has {len(picks)} items, not a multiple of the {world} processes; "
+                    f"set its batch (per_group, batch_size) to a multiple of {world}"
+                )
+
     def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
         """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""
         path = self.run_dir / "stages" / stage_name / "final.safetensors"
@@ -214,13 +182,16 @@ class Trainer:
             return self._run(max_steps)
 
     def _run(self, max_steps: int | None) -> RunResult:
+        source = self.build_source("train")
+        for index, stage in enumerate(self.exp.stages):  # every stage's data and batches before
+            sizes = self._stage_sizes(stage, source)  # anything is written, not hours into a run
+            self._check_batches(
+                stage, stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
+            )
         if self.dist.is_main:
             prepare_run_dir(self.run_dir, self.exp)
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
-        source = self.build_source("train")
-        for stage in self.exp.stages:  # every stage's data before the first step, not hours into a run
-            self._stage_sizes(stage, source)
         budget = max_steps
         for index, stage in enumerate(self.exp.stages):
             final = self.run_dir / "stages" / stage.name / "final.safetensors"

@@ -404,3 +404,22 @@ def test_a_long_config_difference_says_how_many_more(small_experiment, tmp_path,
     lines = str(caught.value).splitlines()
     assert sum(1 for line in lines if ": " in line and " -> " in line) == 10
     assert re.search(r"^  \.\.\. and \d+ more$", "\n".join(lines), re.M)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_stops_before_anything_is_written(
+    small_experiment, tmp_path
+):
+    from branchadapt.distributed import DistInfo
+
+    path = small_experiment()  # basic: 4 items of one group a step; transfer: 2 of each of 3 groups
+    exp = ba.load_experiment(path, ["stages.transfer.sampler.per_group=1"])
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    trainer.dist = DistInfo(rank=0, world=2)  # what torchrun --nproc-per-node 2 would give
+    with pytest.raises(ba.ConfigError) as caught:
+        trainer.run()
+    assert (
+        "stages.transfer.sampler (per_group): the global batch of stream 'train' has 3 items, not a "
+        in str(caught.value)
+    )
+    assert "multiple of the 2 processes" in str(caught.value)
+    assert not (tmp_path / "run").exists()  # stage basic did not train first

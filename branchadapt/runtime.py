@@ -1,0 +1,58 @@
+"""What a stage runs with (:class:`StageRuntime`), what a run reports (:class:`RunResult`), and
+the branching of a task's backbones for a stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .branched import BranchedModel
+from .data import StepData
+from .interfaces import Backbone, LossTerm, Phase, Task
+from .loading import ResolvedStage
+
+
+def wrap_backbones(
+    modules: dict[str, nn.Module], stage: ResolvedStage, groups: tuple[str, ...], anchor: str
+) -> dict[str, nn.Module]:
+    """Branch every :class:`Backbone` among ``modules`` as the stage's splitter says."""
+    splitter = stage.splitter.cls(stage.splitter.options)
+    out: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if isinstance(module, Backbone):
+            branches = splitter.branch_stages(module.stage_names())
+            policy = {g: splitter.participation(g, anchor) for g in groups}
+            module = BranchedModel(module, groups, branches, policy)
+        out[name] = module
+    return out
+
+
+@dataclass
+class StageRuntime:
+    """Everything a stage's loop needs, built from the resolved experiment."""
+
+    stage: ResolvedStage
+    index: int
+    task: Task
+    modules: dict[str, nn.Module]
+    phases: list[Phase]
+    losses: dict[str, list[LossTerm]]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    data: StepData
+    forward_modules: dict[str, nn.Module]  # what Task.forward calls: DDP-wrapped under torchrun
+
+    @property
+    def steps(self) -> int:
+        return self.stage.spec.steps
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    completed: list[str] = field(default_factory=list)
+    paused_at: tuple[str, int] | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
