@@ -59,7 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .evaluation import evaluate_run, print_report
 
         if exp.task.cls.evaluate is not Task.evaluate:
-            report = evaluate_run(trainer.run_dir, device=args.device)
+            try:
+                report = evaluate_run(trainer.run_dir, device=args.device)
+            except UserError as exc:  # the training is done and kept: the run has succeeded
+                console.print(f"evaluation skipped: {exc}", highlight=False)
+                return 0
             print_report(report)
             console.print(written(report))
     return 0

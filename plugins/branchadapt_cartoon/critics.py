@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from branchadapt import UserError
+
 from .networks import init_normal
 from .padding import ReflectionPad2d
 from .spectral import spectral_norm
@@ -70,7 +72,7 @@ class Discriminator(nn.Module):
     def forward(self, x: Tensor) -> DOut:
         side = min_size(self.n_layers)
         if min(x.shape[-2:]) < side:
-            raise ValueError(
+            raise UserError(
                 f"a {self.n_layers}-layer discriminator needs images of at least {side} px, got "
                 f"{tuple(x.shape[-2:])}; lower task.global_layers / task.local_layers"
             )

@@ -101,11 +101,15 @@ def cache_dir(explicit: Path | None = None) -> Path:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image as RGB uint8; RGBA is composited on white; clear error if unreadable."""
+    """Decode an image as RGB uint8; RGBA is composited on white, a JPEG turned upright by its EXIF
+    orientation; clear error if unreadable."""
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise UserError(f"{path}: image file not found")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    # a JPEG (no alpha, 8 bits) decodes turned upright as its EXIF orientation says, as viewers show
+    # it (phone photos); IMREAD_UNCHANGED, which keeps other formats' alpha and depth, would not
+    jpeg = data[:2].tobytes() == b"\xff\xd8"
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR if jpeg else cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise UserError(f"{path}: cannot decode the image (corrupt or not an image); expected PNG/JPEG")
     if img.dtype != np.uint8:

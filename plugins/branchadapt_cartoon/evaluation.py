@@ -10,6 +10,7 @@ truth) is written beside the metrics, and every translated test photo under ``tr
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,9 +91,26 @@ def evaluate_translation(
         recognizer.to(device)
     judge = _trait_judge(source, task.context.groups) if task.options.eval_traits else None
     results: dict[str, dict[str, float]] = {}
+    counts = {g: source.sizes().get(g, {}) for g in task.context.groups}
+    if not any(min(c.get("photo", 0), c.get("cartoon", 0)) for c in counts.values()):
+        raise ba.UserError(
+            f"no paired photos and cartoons in the {source.split!r} split of any group; expected "
+            "<root>/test/photo/<group>/ and <root>/test/cartoon/<group>/ (or testA/testB) with images"
+        )
     for gi, group in enumerate(task.context.groups):
-        sizes = source.sizes().get(group, {})
-        pairs = min(sizes.get("photo", 0), sizes.get("cartoon", 0))
+        sizes = counts[group]
+        photos, cartoons = sizes.get("photo", 0), sizes.get("cartoon", 0)
+        pairs = min(photos, cartoons)
+        if photos != cartoons:
+            print(
+                f"note: group {group}: {photos} photos and {cartoons} cartoons in the {source.split!r} "
+                + (
+                    f"split; the first {pairs} of each (by file name) are scored as pairs"
+                    if pairs
+                    else "split; left out"
+                ),
+                file=sys.stderr,
+            )
         if pairs == 0:
             continue
         sums: dict[str, list[Tensor]] = {}

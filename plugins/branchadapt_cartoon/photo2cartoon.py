@@ -8,6 +8,7 @@ generator's CAM pieces, grouped under ``cam.`` (``cam.gap_fc.weight`` <- ``gap_f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,9 +41,11 @@ def read_checkpoint(path: Path) -> dict[str, dict[str, Tensor]]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:200] if str(exc) else ""
         raise UserError(
-            f"{path}: cannot read a photo2cartoon checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"{path}: not a photo2cartoon checkpoint torch can load safely ({type(exc).__name__}: {first}); "
+            "expected photo2cartoon's .pt file of state dicts"
+        ) from None
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: expected a dict of state dicts, got {type(data).__name__}")
     if all(isinstance(v, Tensor) for v in data.values()):

@@ -13,18 +13,20 @@ from torch import Tensor, nn
 
 import branchadapt as ba
 
-from .data import to_uint8
+from .data import IMAGE_SUFFIXES, to_uint8
 
 if TYPE_CHECKING:
     from .task import Translate
 
 
 def save_png(path: Path, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image atomically (temp file + rename)."""
+    """Write an RGB uint8 image atomically (temp file + rename), as PNG unless the name ends in
+    another image suffix (``.jpg``: JPEG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    suffix = path.suffix.lower() if path.suffix.lower() in IMAGE_SUFFIXES else ".png"
+    ok, buf = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise OSError(f"PNG encoding failed for {path}")
+        raise OSError(f"{suffix} encoding failed for {path}")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(buf.tobytes())
     tmp.replace(path)

@@ -8,6 +8,7 @@ group (the sub-folder names pick the branches). Outputs mirror the input layout 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("translate", help="translate images with a trained run (photo <-> cartoon)")
     p.add_argument("run_dir", type=Path, help="run directory of a finished cartoon run")
     p.add_argument("input", type=Path, help="an image, a folder of images, or a folder of group sub-folders")
-    p.add_argument("output", type=Path, help="output folder (or .png file for a single image)")
+    p.add_argument(
+        "output", type=Path, help="output folder (or an image file for a single image: .png, .jpg, ...)"
+    )
     p.add_argument("--group", help="group whose branch translates (default: from sub-folder names)")
     p.add_argument("--direction", choices=sorted(GENERATOR), default="a2b", help="a2b: photo -> cartoon")
     p.add_argument("--stage", help="stage whose weights to use (default: the last)")
@@ -51,7 +54,7 @@ def inference_layout(device: torch.device) -> torch.memory_format:
 def plan_jobs(
     source: Path, output: Path, group: str | None, groups: tuple[str, ...]
 ) -> list[tuple[str, Path, Path]]:
-    """(group, input image, output PNG) for every image to translate."""
+    """(group, input image, output image) for every image to translate."""
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     if group is not None and group not in groups:
@@ -60,7 +63,7 @@ def plan_jobs(
         if group is None:
             raise UserError(f"{source}: a single image needs --group (one of {list(groups)})")
         target = output if output.suffix.lower() in IMAGE_SUFFIXES else output / f"{source.stem}.png"
-        return [(group, source, target.with_suffix(".png"))]
+        return checked([(group, source, target)])
     if output.is_file() or output.suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(
             f"{output}: a folder of images translates into a folder; expected a folder, not an image file"
@@ -69,7 +72,7 @@ def plan_jobs(
         images = list_images(source)
         if not images:
             raise UserError(f"{source}: no images (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [(group, p, output / f"{p.stem}.png") for p in images]
+        return checked([(group, p, output / f"{p.stem}.png") for p in images])
     subdirs = sorted(d for d in source.iterdir() if d.is_dir())
     unknown = [d.name for d in subdirs if d.name not in groups]
     if not subdirs or unknown:
@@ -77,7 +80,36 @@ def plan_jobs(
             f"{source}: pass --group NAME, or put images in sub-folders named by group "
             f"(groups: {list(groups)}; unknown sub-folders: {unknown})"
         )
-    return [(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)]
+    loose = list_images(source)
+    if loose:
+        print(
+            f"note: {len(loose)} image(s) directly in {source} are not translated (not in a group "
+            f"sub-folder; translate them with --group NAME)",
+            file=sys.stderr,
+        )
+    return checked([(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)])
+
+
+def checked(jobs: list[tuple[str, Path, Path]]) -> list[tuple[str, Path, Path]]:
+    """``jobs``, once no output would replace an input or another output, and every output's
+    folder can be made (no file in the way)."""
+    inputs = {p.resolve() for _, p, _ in jobs}
+    seen: dict[Path, Path] = {}
+    for _, source, target in jobs:
+        where = target.resolve()
+        if where in inputs:
+            raise UserError(f"{target} would overwrite the input image {source}; choose another output")
+        if where in seen:
+            raise UserError(
+                f"{seen[where]} and {source} would both be written to {target} (same name, other "
+                "suffix); rename one of them"
+            )
+        seen[where] = source
+    for folder in {t.parent for _, _, t in jobs}:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"{blocker} is a file; the output {folder} must be a folder")
+    return jobs
 
 
 def run_translate(args: argparse.Namespace) -> int:

@@ -135,3 +135,18 @@ def test_validate_data_lists_images_damaged_past_their_header(tmp_path):
     damaged.unlink()
     out = validate("--data")
     assert out.returncode == 0 and "11 items read (a 6, b 5), all readable" in out.stdout
+
+
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
+    from PIL import Image, ImageOps
+
+    pixels = np.zeros((40, 60, 3), np.uint8)  # 60 wide, 40 high, red band along the top
+    pixels[:5] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg")).convert("RGB"))
+    rgb = read_rgb(tmp_path / "phone.jpg")
+    assert rgb.shape == shown.shape == (60, 40, 3)  # as a viewer shows it: tall
+    assert rgb[:, -5:, 0].mean() > 200 and rgb[:, :5, 0].mean() < 60  # the band now on the right
+    assert np.abs(rgb.astype(int) - shown.astype(int)).mean() < 3  # the same image, up to decoding

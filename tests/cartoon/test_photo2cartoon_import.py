@@ -71,5 +71,9 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path):
         read_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ba.UserError, match=r"bad\.pt: cannot read"):
+    with pytest.raises(
+        ba.UserError, match=r"bad\.pt: not a photo2cartoon checkpoint torch can load"
+    ) as caught:
         read_checkpoint(bad)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and message.endswith("file of state dicts")

@@ -26,7 +26,9 @@ def train(path, run_dir, max_steps=None):
     return trainer.run(max_steps=max_steps)
 
 
-def test_two_stage_run_trains_samples_evaluates_and_translates(tiny_cartoon, tmp_path, run_cli):
+def test_two_stage_run_trains_samples_evaluates_and_translates(
+    tiny_cartoon, tmp_path, run_cli, monkeypatch, capsys
+):
     exp = tiny_cartoon()
     run = tmp_path / "run"
     done = run_cli("run", str(exp), "--run-dir", str(run))
@@ -75,6 +77,27 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(tiny_cartoon, tmp
     done = run_cli("translate", str(run), str(src / "men"), str(out / "single.png"), "--group", "men")
     assert done.returncode == 2 and "expected a folder, not an image file" in done.stderr
     assert "Traceback" not in done.stderr and (out / "single.png").read_bytes() == b"keep"
+
+    # uneven or missing test pairs: said, and an evaluation with none keeps the earlier results
+    from branchadapt.evaluation import evaluate_run
+    from branchadapt_cartoon.data import FaceImages
+
+    plain_sizes = FaceImages.sizes
+
+    def uneven(self):
+        sizes = plain_sizes(self)
+        return {**sizes, "kids": {"photo": 3, "cartoon": 2}, "men": {"photo": 3, "cartoon": 0}}
+
+    monkeypatch.setattr(FaceImages, "sizes", uneven)
+    assert set(evaluate_run(run, device="cpu")["groups"]) == {"women", "kids", "elderly"}
+    err = capsys.readouterr().err
+    assert "group kids: 3 photos and 2 cartoons in the 'test' split; the first 2 of each" in err
+    assert "group men: 3 photos and 0 cartoons in the 'test' split; left out" in err
+    written = (run / "eval" / "transfer-test" / "metrics.json").read_bytes()
+    monkeypatch.setattr(FaceImages, "sizes", lambda self: {g: {} for g in plain_sizes(self)})
+    with pytest.raises(ba.UserError, match="no paired photos and cartoons in the 'test' split of any group"):
+        evaluate_run(run, device="cpu")
+    assert (run / "eval" / "transfer-test" / "metrics.json").read_bytes() == written
 
 
 def test_resume_gives_bit_identical_weights(tiny_cartoon, tmp_path):

@@ -1,0 +1,60 @@
+"""What ``branchadapt translate`` writes where: never over an input, never two images to one file."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+import branchadapt as ba
+from branchadapt_cartoon.sampling import save_png
+from branchadapt_cartoon.translate import plan_jobs
+
+GROUPS = ("men", "kids")
+
+
+def image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((8, 8, 3), 100, np.uint8))
+    return path
+
+
+def test_outputs_never_replace_inputs(tmp_path):
+    photo = image(tmp_path / "in" / "a.png")
+    with pytest.raises(ba.UserError, match=r"a\.png would overwrite the input image"):
+        plan_jobs(photo, photo, "men", GROUPS)
+    with pytest.raises(ba.UserError, match="would overwrite the input image"):
+        plan_jobs(tmp_path / "in", tmp_path / "in", "men", GROUPS)  # the same folder
+
+
+def test_two_inputs_with_one_name_are_refused(tmp_path):
+    image(tmp_path / "in" / "men" / "a.jpg")
+    image(tmp_path / "in" / "men" / "a.png")
+    with pytest.raises(ba.UserError, match=r"a\.jpg and .*a\.png would both be written to .*a\.png"):
+        plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)
+
+
+def test_an_output_below_a_file_is_refused(tmp_path):
+    photo = image(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ba.UserError, match=r"notes\.txt is a file; the output .* must be a folder"):
+        plan_jobs(photo, tmp_path / "notes.txt" / "x.png", "men", GROUPS)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_loose_images_beside_group_folders_are_reported(tmp_path, capsys):
+    image(tmp_path / "in" / "men" / "a.png")
+    image(tmp_path / "in" / "loose.jpg")
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)
+    assert [(g, t.relative_to(tmp_path)) for g, _, t in jobs] == [
+        ("men", tmp_path.joinpath("out/men/a.png").relative_to(tmp_path))
+    ]
+    assert "1 image(s) directly in" in capsys.readouterr().err
+
+
+def test_a_single_output_keeps_the_format_its_name_asks_for(tmp_path):
+    photo = image(tmp_path / "a.png")
+    ((_, _, target),) = plan_jobs(photo, tmp_path / "out.jpg", "men", GROUPS)
+    assert target.name == "out.jpg"
+    save_png(target, np.full((8, 8, 3), 50, np.uint8))
+    assert target.read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as its name says
