@@ -73,7 +73,7 @@ def load_stage(run_dir: Path, stage: str | None = None, device: str | None = Non
         raise UserError(f"stage {stage!r} of {run_dir} has not finished (no {weights}); run it first")
     # evaluation runs in one process, also on rank 0 after a torchrun job (the group is gone)
     trainer = Trainer(exp, run_dir=Path(run_dir), device=device, join_process_group=False)
-    task = trainer.build_task()
+    task = trainer.build_task(initial_weights=False)  # the stage's final weights replace them
     modules = wrap_backbones(task.build(), exp.stages[names.index(stage)], trainer.groups, trainer.anchor)
     load_weights(weights, modules)
     for module in modules.values():

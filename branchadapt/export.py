@@ -131,7 +131,13 @@ def export_run(
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
     loaded = load_stage(run_dir, stage, "cpu")
     name, backbone = group_backbone(loaded.modules, group, module)
-    path = out or Path(run_dir) / "export" / f"{name}-{group}.{fmt}"
+    default_name = f"{name}-{group}.{fmt}"
+    path = Path(run_dir) / "export" / default_name if out is None else Path(out)
+    if path.is_dir():  # an existing folder: the file goes inside it
+        path = path / default_name
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
         save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
@@ -148,7 +154,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS, help="default: onnx")
     p.add_argument("--module", default=None, help="which branched module (default: the first)")
     p.add_argument("--stage", default=None, help="stage whose final weights to export (default: last)")
-    p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export/MODULE-GROUP.FORMAT")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a file, or a folder to write MODULE-GROUP.FORMAT in "
+        "(default: RUN_DIR/export/MODULE-GROUP.FORMAT)",
+    )
     p.set_defaults(handler=_cmd)
 
 

@@ -228,6 +228,10 @@ class TaskContext:
     anchor: str
     build_backbone: Callable[[], Backbone]
     extras: dict[str, Any] = field(default_factory=dict)
+    #: False when trained weights are loaded into the built modules straight after (a stage that
+    #: starts from an earlier one, or a finished run loaded for inference): ``Task.build`` can then
+    #: skip its own initial weights (files it would read only to be overwritten)
+    initial_weights: bool = True
 
 
 class Task(ABC):

@@ -78,14 +78,17 @@ class Trainer:
         data = self.exp.data
         return data.cls(data.options, self.groups, self.exp.base_dir, split)
 
-    def build_task(self) -> Task:
+    def build_task(self, initial_weights: bool = True) -> Task:
+        """The experiment's task; ``initial_weights=False`` when trained weights replace what it
+        builds (:attr:`TaskContext.initial_weights`)."""
         model = self.exp.model
         context = TaskContext(self.groups, self.anchor, lambda: model.cls(model.options))
+        context.initial_weights = initial_weights
         return self.exp.task.cls(self.exp.task.options, context)
 
     def build_stage(self, index: int, stage: ResolvedStage, source: DataSource) -> StageRuntime:
         torch.manual_seed(self.spec.seed + 1000 * index)
-        task = self.build_task()
+        task = self.build_task(initial_weights=not stage.spec.init_from)
         modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
         if stage.spec.init_from:
             self.load_stage_weights(stage.spec.init_from, modules)

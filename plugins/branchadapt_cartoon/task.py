@@ -65,7 +65,9 @@ class TranslateOptions(PluginOptions):
         True, description="trait accuracy with the toonfaces trait classifier (toonfaces groups)"
     )
     photo2cartoon: Path | None = Field(
-        None, description="start from a photo2cartoon checkpoint (genA2B[, genB2A, dis*]); first stage only"
+        None,
+        description="start from a photo2cartoon checkpoint (genA2B[, genB2A, dis*]); read by the stages "
+        "without init_from only (not by later stages or inference)",
     )
 
 
@@ -90,7 +92,7 @@ class Translate(Task):
             modules[name] = Discriminator(
                 width=o.dis_width, n_layers=layers, n_groups=groups if key[0] == "G" else 0
             )
-        if o.photo2cartoon is not None:
+        if o.photo2cartoon is not None and self.context.initial_weights:  # not read to be overwritten
             from .photo2cartoon import import_weights
 
             import_weights(o.photo2cartoon, modules)

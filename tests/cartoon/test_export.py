@@ -60,6 +60,20 @@ def test_safetensors_export_is_the_plain_backbone_state(trained, run_cli):
     kids = load_stage(trained).modules["gen_b2a"].extract("kids")
     for key, value in kids.state_dict().items():
         assert torch.equal(plain.state_dict()[key], value), key
+    # --out naming an existing folder writes the file inside it; a file in the way is refused
+    folder = trained / "mine"
+    folder.mkdir()
+    done = run_cli("export", str(trained), "--group", "kids", "--format", "safetensors", "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in folder.iterdir()] == ["gen_a2b-kids.safetensors"]
+    (trained / "notes.txt").write_text("keep")
+    done = run_cli("export", str(trained), "--group", "kids", "--out", str(trained / "notes.txt" / "x.onnx"))
+    assert (
+        done.returncode == 2
+        and "notes.txt is a file, not a folder" in done.stderr
+        and "Traceback" not in done.stderr
+    )
+    assert (trained / "notes.txt").read_text() == "keep"
 
 
 def test_bad_requests_exit_2_and_write_nothing(trained, run_cli):

@@ -77,3 +77,15 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path):
         read_checkpoint(bad)
     message = str(caught.value)
     assert "\n" not in message and "\x1b" not in message and message.endswith("file of state dicts")
+
+
+def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path):
+    """A stage that starts from an earlier one, or a finished run loaded for inference, replaces
+    the imported weights at once: the file need not be there any more."""
+    from branchadapt.trainer import Trainer
+
+    exp = ba.load_experiment(tiny_cartoon(), [f'task.photo2cartoon="{(tmp_path / "gone.pt").as_posix()}"'])
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    with pytest.raises(ba.UserError, match=r"gone\.pt: photo2cartoon checkpoint not found"):
+        trainer.build_task().build()  # the first stage's fresh modules: read
+    assert "gen_a2b" in trainer.build_task(initial_weights=False).build()  # weights to follow: not read
