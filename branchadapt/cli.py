@@ -44,8 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}{ranks}", highlight=False)
     try:
         result = trainer.run(max_steps=args.max_steps)
-    finally:
-        distributed.teardown(trainer.dist)
+    except BaseException:
+        distributed.teardown(trainer.dist, failed=True)
+        raise
+    distributed.teardown(trainer.dist)
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports and evaluates
         return 0
     if result.paused_at:

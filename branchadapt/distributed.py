@@ -168,9 +168,12 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def teardown(info: DistInfo) -> None:
-    """Leave the process group (end of ``branchadapt run``)."""
+def teardown(info: DistInfo, failed: bool = False) -> None:
+    """Leave the process group (end of ``branchadapt run``). A rank that ``failed`` leaves
+    without waiting for the others, which may be blocked in a step's collective: it exits, and
+    torchrun then stops the whole job instead of every rank waiting for the rest."""
     if info.enabled and dist.is_initialized():
         gc.collect()  # finished stages' DDP reducers go before the process group they use
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -146,6 +146,14 @@ class Trainer:
             raise UserError(
                 f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
             )
+        streams = {st for s in sizes.values() for st, n in s.items() if n}
+        for group, own in sizes.items():
+            lacking = sorted(st for st in streams if not own.get(st))
+            if lacking:
+                self.progress.message(
+                    f"note: stages.{stage.name}: group {group} has no items in stream(s) {lacking} that "
+                    "other groups have; it trains on its other streams only"
+                )
         return sizes
 
     def _check_batches(self, stage: ResolvedStage, sampler: GroupSampler) -> None:
@@ -315,7 +323,11 @@ class Trainer:
             if step > saved:
                 self._checkpoint(rt, step)
             where = f"stage {rt.stage.name}: stopped before step {step + 1} of {rt.steps}"
-            kept = f"steps 1-{step} are in {self.run_dir / 'checkpoints'}; " if step else ""
+            kept = (
+                f"steps 1-{step} are in {self.run_dir / 'checkpoints'}; "
+                if step and not self.dist.enabled
+                else ""
+            )
             raise UserError(f"{exc}\n{where}; {kept}fix the data and run again to resume") from exc
 
     def _samples(self, rt: StageRuntime, step: int) -> None:

@@ -158,3 +158,44 @@ def test_two_processes_match_one_and_resume_under_one(tmp_path):
     c = _final(mixed)
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+RANK_FAIL = """
+import os
+import branchadapt as ba
+from branchadapt.builtin.example import ClusterData
+
+
+class RankFail(ClusterData):
+    calls = 0
+
+    def get(self, group, stream, index, rng):
+        RankFail.calls += 1
+        if os.environ.get("RANK") == "1" and RankFail.calls > 40:
+            raise ba.UserError(f"items/{group}/{index}: cannot read (rank 1 only)")
+        return super().get(group, stream, index, rng)
+
+
+@ba.hookimpl
+def register_data(register):
+    register(RankFail, name="rank_fail")
+"""
+
+
+def test_a_rank_that_fails_alone_ends_the_job_instead_of_hanging(tmp_path):
+    (tmp_path / "rankfail.py").write_text(RANK_FAIL)
+    exp = tmp_path / "fail.toml"
+    exp.write_text(
+        f'extends = "{(ROOT / "examples" / "quickstart.toml").as_posix()}"\nplugins = ["rankfail"]\n'
+        '[data]\ntype = "rank_fail"\n[train]\ncheckpoint_every = 2\nprogress = "plain"\n'
+        "[stages.basic]\nsteps = 30\nsampler = { type = 'per_group', per_group = 8 }\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "branchadapt", "run", str(exp), "--run-dir", str(tmp_path / "run"), "--no-eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # before the fix, the failing rank waited for the others in a barrier and the job never ended
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "error: items/anchor/" in proc.stderr and "cannot read (rank 1 only)" in proc.stderr
+    assert "stage basic: stopped before step" in proc.stderr
+    assert "exitcode: 2" in proc.stderr or "exitcode  : 2" in proc.stderr  # the rank's own user-error exit

@@ -423,3 +423,24 @@ def test_a_batch_that_does_not_split_over_the_processes_stops_before_anything_is
     )
     assert "multiple of the 2 processes" in str(caught.value)
     assert not (tmp_path / "run").exists()  # stage basic did not train first
+
+
+def test_a_group_missing_a_stream_the_others_have_is_pointed_out(small_experiment, tmp_path, capsys):
+    exp = ba.load_experiment(small_experiment())
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+
+    class Source:
+        def sizes(self):
+            return {
+                "a": {"photo": 5, "cartoon": 5},
+                "b": {"photo": 3, "cartoon": 0},
+                "c": {"photo": 2, "cartoon": 1},
+            }
+
+    sizes = trainer._stage_sizes(exp.stages[1], Source())
+    assert sizes["b"] == {"photo": 3, "cartoon": 0}
+    err = capsys.readouterr().err
+    assert (
+        "note: stages.transfer: group b has no items in stream(s) ['cartoon'] that other groups have" in err
+    )
+    assert "group c" not in err and "group a" not in err
