@@ -24,6 +24,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 import branchadapt as ba
 
 from .data import to_uint8
+from .recognizers import WEIGHTS_OPTION
 from .sampling import grid, save_png
 
 if TYPE_CHECKING:
@@ -50,7 +51,11 @@ def _recognizer(spec: dict[str, Any] | None) -> nn.Module | None:
         return None
     spec = dict(spec)
     kind = str(spec.pop("type"))
-    return ba.build_backbone(kind, **spec).requires_grad_(False).eval()
+    try:
+        return ba.build_backbone(kind, **spec).requires_grad_(False).eval()
+    except ba.UserError as exc:  # the recognizers' messages name the face-ID loss's keys
+        message = str(exc).replace(WEIGHTS_OPTION, "task.eval_recognizer.weights")
+        raise type(exc)(f"task.eval_recognizer: {message.removeprefix('task.eval_recognizer: ')}") from None
 
 
 def _trait_judge(source: ba.DataSource, groups: tuple[str, ...]) -> Any:

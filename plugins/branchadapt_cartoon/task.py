@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 import branchadapt as ba
@@ -64,6 +64,16 @@ class TranslateOptions(PluginOptions):
     eval_traits: bool = Field(
         True, description="trait accuracy with the toonfaces trait classifier (toonfaces groups)"
     )
+
+    @field_validator("eval_recognizer")
+    @classmethod
+    def _recognizer_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A weights file that is not there is found when the experiment loads, not after training."""
+        weights = (value or {}).get("weights")
+        if weights is not None and not Path(str(weights)).is_file():
+            raise ValueError(f"weights file {weights} does not exist")
+        return value
+
     photo2cartoon: Path | None = Field(
         None,
         description="start from a photo2cartoon checkpoint (genA2B[, genB2A, dis*]); read by the stages "

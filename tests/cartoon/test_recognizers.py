@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import branchadapt as ba
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt_cartoon.recognizers import MobileFaceNet, TimmRecognizer, photo2cartoon_crop
 
@@ -119,3 +120,14 @@ def test_timm_recognizer(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(net(x), emb)
     assert net.stage_names() == ["model"]
+
+
+def test_an_evaluation_recognizer_without_its_file_is_found_when_the_experiment_loads(tiny_cartoon, tmp_path):
+    from branchadapt_cartoon.evaluation import _recognizer
+
+    spec = f'task.eval_recognizer={{type="mobilefacenet", weights="{(tmp_path / "x.pth").as_posix()}"}}'
+    with pytest.raises(ba.ConfigError, match=r"task\.eval_recognizer: weights file .*x\.pth does not exist"):
+        ba.load_experiment(tiny_cartoon(), [spec])
+    # built later (the file gone since): the message names the evaluation's own key
+    with pytest.raises(ba.UserError, match=r"^task\.eval_recognizer: .*set task\.eval_recognizer\.weights"):
+        _recognizer({"type": "mobilefacenet", "weights": str(tmp_path / "x.pth")})
