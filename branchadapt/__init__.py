@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_wei
 from .config import Experiment
 from .data import StepData, step_batches, to_device
 from .device import autocast, select_device
-from .errors import CheckpointError, ConfigError, RegistryError, UserError
+from .errors import CheckpointError, ConfigError, RegistryError, TrainingDiverged, UserError
 from .hookspecs import hookimpl
 from .interfaces import (
     Backbone,
@@ -61,6 +61,7 @@ __all__ = [
     "StepData",
     "Task",
     "TaskContext",
+    "TrainingDiverged",
     "UserError",
     "autocast",
     "branch",

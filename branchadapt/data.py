@@ -45,11 +45,20 @@ class StepData(Dataset[Batch]):
     def __len__(self) -> int:  # steps are unbounded; the loader's sampler bounds them
         return 2**62
 
+    def plan(self, step: int) -> dict[str, list[tuple[str, int]]]:
+        """This rank's (group, index) picks of every stream at ``step``."""
+        return shard(self.sampler.plan(step), self.rank, self.world, step)
+
+    def describe(self, step: int) -> list[str]:
+        """The data source's names of this rank's items at ``step`` (for messages)."""
+        return [
+            self.source.describe(g, stream, i) for stream, picks in self.plan(step).items() for g, i in picks
+        ]
+
     def __getitem__(self, step: int) -> Batch:
         batch: Batch = {}
         # under torchrun the sampler plans the global batch and this rank takes its shard
-        plan = shard(self.sampler.plan(step), self.rank, self.world, step)
-        for stream, picks in plan.items():
+        for stream, picks in self.plan(step).items():
             key = zlib.crc32(stream.encode())
             items = [
                 self.source.get(

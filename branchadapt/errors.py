@@ -24,3 +24,7 @@ class RegistryError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the model."""
+
+
+class TrainingDiverged(UserError):
+    """A loss or gradient that is no longer finite; the step was not applied."""

@@ -211,6 +211,10 @@ class DataSource(ABC):
         """Stack items of one stream into a batch (override for ragged data)."""
         return default_collate(items)
 
+    def describe(self, group: str, stream: str, index: int) -> str:
+        """How messages name one item (a file's path, say; default ``group/stream[index]``)."""
+        return f"{group}/{stream}[{index}]"
+
 
 @dataclass(frozen=True)
 class Phase:

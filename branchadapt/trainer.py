@@ -31,6 +31,7 @@ from .checkpoint import (
 from .compiling import compile_units, compiles_units
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
+from .divergence import diverged, finite_gradients, nonfinite_names
 from .errors import CheckpointError, ConfigError, UserError
 from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .interrupt import StopRequest
@@ -279,7 +280,7 @@ class Trainer:
                 if self._interrupt.requested:  # Ctrl-C during the step before: keep it, then stop
                     self._stop(rt, step, saved)
                 batch = self._next_batch(rt, batches, step, saved)
-                values = self.train_step(rt, to_device(batch, self.device))
+                values = self.train_step(rt, to_device(batch, self.device), step)
                 for k, v in values.items():
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
@@ -343,9 +344,13 @@ class Trainer:
             for name, m in rt.modules.items():
                 m.train(modes[name])
 
-    def train_step(self, rt: StageRuntime, batch: Any) -> dict[str, Tensor]:
-        """One step: every phase's forward, weighted loss, backward and optimiser step."""
+    def train_step(self, rt: StageRuntime, batch: Any, step: int | None = None) -> dict[str, Tensor]:
+        """One step: every phase's forward, weighted loss, backward and optimiser step. A loss or
+        gradient that is not finite stops it before its optimiser step (:mod:`branchadapt.divergence`);
+        ``step`` (0-based) lets the message name the step's data items."""
         scratch: dict[str, Any] = {}
+        where = (rt.stage.name, -1 if step is None else step + 1)
+        items = (lambda: rt.data.describe(step)) if step is not None else list
         logged: dict[str, Tensor] = {}
         for phase in rt.phases:
             terms = rt.losses.get(phase.name)
@@ -357,10 +362,14 @@ class Trainer:
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
             if not distributed.all_finite(total, self.dist):  # every rank stops together
                 bad = [k for k, v in values.items() if not torch.isfinite(v)]
-                raise FloatingPointError(f"stage {rt.stage.name}: loss {bad} became non-finite")
+                raise diverged(*where, f"phase {phase.name}'s loss {bad}", items())
             optimizer = rt.optimizers[phase.name]
             optimizer.zero_grad(set_to_none=True)
             rt.task.backward(phase.name, total, scratch)  # under torchrun, DDP averages the gradients here
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if not finite_gradients(params):  # averaged under torchrun: the same on every rank
+                names = nonfinite_names(rt.modules)
+                raise diverged(*where, f"phase {phase.name}'s gradients", items(), names)
             optimizer.step()
             rt.schedulers[phase.name].step()
             rt.task.after_step(phase.name, rt.modules)

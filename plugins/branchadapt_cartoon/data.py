@@ -231,6 +231,9 @@ class FaceImages(DataSource):
     def sizes(self) -> dict[str, dict[str, int]]:
         return {g: {s: len(files) for s, files in streams.items()} for g, streams in self.files.items()}
 
+    def describe(self, group: str, stream: str, index: int) -> str:
+        return str(self.files[group][stream][index])
+
     def image(self, group: str, stream: str, index: int) -> np.ndarray:
         """The decoded (and pre-processed) RGB image, before augmentation."""
         path = self.files[group][stream][index]

@@ -150,3 +150,9 @@ def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
     assert rgb.shape == shown.shape == (60, 40, 3)  # as a viewer shows it: tall
     assert rgb[:, -5:, 0].mean() > 200 and rgb[:, :5, 0].mean() < 60  # the band now on the right
     assert np.abs(rgb.astype(int) - shown.astype(int)).mean() < 3  # the same image, up to decoding
+
+
+def test_messages_name_an_item_by_its_file(tmp_path):
+    root = make_folder(tmp_path / "data")
+    src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
+    assert src.describe("b", "cartoon", 2) == str(root / "train" / "cartoon" / "b" / "2.png")

@@ -116,10 +116,15 @@ def test_rerun_with_other_config_is_refused_and_changes_nothing(small_experiment
 
 
 def test_a_run_dir_that_never_trained_takes_the_corrected_config(small_experiment, tmp_path):
-    # a run that stopped at set-up (here: a stage whose groups have no data) left only its config
+    # a run that stopped at set-up (before its first step) left only its config; the data and
+    # batch checks run before even that is written
+    from branchadapt.rundir import prepare_run_dir
+
     path = small_experiment()
     with pytest.raises(ba.UserError, match="have no training data"):
         train(path, tmp_path / "run", overrides=["data.counts.a=0"])
+    assert not (tmp_path / "run").exists()
+    prepare_run_dir(tmp_path / "run", ba.load_experiment(path, ["data.counts.a=1"]))
     assert (tmp_path / "run" / "config.json").exists()
     train(path, tmp_path / "run")  # the corrected command reuses the directory
     assert (tmp_path / "run" / "stages" / "transfer" / "final.safetensors").exists()
@@ -323,11 +328,11 @@ def test_ctrl_c_keeps_the_step_in_progress_and_resumes_after_it(small_experiment
     plain_step = Trainer.train_step
     calls = []
 
-    def step_with_ctrl_c(self, rt, batch):
+    def step_with_ctrl_c(self, rt, batch, step=None):
         calls.append(rt.stage.name)
         if len(calls) == 6 + 3:  # the transfer stage's 3rd step: the signal arrives mid-step
             os.kill(os.getpid(), signal.SIGINT)
-        return plain_step(self, rt, batch)
+        return plain_step(self, rt, batch, step)
 
     monkeypatch.setattr(Trainer, "train_step", step_with_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
@@ -444,3 +449,57 @@ def test_a_group_missing_a_stream_the_others_have_is_pointed_out(small_experimen
         "note: stages.transfer: group b has no items in stream(s) ['cartoon'] that other groups have" in err
     )
     assert "group c" not in err and "group a" not in err
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run_before_it_reaches_the_weights(
+    small_experiment, tmp_path, monkeypatch
+):
+    from branchadapt.interfaces import Task
+
+    exp = ba.load_experiment(small_experiment(steps=6, ckpt=2))
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    built = []
+    plain_build, plain_backward = Trainer.build_stage, Task.backward
+
+    def build_stage(self, *args):
+        built.append(plain_build(self, *args))
+        return built[-1]
+
+    def backward(self, phase, loss, scratch):  # the third step's gradient of one weight turns NaN
+        plain_backward(self, phase, loss, scratch)
+        backward.calls += 1
+        if backward.calls == 3:
+            next(built[-1].modules["model"].parameters()).grad[0, 0] = float("nan")
+
+    backward.calls = 0
+    monkeypatch.setattr(Trainer, "build_stage", build_stage)
+    monkeypatch.setattr(Task, "backward", backward)
+    with pytest.raises(ba.TrainingDiverged) as caught:
+        trainer.run()
+    message = str(caught.value)
+    assert message.startswith(
+        "stage basic, step 3: phase main's gradients not finite (1 parameter, first model."
+    )
+    assert "that update was not applied" in message and "The step's data: a/train[" in message
+    weights = built[-1].modules["model"].state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())  # the NaN never reached a weight
+    saved = read_tensors(tmp_path / "run" / "checkpoints" / "basic-00000002" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_gradient_check_finds_any_non_finite_value_of_any_float_dtype(bad):
+    from branchadapt.divergence import finite_gradients
+
+    params = [
+        torch.nn.Parameter(torch.zeros(5, dtype=d)) for d in (torch.float32, torch.float64, torch.bfloat16)
+    ]
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
+    for p in params[:3]:
+        p.grad = torch.full_like(p, 1e30 if p.dtype == torch.float64 else 3.0)
+    assert finite_gradients(params)
+    for p in params[:3]:
+        p.grad[4] = bad
+        assert not finite_gradients(params), p.dtype
+        p.grad[4] = 1.0
+    assert finite_gradients(params) and params[0].grad[0] == 3.0  # checking leaves the gradients alone
