@@ -20,9 +20,8 @@ def finite_gradients(params: Iterable[nn.Parameter]) -> bool:
     """Whether every gradient among ``params`` is finite (parameters without one are skipped).
 
     One fused pass per device and dtype with the kernel ``torch.amp.GradScaler`` uses to find
-    infs (unscaling by 1, which leaves the gradients as they are): 2 ms for the 28M gradients of
-    the cartoon recipe's discriminators on 2 CPU threads, against 41 ms for a max-abs
-    ``torch._foreach_norm``."""
+    infs (unscaling by 1, which leaves the gradients as they are), many times faster on a CPU than
+    a max-abs ``torch._foreach_norm`` (``benchmarks/grad_check.py``)."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
@@ -54,7 +53,7 @@ def diverged(
     return TrainingDiverged(
         f"stage {stage}{f', step {step}' if step > 0 else ''}: {what} not finite{params}; that update "
         "was not applied, the run stops, and its latest checkpoint is intact (a re-run resumes there). "
-        f"The step's data: {shown or '(none)'}. A learning rate too high, "
-        "or an image of one flat colour (instance norms then amplify gradients without bound), can "
-        "cause this."
+        f"The step's data: {shown or '(none)'}. A learning rate too high, or an item without any "
+        "variation (normalisation layers then amplify its gradients without bound, e.g. an image of "
+        "one flat colour), can cause this."
     )

@@ -358,6 +358,16 @@ def test_step_time_compares_every_transfer_variant_in_one_run() -> None:
     assert of_peak == pytest.approx(rate / peak, rel=0.05, abs=0.0051 + 0.51 / peak)  # printed rounded
 
 
+def test_grad_check_times_each_phase_against_the_step() -> None:
+    out = run("grad_check.py", "--size", "32", "--width", "4", "--repeat", "2", "--threads", "1")
+    rows = {r[0]: r for r in table_rows(out, "(discriminator|generator)$")}
+    assert set(rows) == {"discriminator", "generator"}
+    step = float(re.search(r"one step: ([\d.]+) s", out).group(1))  # type: ignore[union-attr]
+    for _, count, elements, ours, norm, share in rows.values():
+        assert int(count) > 0 and float(elements) >= 0 and float(norm) >= 0  # tiny here: printed 0.0
+        assert float(share) == pytest.approx(float(ours) / 1e3 / step, abs=0.00051 + 0.051e-3 / step)
+
+
 def test_data_loading_compares_loader_throughput_with_training() -> None:
     out = run("data_loading.py", "--sizes", "32", "--width", "4", "--batches", "4", "--workers", "1")
     (row,) = table_rows(out, r"32$")
