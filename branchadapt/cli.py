@@ -44,8 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}{ranks}", highlight=False)
     try:
         result = trainer.run(max_steps=args.max_steps)
-    except BaseException:
+    except BaseException as exc:
         distributed.teardown(trainer.dist, failed=True)
+        if isinstance(exc, UserError) and not trainer.dist.is_main and not trainer.started:
+            exc.quiet = True  # a set-up check every rank makes alike: rank 0 says it once
         raise
     distributed.teardown(trainer.dist)
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports and evaluates
@@ -128,7 +130,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def check_every_item(exp: Any, splits: Sequence[str]) -> int:
-    """``validate --data``: read every item of each split; 2 when one cannot be read."""
+    """``validate --data``: read every item of each split; 2 when one cannot be used."""
     from rich.progress import Progress
 
     from .datacheck import check_data
@@ -146,17 +148,17 @@ def check_every_item(exp: Any, splits: Sequence[str]) -> int:
         groups = ", ".join(f"{g} {sum(s.values())}" for g, s in report.sizes.items())
         print(f"  data ({split}): {report.items} items read ({groups})", end="")
         if not report.problems:
-            print(", all readable")
+            print(", all usable")
             continue
         failed += len(report.problems)
-        print(f", {len(report.problems)} cannot be read:")
+        print(f", {len(report.problems)} cannot be used:")
         for message in report.problems[:20]:
             print(f"    {message}")
         if len(report.problems) > 20:
             print(f"    ... and {len(report.problems) - 20} more")
     if failed:
         items = "1 data item" if failed == 1 else f"{failed} data items"
-        print(f"error: {items} cannot be read; fix or remove them", file=sys.stderr)
+        print(f"error: {items} cannot be used; fix or remove them", file=sys.stderr)
         return 2
     return 0
 
@@ -208,7 +210,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         type=split_names,
         default=None,
         metavar="SPLITS",
-        help="also read every item of the data once and list those that cannot be read "
+        help="also read every item of the data once and list those that cannot be used "
         "(default split: train; e.g. --data train,test)",
     )
     validate.set_defaults(handler=cmd_validate)
@@ -233,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.context = plugins
         return int(args.handler(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not exc.quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         resume = "; the latest checkpoint is kept, run the same command again to resume"

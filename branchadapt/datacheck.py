@@ -2,7 +2,7 @@
 
 Building a data source checks what is cheap to check (folders, file headers); an item that is
 damaged further in fails only when it is read. ``branchadapt validate --data`` reads them all and
-lists every one that cannot be read, so that a run does not stop on its first bad item hours in.
+lists every one that cannot be used, so that a run does not stop on its first bad item hours in.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ class UserError(Exception):
     """A problem in the user's input; the message says where and what was expected."""
 
     exit_code = 2
+    #: True when another process reports the same error (under torchrun, rank 0)
+    quiet = False
 
 
 class ConfigError(UserError):

@@ -7,6 +7,7 @@ modules from its saved config, loads the final weights, and writes/prints the ta
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,14 @@ def evaluate_run(
     )  # fmt: skip
     source = trainer.build_source(split)  # an unknown split fails here, before anything is written
     out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"{out_dir} cannot be created ({exc.strerror or exc}); is {run_dir} writable?"
+        ) from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"{out_dir} is not writable; the evaluation writes its results there")
     with torch.no_grad():
         metrics = task.evaluate(modules, source, trainer.device, out_dir)
     if metrics is None:

@@ -47,11 +47,13 @@ def has_trained(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in TRAINED)
 
 
-def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
+def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) -> None:
     """Create ``run_dir`` with the resolved config, or check it holds this same experiment.
 
     A directory with a config but no training result (a run that stopped at set-up, e.g. on a
-    wrong data path) takes the new config: there is nothing of the old run to protect."""
+    wrong data path) takes the new config: there is nothing of the old run to protect. With
+    ``write=False`` (every rank but rank 0 under torchrun) only the checks run, so that every
+    rank refuses a mismatched directory alike instead of waiting for rank 0."""
     dump = exp.spec.model_dump(mode="json", exclude_none=True)
     # the file's absolute path: the run's relative paths (data.root) are beside it, wherever the
     # run is evaluated from
@@ -72,6 +74,8 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment) -> None:
                 f"run directory {run_dir} holds a run of a different experiment; differences:\n  {shown}\n"
                 "Use --run-dir DIR for a new run (nothing in the existing directory was changed)."
             )
+        return
+    if not write:
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

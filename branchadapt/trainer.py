@@ -71,6 +71,8 @@ class Trainer:
         mode = self.spec.train.progress if self.dist.is_main else "none"
         self.progress = progress or ProgressReporter(mode)
         self._interrupt = StopRequest(enabled=not self.dist.enabled)
+        #: whether a stage's steps have begun (errors before are the same on every rank)
+        self.started = False
         self.groups = tuple(self.spec.groups)
         self.anchor = self.spec.anchor_group
 
@@ -200,8 +202,7 @@ class Trainer:
             self._check_batches(
                 stage, stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
             )
-        if self.dist.is_main:
-            prepare_run_dir(self.run_dir, self.exp)
+        prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
         budget = max_steps
@@ -269,6 +270,7 @@ class Trainer:
 
     def _loop(self, rt: StageRuntime, start: int, stop: int) -> dict[str, float]:
         train = self.spec.train
+        self.started = True
         self.progress.start_stage(rt.stage.name, rt.steps, start)
         sums: dict[str, Tensor] = {}
         count = 0

@@ -241,6 +241,11 @@ class FaceImages(DataSource):
         if cached is not None:
             return cached
         rgb = read_rgb(path)
+        if int(rgb.min()) == int(rgb.max()):  # instance norms would amplify its gradients to inf
+            raise UserError(
+                f"{path}: the image is one flat colour ({int(rgb.min())} everywhere), nothing to learn "
+                "from, and it makes training diverge; remove it"
+            )
         if stream == "photo":
             for hook in self.hooks:
                 rgb = hook(rgb)

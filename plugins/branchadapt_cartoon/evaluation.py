@@ -102,6 +102,12 @@ def evaluate_translation(
             f"no paired photos and cartoons in the {source.split!r} split of any group; expected "
             "<root>/test/photo/<group>/ and <root>/test/cartoon/<group>/ (or testA/testB) with images"
         )
+    if source.split == "train":
+        print(
+            "note: the train split holds unpaired photos and cartoons: the pair scores (l1, psnr, ssim) "
+            "compare unrelated images there; the test split is the paired one",
+            file=sys.stderr,
+        )
     for gi, group in enumerate(task.context.groups):
         sizes = counts[group]
         photos, cartoons = sizes.get("photo", 0), sizes.get("cartoon", 0)

@@ -126,15 +126,15 @@ def test_validate_data_lists_images_damaged_past_their_header(tmp_path):
 
     out = validate("--data", "test,train")
     assert out.returncode == 2, out.stderr
-    assert "data (test): 12 items read (a 6, b 6), all readable" in out.stdout
+    assert "data (test): 12 items read (a 6, b 6), all usable" in out.stdout
     assert (
-        f"data (train): 12 items read (a 6, b 6), 1 cannot be read:\n    {damaged}: cannot decode"
+        f"data (train): 12 items read (a 6, b 6), 1 cannot be used:\n    {damaged}: cannot decode"
         in out.stdout
     )
-    assert "error: 1 data item cannot be read" in out.stderr
+    assert "error: 1 data item cannot be used" in out.stderr
     damaged.unlink()
     out = validate("--data")
-    assert out.returncode == 0 and "11 items read (a 6, b 5), all readable" in out.stdout
+    assert out.returncode == 0 and "11 items read (a 6, b 5), all usable" in out.stdout
 
 
 def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
@@ -156,3 +156,13 @@ def test_messages_name_an_item_by_its_file(tmp_path):
     root = make_folder(tmp_path / "data")
     src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
     assert src.describe("b", "cartoon", 2) == str(root / "train" / "cartoon" / "b" / "2.png")
+
+
+def test_a_flat_colour_image_is_refused_by_name(tmp_path):
+    root = make_folder(tmp_path / "data")
+    flat = root / "train" / "photo" / "a" / "1.png"
+    cv2.imwrite(str(flat), np.full((40, 40, 3), 255, np.uint8))
+    src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")
+    with pytest.raises(ba.UserError, match=r"1\.png: the image is one flat colour \(255 everywhere\)"):
+        src.get("a", "photo", 1, np.random.default_rng(0))
+    assert src.get("a", "photo", 0, np.random.default_rng(0))["image"].shape == (3, 32, 32)

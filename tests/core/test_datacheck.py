@@ -45,7 +45,7 @@ def test_validate_data_on_the_command_line(small_experiment, run_cli):
     path = small_experiment()
     ok = run_cli("validate", str(path), "--data")
     assert ok.returncode == 0, ok.stderr
-    assert "data (train): 80 items read (a 64, b 8, c 8), all readable" in ok.stdout
+    assert "data (train): 80 items read (a 64, b 8, c 8), all usable" in ok.stdout
     both = run_cli("validate", str(path), "--data", "train,test")
     assert both.returncode == 0 and "data (test): " in both.stdout
     for value, expected in [("valid", "no split 'valid' in data source 'clusters'"), (",", "expected split")]:

@@ -152,6 +152,13 @@ def test_two_processes_match_one_and_resume_under_one(tmp_path):
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len((one / "metrics.jsonl").read_text().splitlines())
 
+    # a changed experiment in that directory: every rank refuses it, rank 0 alone says so, no rank
+    # is left waiting for rank 0 (before, rank 1 died in a barrier with a gloo traceback)
+    with pytest.raises(AssertionError) as refused:
+        _run(tmp_path, two, 2, "--set", "optim.default.lr=0.5")
+    assert str(refused.value).count("holds a run of a different experiment") == 1
+    assert "[rank1]" not in str(refused.value) and "exitcode: 2" in str(refused.value).replace("  ", " ")
+
     _run(tmp_path, mixed, 2, "--max-steps", "22")  # pauses in the transfer stage (checkpoint at step 10)
     assert (mixed / "checkpoints").is_dir() and not (mixed / "stages" / "transfer").exists()
     _run(tmp_path, mixed, 1)  # resumes under one process

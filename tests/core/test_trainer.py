@@ -503,3 +503,18 @@ def test_the_gradient_check_finds_any_non_finite_value_of_any_float_dtype(bad):
         assert not finite_gradients(params), p.dtype
         p.grad[4] = 1.0
     assert finite_gradients(params) and params[0].grad[0] == 3.0  # checking leaves the gradients alone
+
+
+def test_an_evaluation_that_cannot_write_its_results_says_so(small_experiment, tmp_path, monkeypatch):
+    import branchadapt.evaluation as evaluation
+
+    train(small_experiment(), tmp_path / "run")
+    monkeypatch.setattr(evaluation.os, "access", lambda *a: False)  # a read-only run directory
+    with pytest.raises(ba.UserError, match=r"eval/transfer-test is not writable"):
+        evaluation.evaluate_run(tmp_path / "run", device="cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system"))
+    )
+    with pytest.raises(ba.UserError, match=r"eval/basic-test cannot be created \(Read-only file system\)"):
+        evaluation.evaluate_run(tmp_path / "run", stage="basic", device="cpu")
