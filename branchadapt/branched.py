@@ -255,10 +255,9 @@ class BranchedModel(nn.Module):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self._shared.tensors())
 
-    def _known(self, group: str) -> str:
+    def _known(self, group: str) -> None:
         if group not in self.groups:
             raise UserError(f"unknown group {group!r}; this model's groups are {list(self.groups)}")
-        return group
 
     def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
         if group is not None:

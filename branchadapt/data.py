@@ -75,32 +75,27 @@ class StepData(Dataset[Batch]):
         return batch
 
 
-class _Failed:
-    """A worker's user error, returned as a value: the loader would re-raise it wrapped in the
+class _Guarded(Dataset[Batch | UserError]):
+    """Returns a worker's user error as a value: the loader would re-raise it wrapped in the
     worker's traceback, and the user should see only its message."""
 
-    def __init__(self, error: UserError) -> None:
-        self.error = error
-
-
-class _Guarded(Dataset[Batch | _Failed]):
     def __init__(self, data: StepData) -> None:
         self.data = data
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, step: int) -> Batch | _Failed:
+    def __getitem__(self, step: int) -> Batch | UserError:
         try:
             return self.data[step]
         except UserError as exc:
-            return _Failed(exc)
+            return exc
 
 
-def _unwrapped(batches: Iterator[Batch | _Failed]) -> Iterator[Batch]:
+def _unwrapped(batches: Iterator[Batch | UserError]) -> Iterator[Batch]:
     for batch in batches:
-        if isinstance(batch, _Failed):
-            raise batch.error
+        if isinstance(batch, UserError):
+            raise batch
         yield batch
 
 

@@ -104,17 +104,21 @@ def shard(
     """
     if world == 1:
         return {s: list(p) for s, p in plan.items()}
-    out: dict[str, list[tuple[str, int]]] = {}
-    for stream, picks in plan.items():
-        if len(picks) % world:
-            at = f" at step {step}" if step is not None else ""
-            raise UserError(
-                f"sampler: the global batch of stream {stream!r}{at} has {len(picks)} items, not a "
-                f"multiple of the {world} processes; make the sampler's batch (e.g. "
-                f"sampler.per_group or sampler.batch_size) a multiple of {world}"
-            )
-        out[stream] = list(picks[rank::world])
-    return out
+    uneven = uneven_stream(plan, world)
+    if uneven is not None:
+        at = f" at step {step}" if step is not None else ""
+        raise UserError(
+            f"sampler: the global batch of stream {uneven[0]!r}{at} has {uneven[1]} items, not a "
+            f"multiple of the {world} processes; make the sampler's batch (e.g. "
+            f"sampler.per_group or sampler.batch_size) a multiple of {world}"
+        )
+    return {stream: list(picks[rank::world]) for stream, picks in plan.items()}
+
+
+def uneven_stream(plan: Mapping[str, Sequence[tuple[str, int]]], world: int) -> tuple[str, int] | None:
+    """The first stream of a global plan whose item count ``world`` processes cannot share
+    evenly, with that count; None when every stream splits."""
+    return next(((s, len(p)) for s, p in plan.items() if len(p) % world), None)
 
 
 def wrap_ddp(modules: Mapping[str, nn.Module], device: torch.device) -> dict[str, nn.Module]:

@@ -2,8 +2,9 @@
 
 A non-finite gradient applied by the optimiser turns every weight it touches into NaN, and the
 checkpoint after it holds them: the run could not be resumed from there. So the trainer checks each
-phase's gradients before its optimiser step (one fused pass over them) and stops with a message naming the phase, the parameters and the
-step's data items; the weights and the latest checkpoint stay as they were.
+phase's gradients before its optimiser step (one fused pass over them) and stops with a message
+naming the phase, the parameters and the step's data items; the weights and the latest checkpoint
+stay as they were.
 """
 
 from __future__ import annotations
@@ -54,6 +55,5 @@ def diverged(
         f"stage {stage}{f', step {step}' if step > 0 else ''}: {what} not finite{params}; that update "
         "was not applied, the run stops, and its latest checkpoint is intact (a re-run resumes there). "
         f"The step's data: {shown or '(none)'}. A learning rate too high, or an item without any "
-        "variation (normalisation layers then amplify its gradients without bound, e.g. an image of "
-        "one flat colour), can cause this."
+        "variation (normalisation layers then amplify its gradients without bound), can cause this."
     )

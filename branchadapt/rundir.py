@@ -55,7 +55,7 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
     ``write=False`` (every rank but rank 0 under torchrun) only the checks run, so that every
     rank refuses a mismatched directory alike instead of waiting for rank 0."""
     dump = exp.spec.model_dump(mode="json", exclude_none=True)
-    # the file's absolute path: the run's relative paths (data.root) are beside it, wherever the
+    # the file's absolute path: the experiment's relative paths are taken beside it, wherever the
     # run is evaluated from
     record = {"config_hash": config_hash(exp.spec), "source": str(exp.source.absolute()), "experiment": dump}
     saved_path = run_dir / "config.json"

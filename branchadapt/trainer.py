@@ -85,8 +85,9 @@ class Trainer:
         """The experiment's task; ``initial_weights=False`` when trained weights replace what it
         builds (:attr:`TaskContext.initial_weights`)."""
         model = self.exp.model
-        context = TaskContext(self.groups, self.anchor, lambda: model.cls(model.options))
-        context.initial_weights = initial_weights
+        context = TaskContext(
+            self.groups, self.anchor, lambda: model.cls(model.options), initial_weights=initial_weights
+        )
         return self.exp.task.cls(self.exp.task.options, context)
 
     def build_stage(self, index: int, stage: ResolvedStage, source: DataSource) -> StageRuntime:
@@ -121,8 +122,7 @@ class Trainer:
             spec = self.exp.optim_for(stage, phase.name)
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
-        sizes = self._stage_sizes(stage, source)
-        sampler: GroupSampler = stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
+        sampler = self._sampler(index, stage, self._stage_sizes(stage, source, notes=False))
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
         ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
@@ -140,8 +140,14 @@ class Trainer:
             out.setdefault(term.phase, []).append(term.to(self.device))
         return out  # not empty: loading refuses a stage without an enabled loss
 
-    def _stage_sizes(self, stage: ResolvedStage, source: DataSource) -> dict[str, dict[str, int]]:
-        """The stage's groups' stream sizes; a group without training data is a user error."""
+    def _sampler(self, index: int, stage: ResolvedStage, sizes: dict[str, dict[str, int]]) -> GroupSampler:
+        return stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
+
+    def _stage_sizes(
+        self, stage: ResolvedStage, source: DataSource, notes: bool = True
+    ) -> dict[str, dict[str, int]]:
+        """The stage's groups' stream sizes; a group without training data is a user error, and
+        (with ``notes``, once per run) a group lacking a stream the others have is pointed out."""
         all_sizes = source.sizes()
         sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
         empty = [g for g, s in sizes.items() if not any(s.values())]
@@ -149,7 +155,7 @@ class Trainer:
             raise UserError(
                 f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
             )
-        streams = {st for s in sizes.values() for st, n in s.items() if n}
+        streams = {st for s in sizes.values() for st, n in s.items() if n} if notes else set()
         for group, own in sizes.items():
             lacking = sorted(st for st in streams if not own.get(st))
             if lacking:
@@ -158,17 +164,6 @@ class Trainer:
                     "other groups have; it trains on its other streams only"
                 )
         return sizes
-
-    def _check_batches(self, stage: ResolvedStage, sampler: GroupSampler) -> None:
-        """Under torchrun, the stage's first global batch must split evenly over the processes."""
-        world = self.dist.world
-        for stream, picks in sampler.plan(0).items():
-            if len(picks) % world:
-                raise ConfigError(
-                    f"{self.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global batch "
-                    f"of stream {stream!r} has {len(picks)} items, not a multiple of the {world} processes; "
-                    f"set its batch (per_group, batch_size) to a multiple of {world}"
-                )
 
     def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
         """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""
@@ -199,9 +194,14 @@ class Trainer:
         source = self.build_source("train")
         for index, stage in enumerate(self.exp.stages):  # every stage's data and batches before
             sizes = self._stage_sizes(stage, source)  # anything is written, not hours into a run
-            self._check_batches(
-                stage, stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
-            )
+            world = self.dist.world  # under torchrun the first global batch must split evenly
+            uneven = distributed.uneven_stream(self._sampler(index, stage, sizes).plan(0), world)
+            if uneven is not None:
+                raise ConfigError(
+                    f"{self.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global "
+                    f"batch of stream {uneven[0]!r} has {uneven[1]} items, not a multiple of the {world} "
+                    f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
+                )
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
@@ -307,14 +307,19 @@ class Trainer:
             self.progress.end_stage()
         return last
 
-    def _stop(self, rt: StageRuntime, step: int, saved: int) -> None:
-        """Stop for a Ctrl-C after ``step`` steps, checkpointing them first."""
+    def _keep(self, rt: StageRuntime, step: int, saved: int) -> str:
+        """Checkpoint the steps trained since the newest checkpoint (``saved``) before the run
+        stops after ``step`` steps; where they are, for the message ("" when rank 0 alone knows)."""
         if step > saved:
             self._checkpoint(rt, step)
-        self.progress.message(
-            f"stage {rt.stage.name}: interrupted after step {step} of {rt.steps}; "
-            f"steps 1-{step} are in {self.run_dir / 'checkpoints'}"
+        return (
+            f"steps 1-{step} are in {self.run_dir / 'checkpoints'}" if step and not self.dist.enabled else ""
         )
+
+    def _stop(self, rt: StageRuntime, step: int, saved: int) -> None:
+        """Stop for a Ctrl-C after ``step`` steps, checkpointing them first."""
+        kept = self._keep(rt, step, saved)
+        self.progress.message(f"stage {rt.stage.name}: interrupted after step {step} of {rt.steps}; {kept}")
         raise KeyboardInterrupt
 
     def _next_batch(self, rt: StageRuntime, batches: Iterator[Batch], step: int, saved: int) -> Batch:
@@ -323,15 +328,11 @@ class Trainer:
         try:
             return next(batches)
         except UserError as exc:
-            if step > saved:
-                self._checkpoint(rt, step)
+            kept = self._keep(rt, step, saved)
             where = f"stage {rt.stage.name}: stopped before step {step + 1} of {rt.steps}"
-            kept = (
-                f"steps 1-{step} are in {self.run_dir / 'checkpoints'}; "
-                if step and not self.dist.enabled
-                else ""
-            )
-            raise UserError(f"{exc}\n{where}; {kept}fix the data and run again to resume") from exc
+            raise UserError(
+                f"{exc}\n{where}; {kept + '; ' if kept else ''}fix the data and run again to resume"
+            ) from exc
 
     def _samples(self, rt: StageRuntime, step: int) -> None:
         """Let the task write its training samples, in eval mode and without gradients."""
@@ -351,9 +352,12 @@ class Trainer:
         gradient that is not finite stops it before its optimiser step (:mod:`branchadapt.divergence`);
         ``step`` (0-based) lets the message name the step's data items."""
         scratch: dict[str, Any] = {}
-        where = (rt.stage.name, -1 if step is None else step + 1)
-        items = (lambda: rt.data.describe(step)) if step is not None else list
         logged: dict[str, Tensor] = {}
+
+        def failure(what: str, names: list[str] | None = None) -> Exception:
+            items = rt.data.describe(step) if step is not None else []
+            return diverged(rt.stage.name, -1 if step is None else step + 1, what, items, names or [])
+
         for phase in rt.phases:
             terms = rt.losses.get(phase.name)
             if not terms:
@@ -364,14 +368,13 @@ class Trainer:
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
             if not distributed.all_finite(total, self.dist):  # every rank stops together
                 bad = [k for k, v in values.items() if not torch.isfinite(v)]
-                raise diverged(*where, f"phase {phase.name}'s loss {bad}", items())
+                raise failure(f"phase {phase.name}'s loss {bad}")
             optimizer = rt.optimizers[phase.name]
             optimizer.zero_grad(set_to_none=True)
             rt.task.backward(phase.name, total, scratch)  # under torchrun, DDP averages the gradients here
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if not finite_gradients(params):  # averaged under torchrun: the same on every rank
-                names = nonfinite_names(rt.modules)
-                raise diverged(*where, f"phase {phase.name}'s gradients", items(), names)
+                raise failure(f"phase {phase.name}'s gradients", nonfinite_names(rt.modules))
             optimizer.step()
             rt.schedulers[phase.name].step()
             rt.task.after_step(phase.name, rt.modules)
