@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .errors import UserError
+from .errors import TRACEBACK_ENV, UserError
 from .interfaces import Task
 from .loading import json_schema, load_experiment
 from .plugins import PluginSet, default_plugins
@@ -108,6 +110,10 @@ def written(report: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .preflight import build_stages, check_stages
+    from .progress import ProgressReporter
+    from .trainer import Trainer
+
     exp = load_experiment(args.experiment, args.overrides)
     unknown = [s for s in args.data or () if s not in exp.data.cls.splits]
     if unknown:
@@ -115,16 +121,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"--data: no split {unknown[0]!r} in data source {exp.data.type!r}; "
             f"expected one or more of {', '.join(exp.data.cls.splits)} (comma-separated)"
         )
+    # what a run checks before it writes, then every stage built as it starts (weight files read);
+    # on the CPU whatever the file says: a check that needs no GPU, even for a GPU experiment
+    trainer = Trainer(exp, device="cpu", progress=ProgressReporter("plain"), join_process_group=False)
+    built = build_stages(trainer, check_stages(trainer))
     spec = exp.spec
     print(f"{args.experiment}: OK (config hash {exp.config_hash})")
     print(f"  groups: {', '.join(spec.groups)} (anchor {spec.anchor_group})")
     print(f"  model: {exp.model.type}  task: {exp.task.type}  data: {exp.data.type}")
-    for stage in exp.stages:
+    for stage, line in zip(exp.stages, built, strict=True):
         losses = ", ".join(f"{n}x{getattr(c.options, 'weight', 1):g}" for n, c in stage.losses.items())
         init = f", init from {stage.spec.init_from}" if stage.spec.init_from else ""
         print(
             f"  stage {stage.name}: {stage.spec.steps} steps, groups {', '.join(stage.groups)}, "
-            f"splitter {stage.splitter.type}, sampler {stage.sampler.type}{init}; losses {losses}"
+            f"splitter {stage.splitter.type}, sampler {stage.sampler.type}{init}; losses {losses}; "
+            f"{line}"
         )
     return check_every_item(exp, args.data) if args.data else 0
 
@@ -235,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.context = plugins
         return int(args.handler(args) or 0)
     except UserError as exc:
+        if os.environ.get(TRACEBACK_ENV) and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
         if not exc.quiet:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

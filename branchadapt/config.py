@@ -39,7 +39,9 @@ class ScheduleSpec(_Strict):
 class OptimSpec(_Strict):
     type: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="Adam's decay rates of the gradient's moments, each in [0, 1)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)

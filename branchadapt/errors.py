@@ -7,6 +7,13 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: set (to anything) to print the traceback of a user error's cause as well (``first_step``)
+TRACEBACK_ENV = "BRANCHADAPT_TRACEBACK"
+
 
 class UserError(Exception):
     """A problem in the user's input; the message says where and what was expected."""
@@ -30,3 +37,31 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """A loss or gradient that is no longer finite; the step was not applied."""
+
+
+class StepFailed(UserError):
+    """A stage's first step in this process raised; the original exception is the cause."""
+
+
+@contextmanager
+def first_step(stage: str, step: int, first: bool = True) -> Iterator[None]:
+    """Turn an exception from a stage's first step (``first``) into a :class:`StepFailed`.
+
+    That step is where options that do not fit together surface (a model built for other inputs
+    than the data's, a loss expecting outputs the task does not give), as an error deep in torch;
+    the message keeps the original one and says how to see its traceback (:data:`TRACEBACK_ENV`).
+    Later steps ran the same code already: their errors are left as they are."""
+    if not first:
+        yield
+        return
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        hint = "" if os.environ.get(TRACEBACK_ENV) else f"; set {TRACEBACK_ENV}=1 to see where it failed"
+        raise StepFailed(
+            f"stage {stage}: step {step} failed: {type(exc).__name__}: {exc}\n"
+            "The model, task, losses and data of this experiment may not fit together (a model option "
+            f"that does not match the data, say){hint}"
+        ) from exc

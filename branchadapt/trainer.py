@@ -32,11 +32,12 @@ from .compiling import compile_units, compiles_units
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .divergence import diverged, finite_gradients, nonfinite_names
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError, first_step
 from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
+from .preflight import check_stages
 from .progress import ProgressReporter
 from .rundir import forget_logged_steps, prepare_run_dir
 from .runtime import RunResult, StageRuntime, wrap_backbones
@@ -90,11 +91,14 @@ class Trainer:
         )
         return self.exp.task.cls(self.exp.task.options, context)
 
-    def build_stage(self, index: int, stage: ResolvedStage, source: DataSource) -> StageRuntime:
+    def build_stage(
+        self, index: int, stage: ResolvedStage, source: DataSource, load_init: bool = True
+    ) -> StageRuntime:
+        """The stage ready to train; ``load_init=False`` leaves out its ``init_from`` weights."""
         torch.manual_seed(self.spec.seed + 1000 * index)
         task = self.build_task(initial_weights=not stage.spec.init_from)
         modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
-        if stage.spec.init_from:
+        if stage.spec.init_from and load_init:
             self.load_stage_weights(stage.spec.init_from, modules)
         compiling = compiles_units(self.spec.train.compile, self.device)
         for module in modules.values():
@@ -122,7 +126,7 @@ class Trainer:
             spec = self.exp.optim_for(stage, phase.name)
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
-        sampler = self._sampler(index, stage, self._stage_sizes(stage, source, notes=False))
+        sampler = self.sampler(index, stage, self.stage_sizes(stage, source, notes=False))
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
         ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
@@ -140,10 +144,10 @@ class Trainer:
             out.setdefault(term.phase, []).append(term.to(self.device))
         return out  # not empty: loading refuses a stage without an enabled loss
 
-    def _sampler(self, index: int, stage: ResolvedStage, sizes: dict[str, dict[str, int]]) -> GroupSampler:
+    def sampler(self, index: int, stage: ResolvedStage, sizes: dict[str, dict[str, int]]) -> GroupSampler:
         return stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
 
-    def _stage_sizes(
+    def stage_sizes(
         self, stage: ResolvedStage, source: DataSource, notes: bool = True
     ) -> dict[str, dict[str, int]]:
         """The stage's groups' stream sizes; a group without training data is a user error, and
@@ -191,17 +195,7 @@ class Trainer:
             return self._run(max_steps)
 
     def _run(self, max_steps: int | None) -> RunResult:
-        source = self.build_source("train")
-        for index, stage in enumerate(self.exp.stages):  # every stage's data and batches before
-            sizes = self._stage_sizes(stage, source)  # anything is written, not hours into a run
-            world = self.dist.world  # under torchrun the first global batch must split evenly
-            uneven = distributed.uneven_stream(self._sampler(index, stage, sizes).plan(0), world)
-            if uneven is not None:
-                raise ConfigError(
-                    f"{self.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global "
-                    f"batch of stream {uneven[0]!r} has {uneven[1]} items, not a multiple of the {world} "
-                    f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
-                )
+        source = check_stages(self)  # every stage's data and batches before anything is written
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
@@ -282,7 +276,8 @@ class Trainer:
                 if self._interrupt.requested:  # Ctrl-C during the step before: keep it, then stop
                     self._stop(rt, step, saved)
                 batch = self._next_batch(rt, batches, step, saved)
-                values = self.train_step(rt, to_device(batch, self.device), step)
+                with first_step(rt.stage.name, step + 1, first=step == start):
+                    values = self.train_step(rt, to_device(batch, self.device), step)
                 for k, v in values.items():
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1

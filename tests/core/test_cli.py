@@ -71,3 +71,47 @@ def test_plain_progress_lines_show_every_metric_and_the_rich_line_the_totals_fir
     )
     short = format_metrics(metrics, limit=3).split()
     assert short == ["total/generator=9", "loss/term0=0", "loss/term1=1"]
+
+
+def test_validate_checks_and_builds_what_a_run_would_without_writing(small_experiment, tmp_path, run_cli):
+    exp = small_experiment()
+    ok = run_cli("validate", str(exp), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    # every stage built: 6-16-16-3 has 435 weights; the transfer stage adds two more groups'
+    # copies of the lowest (6x16 + 16) and top (16x3 + 3) layers
+    assert "stage basic: 6 steps" in ok.stdout and "trainable parameters model 435\n" in ok.stdout
+    assert "trainable parameters model 761\n" in ok.stdout
+    # a group without training data is found as a run would find it, before anything is written
+    empty = run_cli("validate", str(exp), "--set", "data.counts={a=64,b=0,c=8}", cwd=tmp_path)
+    assert empty.returncode == 2
+    assert "stages.transfer: groups ['b'] have no training data" in empty.stderr
+    assert "OK" not in empty.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]
+
+
+def test_a_first_step_that_fails_is_one_message_with_its_cause(small_experiment, tmp_path, run_cli):
+    exp = small_experiment(steps=2)
+    out = run_cli("run", str(exp), "--set", "model.in_features=5", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "error: stage basic: step 1 failed: RuntimeError: mat1 and mat2 shapes" in out.stderr
+    assert "Traceback" not in out.stderr and "set BRANCHADAPT_TRACEBACK=1" in out.stderr
+    shown = run_cli(
+        "run", str(exp), "--set", "model.in_features=5", cwd=tmp_path, env={"BRANCHADAPT_TRACEBACK": "1"}
+    )
+    assert shown.returncode == 2 and "Traceback" in shown.stderr and "F.linear" in shown.stderr
+    fixed = run_cli("run", str(exp), "--no-eval", cwd=tmp_path)  # the same run directory takes the fix
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_only_the_first_step_s_errors_are_turned_into_user_errors():
+    from branchadapt.errors import StepFailed, first_step
+
+    boom = "stage s: step 4 failed: RuntimeError: boom"
+    with pytest.raises(StepFailed, match=boom) as info, first_step("s", 4):
+        raise RuntimeError("boom")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # a later step ran the same code: a bug, as it is
+    with pytest.raises(RuntimeError, match="boom"), first_step("s", 5, first=False):
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), first_step("s", 1):
+        raise KeyboardInterrupt

@@ -179,6 +179,13 @@ def test_cli_validate_schema_and_errors(small_experiment, run_cli):
     assert json.loads(schema.stdout)["title"] == "Experiment"
 
 
+def test_adam_betas_must_be_decay_rates(small_experiment):
+    with pytest.raises(ba.ConfigError, match=r"optim.default.betas\[0\]: Input should be less than 1"):
+        ba.load_experiment(small_experiment(), ["optim.default.betas=[1.5, 0.9]"])
+    with pytest.raises(ba.ConfigError, match=r"optim.default.betas\[1\]: Input should be greater than"):
+        ba.load_experiment(small_experiment(), ["optim.default.betas=[0.5, -0.1]"])
+
+
 def test_extends_replaces_a_component_table_whose_type_changes(tmp_path):
     from branchadapt.config import deep_merge
 

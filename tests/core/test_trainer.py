@@ -442,7 +442,7 @@ def test_a_group_missing_a_stream_the_others_have_is_pointed_out(small_experimen
                 "c": {"photo": 2, "cartoon": 1},
             }
 
-    sizes = trainer._stage_sizes(exp.stages[1], Source())
+    sizes = trainer.stage_sizes(exp.stages[1], Source())
     assert sizes["b"] == {"photo": 3, "cartoon": 0}
     err = capsys.readouterr().err
     assert (

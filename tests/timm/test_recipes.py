@@ -46,6 +46,15 @@ def test_every_digits_file_validates(path, capsys):
     assert ": OK" in capsys.readouterr().out
 
 
+def test_validate_reads_the_weights_file_the_experiment_names(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert (
+        cli(["validate", str(EXAMPLES / "digits.toml"), "--set", f"model.weights='{tmp_path}/junk.pt'"]) == 2
+    )
+    captured = capsys.readouterr()
+    assert f"model.weights: cannot read {tmp_path}/junk.pt" in captured.err and "OK" not in captured.out
+
+
 def test_baselines_mean_what_they_say(capsys):
     cli(["validate", str(EXAMPLES / "digits" / "finetune_all.toml")])
     finetune = capsys.readouterr().out

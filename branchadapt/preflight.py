@@ -1,0 +1,58 @@
+"""What a run checks before it writes anything, and what ``branchadapt validate`` builds.
+
+:func:`check_stages` is the run's own first step: the training data of every stage and each
+stage's first global batch (under ``torchrun``, that it splits evenly over the processes), so
+that a mistake in a later stage is refused before the run directory is touched, not hours in.
+:func:`build_stages` goes further for ``validate``: it builds every stage as its start would
+(models, branches, weight files the experiment names, losses, optimisers, sampler), without
+the earlier stages' trained weights, which only a run produces.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import distributed
+from .errors import ConfigError
+from .interfaces import DataSource
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def check_stages(trainer: Trainer) -> DataSource:
+    """Every stage's training data and first global batch; returns the train split's source."""
+    source = trainer.build_source("train")
+    world = trainer.dist.world
+    for index, stage in enumerate(trainer.exp.stages):
+        sizes = trainer.stage_sizes(stage, source)
+        uneven = distributed.uneven_stream(trainer.sampler(index, stage, sizes).plan(0), world)
+        if uneven is not None:
+            raise ConfigError(
+                f"{trainer.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global "
+                f"batch of stream {uneven[0]!r} has {uneven[1]} items, not a multiple of the {world} "
+                f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
+            )
+    return source
+
+
+def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
+    """Build every stage (no earlier stage's weights: they do not exist before a run); one line
+    per stage: its modules' trainable parameters, branches included."""
+    lines = []
+    for index, stage in enumerate(trainer.exp.stages):
+        runtime = trainer.build_stage(index, stage, source, load_init=False)
+        sizes = ", ".join(
+            f"{name} {_count(sum(p.numel() for p in module.parameters() if p.requires_grad))}"
+            for name, module in runtime.modules.items()
+        )
+        lines.append(f"trainable parameters {sizes}")
+        del runtime
+    return lines
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+__all__ = ["build_stages", "check_stages"]
