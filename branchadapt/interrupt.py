@@ -4,7 +4,8 @@ The first SIGINT only sets a flag that the training loop reads between steps, so
 trained is checkpointed before the run stops and a re-run resumes right after it; a second SIGINT
 interrupts at once. Installed only in the main thread of a single process: under ``torchrun`` the
 ranks could see the signal at different steps and wait for each other forever, so there the
-default handling stays (the latest periodic checkpoint is kept).
+default handling stays (the latest periodic checkpoint is kept). Nor where SIGINT is ignored, as
+the shell does for a background job of a script: it stays ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ class StopRequest:
         self._previous: Any = None
 
     def __enter__(self) -> StopRequest:
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if (
+            self.enabled
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # e.g. a `cmd &` of a script
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

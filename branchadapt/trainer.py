@@ -145,6 +145,7 @@ class Trainer:
         return out  # not empty: loading refuses a stage without an enabled loss
 
     def sampler(self, index: int, stage: ResolvedStage, sizes: dict[str, dict[str, int]]) -> GroupSampler:
+        """Stage ``index``'s sampler over ``sizes`` (:meth:`stage_sizes`), seeded for the stage."""
         return stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
 
     def stage_sizes(

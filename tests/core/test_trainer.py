@@ -317,7 +317,19 @@ def test_task_samples_are_written_every_n_steps_in_eval_mode(small_experiment, t
     assert not any(grad for *_, grad in calls)
 
 
-def test_ctrl_c_keeps_the_step_in_progress_and_resumes_after_it(small_experiment, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled as in a terminal (a script's background job, pytest's included, ignores it)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_keeps_the_step_in_progress_and_resumes_after_it(
+    small_experiment, tmp_path, monkeypatch, sigint_default
+):
     import os
     import signal
 
@@ -518,3 +530,20 @@ def test_an_evaluation_that_cannot_write_its_results_says_so(small_experiment, t
     )
     with pytest.raises(ba.UserError, match=r"eval/basic-test cannot be created \(Read-only file system\)"):
         evaluation.evaluate_run(tmp_path / "run", stage="basic", device="cpu")
+
+
+def test_an_ignored_sigint_stays_ignored():
+    import signal
+
+    from branchadapt.interrupt import StopRequest
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a script's background job
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopRequest() as request:
+            assert signal.getsignal(signal.SIGINT) == request._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
