@@ -13,16 +13,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .batching import StackedRule
 from .errors import UserError
+from .paths import anchor_values
 
 #: A step's input: for every stream (e.g. "source", "target", "train") a dict of batched tensors,
 #: always including ``"group"``, the index of each sample's group in the experiment's group list.
@@ -30,9 +31,21 @@ Batch = dict[str, dict[str, Tensor]]
 
 
 class PluginOptions(BaseModel):
-    """Base of every plugin's options; unknown keys are errors, so typos never pass silently."""
+    """Base of every plugin's options; unknown keys are errors, so typos never pass silently.
+
+    ``Path`` fields that are relative are taken beside the experiment file when the core
+    validates the options (:mod:`branchadapt.paths`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _anchor_paths(self) -> Self:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            anchored = anchor_values(value)
+            if anchored is not value:  # frozen: set in place, as validation does
+                object.__setattr__(self, name, anchored)
+        return self
 
 
 class Participation(StrEnum):

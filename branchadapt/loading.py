@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from .config import ComponentSpec, Experiment, OptimSpec, StageSpec, deep_merge, inherit_defaults
 from .errors import ConfigError, RegistryError, UserError
 from .interfaces import PluginOptions
+from .paths import relative_to
 from .plugins import PluginSet, default_plugins
 
 
@@ -293,7 +294,8 @@ def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, A
     problems: list[str] = []
 
     def component(kind: str, comp: ComponentSpec, where: str) -> Component | None:
-        return check_component(plugins, kind, comp, where, problems)
+        with relative_to(source.parent):  # relative paths in options: beside the experiment file
+            return check_component(plugins, kind, comp, where, problems)
 
     model = component("backbone", spec.model, "model")
     task = component("task", spec.task, "task")

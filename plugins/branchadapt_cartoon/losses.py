@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 import branchadapt as ba
 from branchadapt import LossOptions, LossTerm
+
+from .recognizers import anchor_weights
 
 D_PHASE = "discriminator"
 G_PHASE = "generator"
@@ -110,6 +112,12 @@ class FaceIdOptions(LossOptions):
         default_factory=lambda: {"type": "toonfaces_id"},
         description="a registered recognizer backbone {type = name, ...options}: toonfaces_id, mobilefacenet, timm_recognizer",
     )
+
+    @field_validator("recognizer")
+    @classmethod
+    def _anchor(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A relative weights path is taken beside the experiment file."""
+        return anchor_weights(value) or value
 
 
 class FaceId(LossTerm):

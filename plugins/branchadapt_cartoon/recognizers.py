@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from pickle import UnpicklingError  # only to report refused files; nothing is unpickled here
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from branchadapt.checkpoint import state_differences
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt.interfaces import Backbone, PluginOptions
+from branchadapt.paths import anchor
 
 __all__ = [
     "WEIGHTS_OPTION",
@@ -123,6 +124,14 @@ def _require_weights(weights: Path | None, allow_random: bool, what: str, hint: 
             "(the recognizer's `weights` option) to its path; nothing is downloaded"
         )
     return weights
+
+
+def anchor_weights(table: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recognizer table (``{type = ..., weights = ...}``, built when it is used) with a relative
+    ``weights`` taken beside the experiment file as it loads (:mod:`branchadapt.paths`)."""
+    if not table or table.get("weights") is None:
+        return table
+    return {**table, "weights": str(anchor(str(table["weights"])))}
 
 
 class RecognizerOptions(PluginOptions):

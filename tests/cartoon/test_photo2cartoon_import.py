@@ -89,3 +89,24 @@ def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path
     with pytest.raises(ba.UserError, match=r"gone\.pt: photo2cartoon checkpoint not found"):
         trainer.build_task().build()  # the first stage's fresh modules: read
     assert "gen_a2b" in trainer.build_task(initial_weights=False).build()  # weights to follow: not read
+
+
+def test_relative_weight_paths_are_taken_beside_the_experiment_file(tiny_cartoon, tmp_path, monkeypatch):
+    exp_file = tiny_cartoon()
+    (tmp_path / "id.safetensors").write_bytes(b"")  # the evaluation recognizer's file must exist
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp = ba.load_experiment(
+        exp_file,
+        [
+            'task.photo2cartoon="p2c.pt"',
+            'task.eval_recognizer={type="mobilefacenet", weights="id.safetensors"}',
+            'stages.basic.losses.face_id.recognizer={type="mobilefacenet", weights="sub/face.pt"}',
+        ],
+    )
+    assert exp.task.options.photo2cartoon == tmp_path / "p2c.pt"
+    assert exp.task.options.eval_recognizer["weights"] == str(tmp_path / "id.safetensors")
+    face_id = exp.stages[0].losses["face_id"].options.recognizer
+    assert face_id == {"type": "mobilefacenet", "weights": str(tmp_path / "sub" / "face.pt")}
+    assert exp.spec.task.options()["photo2cartoon"] == "p2c.pt"  # the experiment as written (hash, config)

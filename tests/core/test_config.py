@@ -179,6 +179,23 @@ def test_cli_validate_schema_and_errors(small_experiment, run_cli):
     assert json.loads(schema.stdout)["title"] == "Experiment"
 
 
+def test_relative_paths_in_plugin_options_are_taken_beside_the_experiment_file(tmp_path):
+    from branchadapt.interfaces import PluginOptions
+    from branchadapt.paths import relative_to
+
+    class Options(PluginOptions):
+        weights: Path | None = None
+        extra: list[Path] = []
+        count: int = 1
+
+    assert Options(weights="w.pt").weights == Path("w.pt")  # a library call: the working directory
+    with relative_to(tmp_path / "exp"):
+        inside = Options(weights="w.pt", extra=["a", "/abs", "~/h"], count=2)
+        assert Options().weights is None
+    assert inside.weights == tmp_path / "exp" / "w.pt" and inside.count == 2
+    assert inside.extra == [tmp_path / "exp" / "a", Path("/abs"), Path.home() / "h"]
+
+
 def test_adam_betas_must_be_decay_rates(small_experiment):
     with pytest.raises(ba.ConfigError, match=r"optim.default.betas\[0\]: Input should be less than 1"):
         ba.load_experiment(small_experiment(), ["optim.default.betas=[1.5, 0.9]"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import branchadapt as ba
 from branchadapt.cli import main as cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -53,6 +54,23 @@ def test_validate_reads_the_weights_file_the_experiment_names(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert f"model.weights: cannot read {tmp_path}/junk.pt" in captured.err and "OK" not in captured.out
+
+
+def test_a_relative_weights_file_is_taken_beside_the_experiment(tmp_path, monkeypatch, capsys):
+    from branchadapt_timm.backbone import TimmBackbone, TimmOptions
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "digits.toml").write_text(
+        'extends = "{}"\n[model]\nweights = "w.safetensors"\n'.format((EXAMPLES / "digits.toml").as_posix())
+    )
+    ba.save_weights(
+        folder / "w.safetensors", {"backbone": TimmBackbone(TimmOptions(model="resnet10t", num_classes=10))}
+    )
+    monkeypatch.chdir(tmp_path)  # not the experiment's folder
+    assert cli(["validate", "exp/digits.toml"]) == 0, capsys.readouterr().err  # the file was read
+    exp = ba.load_experiment(folder / "digits.toml")
+    assert exp.model.options.weights == folder / "w.safetensors"
 
 
 def test_baselines_mean_what_they_say(capsys):
