@@ -72,6 +72,11 @@ class Backbone(nn.Module, ABC):
     #: live and detached groups can share one call through the shared stages (``train.fuse_participation``,
     #: :mod:`branchadapt.rowgrad`); False: they run as separate calls
     rows_independent: ClassVar[bool] = False
+    #: options naming files that only initialise the weights (e.g. ``("weights",)``): when trained
+    #: weights replace them (a stage starting from an earlier one, a resume, a finished run loaded
+    #: for evaluation or export; :attr:`TaskContext.initial_weights`), the engine builds the
+    #: backbone with these options at their defaults, so the files need not exist any more
+    initial_weights_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__()
@@ -246,8 +251,9 @@ class TaskContext:
     build_backbone: Callable[[], Backbone]
     extras: dict[str, Any] = field(default_factory=dict)
     #: False when trained weights are loaded into the built modules straight after (a stage that
-    #: starts from an earlier one, or a finished run loaded for inference): ``Task.build`` can then
-    #: skip its own initial weights (files it would read only to be overwritten)
+    #: starts from an earlier one or resumes, or a finished run loaded for inference): ``Task.build``
+    #: can then skip its own initial weights (files it would read only to be overwritten);
+    #: ``build_backbone`` already leaves out the backbone's :attr:`Backbone.initial_weights_options`
     initial_weights: bool = True
 
 

@@ -1,8 +1,9 @@
-"""What a stage runs with (:class:`StageRuntime`), what a run reports (:class:`RunResult`), and
-the branching of a task's backbones for a stage."""
+"""What a stage runs with (:class:`StageRuntime`), what a run reports (:class:`RunResult`), how
+a task's backbones are built and branched for a stage."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,21 @@ from torch import nn
 from .branched import BranchedModel
 from .data import StepData
 from .interfaces import Backbone, LossTerm, Phase, Task
-from .loading import ResolvedStage
+from .loading import Component, ResolvedStage
+
+
+def backbone_factory(model: Component, initial_weights: bool = True) -> Callable[[], Backbone]:
+    """What ``TaskContext.build_backbone`` calls; without ``initial_weights`` the backbone's
+    :attr:`~Backbone.initial_weights_options` are at their defaults (no file read: trained weights
+    follow)."""
+    options = model.options
+    if not initial_weights:
+        fields = type(options).model_fields
+        skip = model.cls.initial_weights_options
+        options = options.model_copy(
+            update={f: fields[f].get_default(call_default_factory=True) for f in skip}
+        )
+    return lambda: model.cls(options)
 
 
 def wrap_backbones(

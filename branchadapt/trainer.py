@@ -40,7 +40,7 @@ from .optim import build_optimizer, build_scheduler, unique_params
 from .preflight import check_stages
 from .progress import ProgressReporter
 from .rundir import forget_logged_steps, prepare_run_dir
-from .runtime import RunResult, StageRuntime, wrap_backbones
+from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
 
 
 class Trainer:
@@ -85,10 +85,8 @@ class Trainer:
     def build_task(self, initial_weights: bool = True) -> Task:
         """The experiment's task; ``initial_weights=False`` when trained weights replace what it
         builds (:attr:`TaskContext.initial_weights`)."""
-        model = self.exp.model
-        context = TaskContext(
-            self.groups, self.anchor, lambda: model.cls(model.options), initial_weights=initial_weights
-        )
+        build = backbone_factory(self.exp.model, initial_weights)
+        context = TaskContext(self.groups, self.anchor, build, initial_weights=initial_weights)
         return self.exp.task.cls(self.exp.task.options, context)
 
     def build_stage(
@@ -96,7 +94,9 @@ class Trainer:
     ) -> StageRuntime:
         """The stage ready to train; ``load_init=False`` leaves out its ``init_from`` weights."""
         torch.manual_seed(self.spec.seed + 1000 * index)
-        task = self.build_task(initial_weights=not stage.spec.init_from)
+        # an earlier stage's weights or a checkpoint replace the initial ones
+        resumes = load_init and latest_checkpoint(self.run_dir, stage.name) is not None
+        task = self.build_task(initial_weights=not (stage.spec.init_from or resumes))
         modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
         if stage.spec.init_from and load_init:
             self.load_stage_weights(stage.spec.init_from, modules)

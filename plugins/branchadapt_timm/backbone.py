@@ -244,6 +244,8 @@ class TimmBackbone(Backbone):
 
     Options = TimmOptions
     options: TimmOptions
+    #: only initial weights: a resume, a later stage, evaluate and export do not read the file
+    initial_weights_options = ("weights",)
 
     def __init__(self, options: TimmOptions | None = None) -> None:
         super().__init__(options)

@@ -73,6 +73,28 @@ def test_a_relative_weights_file_is_taken_beside_the_experiment(tmp_path, monkey
     assert exp.model.options.weights == folder / "w.safetensors"
 
 
+def test_the_initial_weights_file_is_read_only_by_a_fresh_stage(tmp_path, capsys):
+    """Checkpoints and final weights hold every weight: a resume, the next stage, evaluate and
+    export need not find the initial file any more."""
+    from branchadapt_timm.backbone import TimmBackbone, TimmOptions
+
+    weights = tmp_path / "init.safetensors"
+    small = TimmOptions(
+        model="resnet10t", num_classes=10, kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}
+    )
+    ba.save_weights(weights, {"backbone": TimmBackbone(small)})
+    run = ["run", str(EXAMPLES / "digits.toml"), "--run-dir", str(tmp_path / "run")]
+    sets = [a for s in [*TINY, f"model.weights='{weights.as_posix()}'"] for a in ("--set", s)]
+    assert cli([*run, *sets, "--max-steps", "2"]) == 0  # paused in the first stage
+    weights.unlink()
+    assert cli([*run, *sets, "--no-eval"]) == 0, capsys.readouterr().err  # resumed, then the next stage
+    assert cli(["evaluate", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "run"), "--group", "clean", "--format", "safetensors"]) == 0
+    capsys.readouterr()
+    assert cli(["validate", str(EXAMPLES / "digits.toml"), *sets]) == 2  # a fresh start needs it
+    assert f"model.weights: {weights} does not exist" in capsys.readouterr().err
+
+
 def test_baselines_mean_what_they_say(capsys):
     cli(["validate", str(EXAMPLES / "digits" / "finetune_all.toml")])
     finetune = capsys.readouterr().out
