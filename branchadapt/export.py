@@ -8,7 +8,8 @@ module's plain backbone for ``--group`` (its branches in place of the routers) a
   dimension, checked against the eager model with onnxruntime when it is installed;
 - ``safetensors``: the plain state dict, loadable into the backbone built from the run's config.
 
-The backbone declares its inputs with :meth:`Backbone.example_inputs`.
+The model is traced with inputs shaped as the training data makes them when the task can say so
+(:meth:`Task.example_inputs`), else with the backbone's own :meth:`Backbone.example_inputs`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from .branched import BranchedModel
 from .errors import UserError
-from .interfaces import Backbone
+from .interfaces import Backbone, Task
 
 FORMATS = ("onnx", "safetensors")
 
@@ -65,14 +66,17 @@ def _outputs(value: object) -> list[Tensor]:
     raise TypeError(f"cannot export an output of type {type(value).__name__}")
 
 
-def export_onnx(backbone: Backbone, path: Path, batch_size: int = 2) -> float | None:
-    """Write ``backbone`` as ONNX (dynamic batch); returns onnxruntime's max abs difference, if available."""
+def export_onnx(
+    backbone: Backbone, path: Path, batch_size: int = 2, inputs: tuple[Tensor, ...] | None = None
+) -> float | None:
+    """Write ``backbone`` as ONNX (dynamic batch), traced with ``inputs`` (default: its
+    ``example_inputs``); returns onnxruntime's max abs difference, if available."""
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError as exc:
         raise UserError("ONNX export needs onnx and onnxscript: pip install 'branchadapt[export]'") from exc
     try:
-        inputs = backbone.example_inputs(batch_size)
+        inputs = inputs or backbone.example_inputs(batch_size)
     except NotImplementedError as exc:
         raise UserError(f"{exc}; the backbone must declare its inputs to be exported") from exc
     batch = torch.export.Dim("batch")
@@ -121,7 +125,7 @@ def export_run(
     fmt: str = "onnx",
     module: str | None = None,
     stage: str | None = None,
-    out: Path | None = None,
+    out: Path | str | None = None,
 ) -> Exported:
     """Export ``group``'s plain model from a finished stage of ``run_dir``."""
     from .checkpoint import save_weights
@@ -133,7 +137,8 @@ def export_run(
     name, backbone = group_backbone(loaded.modules, group, module)
     default_name = f"{name}-{group}.{fmt}"
     path = Path(run_dir) / "export" / default_name if out is None else Path(out)
-    if path.is_dir():  # an existing folder: the file goes inside it
+    # an existing folder, or one named with a trailing slash: the file goes inside it
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
         path = path / default_name
     blocker = next((p for p in path.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -142,7 +147,10 @@ def export_run(
     if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
         save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
         return Exported(path, name, group)
-    return Exported(path, name, group, export_onnx(backbone, path))
+    inputs = None  # the training data's shape where the task can say it, else the backbone's own
+    if type(loaded.task).example_inputs is not Task.example_inputs:
+        inputs = loaded.task.example_inputs(name, loaded.trainer.build_source("train"))
+    return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs))
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -156,9 +164,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", default=None, help="stage whose final weights to export (default: last)")
     p.add_argument(
         "--out",
-        type=Path,
+        type=str,
         default=None,
-        help="a file, or a folder to write MODULE-GROUP.FORMAT in "
+        help="a file, or a folder (existing, or ending in /) to write MODULE-GROUP.FORMAT in "
         "(default: RUN_DIR/export/MODULE-GROUP.FORMAT)",
     )
     p.set_defaults(handler=_cmd)

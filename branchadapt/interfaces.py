@@ -314,6 +314,14 @@ class Task(ABC):
         """
         return None
 
+    def example_inputs(
+        self, module: str, source: DataSource, batch_size: int = 2
+    ) -> tuple[Tensor, ...] | None:
+        """Inputs for backbone ``module`` shaped as the training data makes them (``source``: the
+        train split), which ``export`` traces the model with; None: the backbone's own
+        :meth:`Backbone.example_inputs`."""
+        return None
+
     def samples(
         self,
         modules: Mapping[str, nn.Module],

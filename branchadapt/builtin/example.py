@@ -135,6 +135,16 @@ class SupervisedTask(Task):
         logits = modules["model"](data[self.options.input_key], groups=data["group"])
         return {"logits": logits, "target": data[self.options.target_key], "group": data["group"]}
 
+    def example_inputs(
+        self, module: str, source: DataSource, batch_size: int = 2
+    ) -> tuple[Tensor, ...] | None:
+        """The first training input, repeated ``batch_size`` times (the data's size, not a default)."""
+        for gi, group in enumerate(self.context.groups):
+            for b in group_batches(source, group, self.options.stream, gi, batch_size=1):
+                x = b[self.options.input_key][:1]
+                return (x.expand(batch_size, *x.shape[1:]).contiguous(),)
+        return None
+
     def evaluate(
         self,
         modules: Mapping[str, nn.Module],

@@ -66,6 +66,12 @@ def test_safetensors_export_is_the_plain_backbone_state(trained, run_cli):
     done = run_cli("export", str(trained), "--group", "kids", "--format", "safetensors", "--out", str(folder))
     assert done.returncode == 0, done.stderr
     assert [p.name for p in folder.iterdir()] == ["gen_a2b-kids.safetensors"]
+    # a folder that does not exist yet, named with a trailing slash, is made and written into
+    done = run_cli(
+        "export", str(trained), "--group", "kids", "--format", "safetensors", "--out", f"{trained}/new/"
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (trained / "new").iterdir()] == ["gen_a2b-kids.safetensors"]
     (trained / "notes.txt").write_text("keep")
     done = run_cli("export", str(trained), "--group", "kids", "--out", str(trained / "notes.txt" / "x.onnx"))
     assert (

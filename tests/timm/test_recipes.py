@@ -36,6 +36,14 @@ def test_recipe_trains_two_stages_and_prints_per_group_accuracy(tmp_path, run_cl
     # the transfer stage branched the stem and layer1 for every group
     config = json.loads((tmp_path / "run" / "config.json").read_text())["experiment"]
     assert config["stages"]["transfer"]["splitter"]["low"] == 2
+    # one group's model as ONNX, traced at the data's 32 px (not timm's default input size)
+    exported = run_cli("export", str(tmp_path / "run"), "--group", "inverted")
+    assert exported.returncode == 0, exported.stderr
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "run" / "export" / "model-inverted.onnx")).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 32, 32] and isinstance(dims[0], str)  # a dynamic batch
 
 
 @pytest.mark.parametrize(
