@@ -152,6 +152,9 @@ class LossTerm(nn.Module, ABC):
     Options: ClassVar[type[PluginOptions]] = LossOptions
     #: the optimiser phase this term feeds unless the config says otherwise
     default_phase: ClassVar[str] = "main"
+    #: the task outputs it reads; a run checks them against :meth:`Task.outputs` before it writes
+    #: anything, so a stage whose task lacks one is refused at once, not when that stage begins
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: PluginOptions | None = None, name: str | None = None) -> None:
         super().__init__()
@@ -312,6 +315,11 @@ class Task(ABC):
 
         A task may also write figures (PNG) into ``out_dir``; the report embeds them.
         """
+        return None
+
+    def outputs(self, phase: str) -> frozenset[str] | None:
+        """The keys :meth:`forward` returns for ``phase`` with these options (checked against the
+        losses' :attr:`LossTerm.reads`); None: not declared, nothing checked."""
         return None
 
     def example_inputs(

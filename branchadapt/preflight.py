@@ -1,7 +1,7 @@
 """What a run checks before it writes anything, and what ``branchadapt validate`` builds.
 
-:func:`check_stages` is the run's own first step: the training data of every stage and each
-stage's first global batch (under ``torchrun``, that it splits evenly over the processes), so
+:func:`check_stages` is the run's own first step: every stage's losses against what the task
+gives them, the training data of every stage and each stage's first global batch (under ``torchrun``, that it splits evenly over the processes), so
 that a mistake in a later stage is refused before the run directory is touched, not hours in.
 :func:`build_stages` goes further for ``validate``: it builds every stage as its start would
 (models, branches, weight files the experiment names, losses, optimisers, sampler), without
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 def check_stages(trainer: Trainer) -> DataSource:
-    """Every stage's training data and first global batch; returns the train split's source."""
+    """Every stage's losses against the task's outputs, training data and first global batch;
+    returns the train split's source."""
+    check_reads(trainer)
     source = trainer.build_source("train")
     world = trainer.dist.world
     for index, stage in enumerate(trainer.exp.stages):
@@ -34,6 +36,24 @@ def check_stages(trainer: Trainer) -> DataSource:
                 f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
             )
     return source
+
+
+def check_reads(trainer: Trainer) -> None:
+    """Each loss's :attr:`~branchadapt.interfaces.LossTerm.reads` against the outputs the task
+    declares for its phase (:meth:`~branchadapt.interfaces.Task.outputs`; undeclared: unchecked)."""
+    exp = trainer.exp
+    task = trainer.build_task(initial_weights=False)  # constructed only: no module is built
+    for stage in exp.stages:
+        for comp in stage.losses.values():
+            phase = getattr(comp.options, "phase", None) or comp.cls.default_phase
+            given = task.outputs(phase)
+            missing = [k for k in comp.cls.reads if given is not None and k not in given]
+            if missing:
+                raise ConfigError(
+                    f"{exp.source}: {comp.where}: loss {comp.type!r} reads task outputs {missing}, which "
+                    f"task {exp.task.type!r} does not give in phase {phase!r} with these options (it "
+                    f"gives {sorted(given or ())})"
+                )
 
 
 def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
@@ -55,4 +75,4 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-__all__ = ["build_stages", "check_stages"]
+__all__ = ["build_stages", "check_reads", "check_stages"]

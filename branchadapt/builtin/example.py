@@ -52,6 +52,9 @@ class MLPBackbone(Backbone):
     def stage_names(self) -> list[str]:
         return list(self._names)
 
+    def outputs(self, phase: str) -> frozenset[str] | None:
+        return frozenset({"logits", "target", "group"})
+
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
         return (torch.zeros(batch_size, self.options.in_features),)
 
@@ -178,6 +181,7 @@ class CrossEntropy(LossTerm):
 
     Options = CrossEntropyOptions
     options: CrossEntropyOptions
+    reads = ("logits", "target")
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
         return F.cross_entropy(

@@ -45,9 +45,10 @@ class Entropy(LossTerm):
 
     Options = EntropyOptions
     options: EntropyOptions
+    reads = ("logits", "anchor")
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
-        _needs(outputs, ("logits", "anchor"), self.name)
+        _needs(outputs, self.reads, self.name)
         logits = outputs["logits"]
         if self.options.on == "few_shot":
             logits = logits[~outputs["anchor"]]
@@ -88,9 +89,10 @@ class FeatureAlignment(LossTerm):
 
     Options = AlignmentOptions
     options: AlignmentOptions
+    reads = ("features", "anchor", "group")
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
-        _needs(outputs, ("features", "anchor", "group"), self.name)
+        _needs(outputs, self.reads, self.name)
         features: Tensor = outputs["features"].float()
         anchor_mask: Tensor = outputs["anchor"]
         zero = features.sum() * 0.0

@@ -42,6 +42,10 @@ class ClassifyTask(SupervisedTask):
             )
         return {"model": model}
 
+    def outputs(self, phase: str) -> frozenset[str] | None:
+        extra = {"anchor", "features"} if self.options.features else {"anchor"}
+        return frozenset({"logits", "target", "group", *extra})
+
     def forward(
         self, phase: str, modules: Mapping[str, nn.Module], batch: Batch, scratch: dict[str, Any]
     ) -> dict[str, Any]:

@@ -103,6 +103,18 @@ def test_the_initial_weights_file_is_read_only_by_a_fresh_stage(tmp_path, capsys
     assert f"model.weights: {weights} does not exist" in capsys.readouterr().err
 
 
+def test_a_loss_reading_an_output_the_task_does_not_give_is_refused_before_training(tmp_path, capsys):
+    # the feature alignment of digits_da's transfer stage reads the features task.features gives
+    run = ["run", str(EXAMPLES / "digits_da.toml"), "--run-dir", str(tmp_path / "run")]
+    assert cli([*run, "--set", "task.features=false"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "stages.transfer.losses.feature_alignment: loss 'feature_alignment' reads task outputs ['features']"
+        in err
+    )
+    assert not (tmp_path / "run").exists()  # refused before the first stage trained, nothing written
+
+
 def test_baselines_mean_what_they_say(capsys):
     cli(["validate", str(EXAMPLES / "digits" / "finetune_all.toml")])
     finetune = capsys.readouterr().out
