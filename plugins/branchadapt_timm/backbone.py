@@ -105,6 +105,8 @@ def discover_stages(model: nn.Module, cuts: Sequence[str] | None = None) -> dict
     stem is conv + norm + act + pool as in the papers.
     """
     name = type(model).__name__
+    if cuts is not None and not cuts:
+        raise UserError("model.cuts is empty; name the module ending each stage, or leave it out")
     features = list(cuts) if cuts is not None else feature_modules(model)
     if not features:
         raise UserError(
@@ -143,9 +145,8 @@ def discover_stages(model: nn.Module, cuts: Sequence[str] | None = None) -> dict
 def load_state(path: Path) -> dict[str, Tensor]:
     """A state dict from safetensors or a torch file (``weights_only=True``: no pickled code runs)."""
     if not path.is_file():
-        raise UserError(
-            f"model.weights: {path} does not exist; expected a .safetensors or torch state-dict file"
-        )
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"model.weights: {path} {what}; expected a .safetensors or torch state-dict file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -187,24 +188,22 @@ def load_weights_into(model: nn.Module, path: Path, model_name: str, skip_classi
     """Load ``path`` strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     state = unwrapped(load_state(path), own)
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if m is classifier)
     if skip_classifier:
-        get_classifier = getattr(model, "get_classifier", None)
-        classifier = get_classifier() if callable(get_classifier) else None
-        prefixes = tuple(f"{n}." for n, m in model.named_modules() if m is classifier)
         state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         own = {k: v for k, v in own.items() if not k.startswith(prefixes)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [
-        f"{k} (file {tuple(state[k].shape)} vs model {tuple(v.shape)})"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    mismatched = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [f"{k} (file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})" for k in mismatched]
     if missing or unexpected or shapes:
+        other_classes = bool(prefixes) and any(k.startswith(prefixes) for k in mismatched)
         raise CheckpointError(
             f"model.weights: {path} does not match timm model {model_name!r}:\n"
             f"  missing keys: {_few(missing)}\n  unexpected keys: {_few(unexpected)}\n"
             f"  shape mismatch: {_few(shapes)}"
-            + ("\n  (weights for other classes? set model.skip_classifier = true)" if shapes else "")
+            + ("\n  (weights for other classes? set model.skip_classifier = true)" if other_classes else "")
         )
     model.load_state_dict(state, strict=not skip_classifier)
 
@@ -220,6 +219,12 @@ def create(options: TimmOptions) -> Any:  # a timm model: forward_features / for
         raise UserError(
             f"model.model: {options.model!r} is not a timm model; closest: {', '.join(close) or 'none'} "
             "(timm.list_models() lists all)"
+        )
+    given = [k for k in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path") if k in options.kwargs]
+    if given:
+        raise UserError(
+            f"model.kwargs: {given[0]} is not allowed (nothing is downloaded or read behind the "
+            "experiment's back); give a local weights file with model.weights"
         )
     try:
         return timm.create_model(

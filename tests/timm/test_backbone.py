@@ -186,6 +186,21 @@ def test_weights_that_do_not_match_name_the_keys(tmp_path):
         backbone("resnet10t", weights=tmp_path / "junk.pt")
 
 
+def test_option_mistakes_are_named_as_they_are(tmp_path):
+    with pytest.raises(ba.UserError, match=r"model\.cuts is empty"):
+        backbone("resnet10t", kwargs=SMALL_RESNET, cuts=[])
+    with pytest.raises(ba.UserError, match=f"model.weights: {tmp_path} is a folder"):
+        backbone("resnet10t", weights=tmp_path)
+    for key in ("pretrained", "checkpoint_path"):
+        with pytest.raises(ba.UserError, match=f"model.kwargs: {key} is not allowed.*model.weights"):
+            backbone("resnet10t", kwargs={key: True if key == "pretrained" else "x.pt"})
+    # weights for another number of input channels: no hint about the classifier
+    torch.save(backbone("resnet10t", kwargs=SMALL_RESNET).model.state_dict(), tmp_path / "rgb.pt")
+    with pytest.raises(ba.CheckpointError, match=r"shape mismatch: conv1\.0\.weight") as info:
+        backbone("resnet10t", kwargs=SMALL_RESNET, in_chans=1, weights=tmp_path / "rgb.pt")
+    assert "skip_classifier" not in str(info.value)
+
+
 def test_example_inputs_follow_an_image_size_given_to_timm():
     vit = backbone(
         "vit_tiny_patch16_224", kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48}
