@@ -5,18 +5,23 @@ gives them, the training data of every stage and each stage's first global batch
 that a mistake in a later stage is refused before the run directory is touched, not hours in.
 :func:`build_stages` goes further for ``validate``: it builds every stage as its start would
 (models, branches, weight files the experiment names, losses, optimisers, sampler), without
-the earlier stages' trained weights, which only a run produces.
+the earlier stages' trained weights, which only a run produces, and runs its branched backbones
+on inputs shaped as the data's where the task can make them (:func:`try_inputs`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from . import distributed
-from .errors import ConfigError
-from .interfaces import DataSource
+from .branched import BranchedModel
+from .errors import ConfigError, UserError
+from .interfaces import DataSource, Task
 
 if TYPE_CHECKING:
+    from .runtime import StageRuntime
     from .trainer import Trainer
 
 
@@ -66,13 +71,40 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
             f"{name} {_count(sum(p.numel() for p in module.parameters() if p.requires_grad))}"
             for name, module in runtime.modules.items()
         )
+        try_inputs(trainer, runtime, source)
         lines.append(f"trainable parameters {sizes}")
         del runtime
     return lines
+
+
+def try_inputs(trainer: Trainer, runtime: StageRuntime, source: DataSource) -> None:
+    """Each branched backbone of the stage on inputs shaped as the data's, one per group of the
+    stage, without gradients: a model built for other inputs (image size, channels, features) is
+    found here rather than in the stage's first step. Only for tasks that give such inputs
+    (:meth:`~branchadapt.interfaces.Task.example_inputs`)."""
+    task = runtime.task
+    if type(task).example_inputs is Task.example_inputs:
+        return
+    stage = runtime.stage
+    ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
+    for name, module in runtime.modules.items():
+        inputs = task.example_inputs(name, source, len(ids)) if isinstance(module, BranchedModel) else None
+        if inputs is None:
+            continue
+        module.eval()
+        try:
+            with torch.no_grad():
+                module(*inputs, groups=ids)
+        except Exception as exc:
+            shape = ", ".join(str(tuple(x.shape)) for x in inputs)
+            raise UserError(
+                f"{trainer.exp.source}: stages.{stage.name}: module {name!r} cannot take inputs shaped as "
+                f"the data's ({shape}): {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-__all__ = ["build_stages", "check_reads", "check_stages"]
+__all__ = ["build_stages", "check_reads", "check_stages", "try_inputs"]

@@ -86,6 +86,11 @@ def test_validate_checks_and_builds_what_a_run_would_without_writing(small_exper
     assert empty.returncode == 2
     assert "stages.transfer: groups ['b'] have no training data" in empty.stderr
     assert "OK" not in empty.stdout
+    # a model built for other inputs than the data's is run on them (one row per group of the stage)
+    shapes = run_cli("validate", str(exp), "--set", "model.in_features=5", cwd=tmp_path)
+    assert shapes.returncode == 2
+    assert "stages.basic: module 'model' cannot take inputs shaped as the data's ((1, 6))" in shapes.stderr
+    assert "mat1 and mat2 shapes cannot be multiplied" in shapes.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]
 
 
