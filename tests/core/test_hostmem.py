@@ -15,22 +15,23 @@ from branchadapt.trainer import Trainer
 
 glibc = pytest.mark.skipif(hostmem._glibc() is None, reason="needs glibc")
 
-# A child process allocates, touches and frees a 64 MiB and a 4 MiB tensor six times and prints the
-# page faults of the last three rounds. glibc's default maps the large one afresh every round
+# A child process allocates, touches and frees a 64 MiB and a 4 MiB tensor ten times and prints the
+# page faults of the last five rounds. glibc's default maps the large one afresh every round
 # (16,384 faults each); with freed memory retained the heap reaches a steady state within the first
-# rounds (an aligned request may not fit the block freed just before: the heap grows once more).
+# rounds (an aligned request may not fit the block freed just before: the heap grows once more,
+# usually in the second or third round, rarely later).
 CHILD = """
 import resource, sys, torch
 from branchadapt import hostmem
 if sys.argv[1] == "retain":
     assert hostmem.retain_freed_memory()
 faults = []
-for _ in range(6):
+for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t, u = torch.ones(1 << 24), torch.ones(1 << 20)
     del t, u
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[3:]))
+print(sum(faults[5:]))
 """
 
 
@@ -43,10 +44,10 @@ def _late_faults(mode: str) -> int:
 
 @glibc
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
-    assert _late_faults("default") > 3 * 8_000  # half the large tensor's pages each round, at least
-    # Retained: the large tensor is never faulted in again (that alone would be 16,384 per round).
-    # A late heap growth for the small one (1,024 pages) happened once in CI under load: allowed.
-    assert _late_faults("retain") < 16_384 // 4
+    assert _late_faults("default") > 5 * 8_000  # half the large tensor's pages each round, at least
+    # Retained: the large tensor is not faulted in again round after round; one late growth of the
+    # heap for either tensor (16,384 or 1,024 pages) was seen in about 1 of 10 runs: allowed
+    assert _late_faults("retain") <= 16_384 + 1_024
 
 
 # A child process retains freed memory, fills and frees 16 x 16 MiB in a worker thread (whose
