@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .errors import TRACEBACK_ENV, UserError
+from .errors import UserError, traceback_wanted
 from .interfaces import Task
 from .loading import json_schema, load_experiment
 from .plugins import PluginSet, default_plugins
@@ -246,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.context = plugins
         return int(args.handler(args) or 0)
     except UserError as exc:
-        if os.environ.get(TRACEBACK_ENV) and exc.__cause__ is not None:
+        if traceback_wanted() and exc.__cause__ is not None and not exc.quiet:
             traceback.print_exception(exc.__cause__)
         if not exc.quiet:
             print(f"error: {exc}", file=sys.stderr)

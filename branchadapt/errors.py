@@ -11,8 +11,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: set (to anything) to print the traceback of a user error's cause as well (``first_step``)
+#: set to 1 to print the traceback of a user error's cause as well (``first_step``)
 TRACEBACK_ENV = "BRANCHADAPT_TRACEBACK"
+
+
+def traceback_wanted() -> bool:
+    """Whether :data:`TRACEBACK_ENV` asks for tracebacks (set, and not 0, false, no or off)."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 class UserError(Exception):
@@ -39,6 +44,20 @@ class TrainingDiverged(UserError):
     """A loss or gradient that is no longer finite; the step was not applied."""
 
 
+def _not_options() -> tuple[type[BaseException], ...]:
+    """Failures of the machine rather than of the experiment's options: left as they are."""
+    import torch
+
+    kinds: list[type[BaseException]] = [torch.OutOfMemoryError, MemoryError]
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if isinstance(dist_error, type):
+        kinds.append(dist_error)
+    return tuple(kinds)
+
+
+_NOT_OPTIONS = _not_options()
+
+
 class StepFailed(UserError):
     """A stage's first step in this process raised; the original exception is the cause."""
 
@@ -50,7 +69,8 @@ def first_step(stage: str, step: int, first: bool = True) -> Iterator[None]:
     That step is where options that do not fit together surface (a model built for other inputs
     than the data's, a loss expecting outputs the task does not give), as an error deep in torch;
     the message keeps the original one and says how to see its traceback (:data:`TRACEBACK_ENV`).
-    Later steps ran the same code already: their errors are left as they are."""
+    Running out of memory and failures of the process group are left as they are, and so are
+    later steps' errors: they ran the same code already."""
     if not first:
         yield
         return
@@ -59,7 +79,9 @@ def first_step(stage: str, step: int, first: bool = True) -> Iterator[None]:
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        hint = "" if os.environ.get(TRACEBACK_ENV) else f"; set {TRACEBACK_ENV}=1 to see where it failed"
+        if isinstance(exc, _NOT_OPTIONS):
+            raise
+        hint = "" if traceback_wanted() else f"; set {TRACEBACK_ENV}=1 to see where it failed"
         raise StepFailed(
             f"stage {stage}: step {step} failed: {type(exc).__name__}: {exc}\n"
             "The model, task, losses and data of this experiment may not fit together (a model option "

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .branched import BranchedModel
 from .errors import UserError
+from .evaluation import LoadedStage, load_stage
 from .interfaces import Backbone, Task
 
 FORMATS = ("onnx", "safetensors")
@@ -36,6 +37,7 @@ class Exported:
     module: str
     group: str
     max_abs_diff: float | None = None  # onnxruntime vs eager on the example input (onnx only)
+    note: str | None = None  # how the example input was made, when not as usual
 
 
 def group_backbone(
@@ -129,12 +131,12 @@ def export_run(
 ) -> Exported:
     """Export ``group``'s plain model from a finished stage of ``run_dir``."""
     from .checkpoint import save_weights
-    from .evaluation import load_stage
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
     loaded = load_stage(run_dir, stage, "cpu")
     name, backbone = group_backbone(loaded.modules, group, module)
+    inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
     default_name = f"{name}-{group}.{fmt}"
     path = Path(run_dir) / "export" / default_name if out is None else Path(out)
     # an existing folder, or one named with a trailing slash: the file goes inside it
@@ -147,10 +149,18 @@ def export_run(
     if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
         save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
         return Exported(path, name, group)
-    inputs = None  # the training data's shape where the task can say it, else the backbone's own
-    if type(loaded.task).example_inputs is not Task.example_inputs:
-        inputs = loaded.task.example_inputs(name, loaded.trainer.build_source("train"))
-    return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs))
+    return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
+
+
+def _data_inputs(loaded: LoadedStage, module: str) -> tuple[tuple[Tensor, ...] | None, str | None]:
+    """Inputs shaped as the training data's where the task can make them (None: the backbone's
+    own ``example_inputs``), and a note when the data was wanted but could not be read."""
+    if type(loaded.task).example_inputs is Task.example_inputs:
+        return None, None
+    try:
+        return loaded.task.example_inputs(module, loaded.trainer.build_source("train")), None
+    except UserError as exc:  # the data has moved or is on another machine: the weights suffice
+        return None, f"traced at the backbone's own input size, not the data's ({exc})"
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -175,6 +185,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     result = export_run(args.run_dir, args.group, args.fmt, args.module, args.stage, args.out)
     print(f"{result.module} for group {result.group} written to {result.path}")
+    if result.note:
+        print(f"note: {result.note}")
     if result.max_abs_diff is not None:
         print(f"onnxruntime vs eager: max abs difference {result.max_abs_diff:.2e}")
     return 0

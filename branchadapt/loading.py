@@ -222,12 +222,12 @@ def load_experiment(
         spec = Experiment.model_validate(raw)
     except ValidationError as exc:
         lines = [describe(e, Experiment) for e in exc.errors()]
-        lines += _component_problems(inherit_defaults(raw), plugins)  # plugin options too, in one report
+        lines += _component_problems(inherit_defaults(raw), plugins, source)  # plugin options too, at once
         raise ConfigError(_report(source, sorted({_inherited(line, raw) for line in lines}))) from None
     return resolve(spec, source, plugins, raw)
 
 
-def _component_problems(raw: Any, plugins: PluginSet) -> list[str]:
+def _component_problems(raw: Any, plugins: PluginSet, source: Path) -> list[str]:
     """Best-effort pass 2 on a config that failed pass 1: check every well-formed component."""
     problems: list[str] = []
     if not isinstance(raw, dict):
@@ -246,7 +246,8 @@ def _component_problems(raw: Any, plugins: PluginSet) -> list[str]:
             places.append(("loss", spec, f"stages.{name}.losses.{loss}"))
     for kind, value, where in places:
         if isinstance(value, dict) and isinstance(value.get("type"), str):
-            check_component(plugins, kind, ComponentSpec.model_validate(value), where, problems)
+            with relative_to(source.parent):  # as resolve() does: relative paths beside the file
+                check_component(plugins, kind, ComponentSpec.model_validate(value), where, problems)
     return problems
 
 

@@ -1,11 +1,11 @@
 """Relative paths in plugin options are taken beside the experiment file.
 
-An experiment names files (a data folder, initial weights, a recognizer's weights) relative to
-where it lives, so that it means the same from any working directory, and later from its run
+An experiment names files (a data folder, initial weights, a helper network's weights) relative
+to where it lives, so that it means the same from any working directory, and later from its run
 directory (``evaluate``, ``export``, resume). The core validates an experiment's plugin options
 inside :func:`relative_to` the experiment's folder, and :class:`~branchadapt.interfaces.PluginOptions`
 makes each relative ``Path`` field (and each ``Path`` in a list or tuple field) absolute against
-it; a plugin anchors a path it keeps in another form (a string in a nested table) with
+it, after the fields' own validators (which see the path as written); a plugin anchors a path it keeps in another form (a string in a nested table) with
 :func:`anchor`. Outside such a context (a library user calling ``ba.build``) paths stay as given,
 relative to the working directory. ``~`` is expanded either way.
 
@@ -52,7 +52,7 @@ def anchor_values(value: Any) -> Any:
     if isinstance(value, Path):
         new = anchor(value)
         return value if new == value else new
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):  # not a named tuple's own type
         items = [anchor_values(v) for v in value]
         if all(a is b for a, b in zip(items, value, strict=True)):
             return value

@@ -66,7 +66,7 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
     per stage: its modules' trainable parameters, branches included."""
     lines = []
     for index, stage in enumerate(trainer.exp.stages):
-        runtime = trainer.build_stage(index, stage, source, load_init=False)
+        runtime = trainer.build_stage(index, stage, source, check_only=True)
         sizes = ", ".join(
             f"{name} {_count(sum(p.numel() for p in module.parameters() if p.requires_grad))}"
             for name, module in runtime.modules.items()

@@ -24,6 +24,11 @@ def backbone_factory(model: Component, initial_weights: bool = True) -> Callable
     if not initial_weights:
         fields = type(options).model_fields
         skip = model.cls.initial_weights_options
+        unusable = [f for f in skip if f not in fields or fields[f].is_required()]
+        if unusable:
+            raise TypeError(
+                f"{model.cls.__name__}.initial_weights_options names {unusable}: not options with a default"
+            )
         options = options.model_copy(
             update={f: fields[f].get_default(call_default_factory=True) for f in skip}
         )

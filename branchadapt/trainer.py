@@ -90,17 +90,18 @@ class Trainer:
         return self.exp.task.cls(self.exp.task.options, context)
 
     def build_stage(
-        self, index: int, stage: ResolvedStage, source: DataSource, load_init: bool = True
+        self, index: int, stage: ResolvedStage, source: DataSource, check_only: bool = False
     ) -> StageRuntime:
-        """The stage ready to train; ``load_init=False`` leaves out its ``init_from`` weights."""
+        """The stage ready to train; ``check_only`` (``validate``): without its ``init_from``
+        weights, a checkpoint's or compiling."""
         torch.manual_seed(self.spec.seed + 1000 * index)
         # an earlier stage's weights or a checkpoint replace the initial ones
-        resumes = load_init and latest_checkpoint(self.run_dir, stage.name) is not None
+        resumes = not check_only and latest_checkpoint(self.run_dir, stage.name) is not None
         task = self.build_task(initial_weights=not (stage.spec.init_from or resumes))
         modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
-        if stage.spec.init_from and load_init:
+        if stage.spec.init_from and not check_only:
             self.load_stage_weights(stage.spec.init_from, modules)
-        compiling = compiles_units(self.spec.train.compile, self.device)
+        compiling = not check_only and compiles_units(self.spec.train.compile, self.device)
         for module in modules.values():
             module.to(self.device).train()
             if isinstance(module, BranchedModel):

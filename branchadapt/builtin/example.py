@@ -52,9 +52,6 @@ class MLPBackbone(Backbone):
     def stage_names(self) -> list[str]:
         return list(self._names)
 
-    def outputs(self, phase: str) -> frozenset[str] | None:
-        return frozenset({"logits", "target", "group"})
-
     def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
         return (torch.zeros(batch_size, self.options.in_features),)
 
@@ -137,6 +134,9 @@ class SupervisedTask(Task):
         data = batch[self.options.stream]
         logits = modules["model"](data[self.options.input_key], groups=data["group"])
         return {"logits": logits, "target": data[self.options.target_key], "group": data["group"]}
+
+    def outputs(self, phase: str) -> frozenset[str] | None:
+        return frozenset({"logits", "target", "group"})
 
     def example_inputs(
         self, module: str, source: DataSource, batch_size: int = 2

@@ -220,11 +220,11 @@ def create(options: TimmOptions) -> Any:  # a timm model: forward_features / for
             f"model.model: {options.model!r} is not a timm model; closest: {', '.join(close) or 'none'} "
             "(timm.list_models() lists all)"
         )
-    given = [k for k in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path") if k in options.kwargs]
+    given = [k for k in ("pretrained", "checkpoint_path") if k in options.kwargs]
     if given:
         raise UserError(
-            f"model.kwargs: {given[0]} is not allowed (nothing is downloaded or read behind the "
-            "experiment's back); give a local weights file with model.weights"
+            f"model.kwargs: {given[0]} is not allowed (nothing is downloaded, and weights are read "
+            "from one place); give a local weights file with model.weights"
         )
     try:
         return timm.create_model(

@@ -110,3 +110,9 @@ def test_relative_weight_paths_are_taken_beside_the_experiment_file(tiny_cartoon
     face_id = exp.stages[0].losses["face_id"].options.recognizer
     assert face_id == {"type": "mobilefacenet", "weights": str(tmp_path / "sub" / "face.pt")}
     assert exp.spec.task.options()["photo2cartoon"] == "p2c.pt"  # the experiment as written (hash, config)
+    # a problem elsewhere in the file: the options are still checked beside it (no false "missing")
+    with pytest.raises(ba.ConfigError) as info:
+        ba.load_experiment(
+            exp_file, ['task.eval_recognizer={type="mobilefacenet", weights="id.safetensors"}', "seed=-5"]
+        )
+    assert "1 problem" in str(info.value) and "does not exist" not in str(info.value)

@@ -120,3 +120,40 @@ def test_only_the_first_step_s_errors_are_turned_into_user_errors():
         raise RuntimeError("boom")
     with pytest.raises(KeyboardInterrupt), first_step("s", 1):
         raise KeyboardInterrupt
+    # the machine's failures, not the options': as they are
+    import torch
+
+    with pytest.raises(torch.OutOfMemoryError), first_step("s", 1):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_a_loss_reading_what_the_task_does_not_give_is_refused_before_anything_is_written(
+    small_experiment, tmp_path, monkeypatch
+):
+    import branchadapt as ba
+    from branchadapt.builtin.example import CrossEntropy
+    from branchadapt.trainer import Trainer
+
+    monkeypatch.setattr(CrossEntropy, "reads", ("logits", "features"))
+    trainer = Trainer(ba.load_experiment(small_experiment()), run_dir=tmp_path / "run", device="cpu")
+    with pytest.raises(
+        ba.ConfigError,
+        match=r"stages\.basic\.losses\.cross_entropy: loss 'cross_entropy' "
+        r"reads task outputs \['features'\], which task 'supervised' does not give",
+    ):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_initial_weights_options_must_name_options_with_defaults(small_experiment, monkeypatch):
+    import branchadapt as ba
+    from branchadapt.builtin.example import MLPBackbone
+    from branchadapt.runtime import backbone_factory
+
+    exp = ba.load_experiment(small_experiment())
+    monkeypatch.setattr(MLPBackbone, "initial_weights_options", ("hidden",))
+    assert backbone_factory(exp.model, initial_weights=False)().options.hidden == MLPBackbone.Options().hidden
+    assert backbone_factory(exp.model)().options.hidden == [16, 16]
+    monkeypatch.setattr(MLPBackbone, "initial_weights_options", ("weights",))  # not an option
+    with pytest.raises(TypeError, match=r"initial_weights_options names \['weights'\]"):
+        backbone_factory(exp.model, initial_weights=False)
