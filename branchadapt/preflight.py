@@ -88,7 +88,15 @@ def try_inputs(trainer: Trainer, runtime: StageRuntime, source: DataSource) -> N
     stage = runtime.stage
     ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
     for name, module in runtime.modules.items():
-        inputs = task.example_inputs(name, source, len(ids)) if isinstance(module, BranchedModel) else None
+        if not isinstance(module, BranchedModel):
+            continue
+        try:
+            inputs = task.example_inputs(name, source, len(ids))
+        except (KeyError, IndexError) as exc:  # the task's options name what the data lacks
+            raise UserError(
+                f"{trainer.exp.source}: stages.{stage.name}: task {trainer.exp.task.type!r} cannot make "
+                f"inputs for module {name!r} from the data: {type(exc).__name__}: {exc}"
+            ) from exc
         if inputs is None:
             continue
         module.eval()

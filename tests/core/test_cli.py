@@ -91,6 +91,11 @@ def test_validate_checks_and_builds_what_a_run_would_without_writing(small_exper
     assert shapes.returncode == 2
     assert "stages.basic: module 'model' cannot take inputs shaped as the data's ((1, 6))" in shapes.stderr
     assert "mat1 and mat2 shapes cannot be multiplied" in shapes.stderr
+    key = run_cli("validate", str(exp), "--set", "task.input_key=z", cwd=tmp_path)
+    assert key.returncode == 2 and "Traceback" not in key.stderr
+    assert (
+        "task 'supervised' cannot make inputs for module 'model' from the data: KeyError: 'z'" in key.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]
 
 
