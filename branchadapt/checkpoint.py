@@ -268,12 +268,12 @@ def stage_checkpoints(run_dir: str | Path, stage: str) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.rpartition("-")[0] == stage and p.name.rpartition("-")[2].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name.rpartition("-")[2]))
+    steps = {}
+    for p in root.iterdir():
+        name, _, step = p.name.rpartition("-")
+        if p.is_dir() and name == stage and step.isdigit():
+            steps[p] = int(step)
+    return sorted(steps, key=steps.__getitem__)
 
 
 def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:

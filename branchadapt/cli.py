@@ -245,9 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.context = plugins
         return int(args.handler(args) or 0)
     except UserError as exc:
-        if traceback_wanted() and exc.__cause__ is not None and not exc.quiet:
-            traceback.print_exception(exc.__cause__)
         if not exc.quiet:
+            if traceback_wanted() and exc.__cause__ is not None:
+                traceback.print_exception(exc.__cause__)
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -5,8 +5,8 @@ to where it lives, so that it means the same from any working directory, and lat
 directory (``evaluate``, ``export``, resume). The core validates an experiment's plugin options
 inside :func:`relative_to` the experiment's folder, and :class:`~branchadapt.interfaces.PluginOptions`
 makes each relative ``Path`` field (and each ``Path`` in a list or tuple field) absolute against
-it, after the fields' own validators (which see the path as written); a plugin anchors a path it keeps in another form (a string in a nested table) with
-:func:`anchor`. Outside such a context (a library user calling ``ba.build``) paths stay as given,
+it, after the fields' own validators (which see the path as written); a plugin anchors a path
+it keeps in another form (a string in a nested table) with :func:`anchor`. Outside such a context (a library user calling ``ba.build``) paths stay as given,
 relative to the working directory. ``~`` is expanded either way.
 
 The experiment as written (its hash, ``config.toml``) keeps the paths as the file has them.
@@ -34,11 +34,6 @@ def relative_to(base: Path | str) -> Iterator[Path]:
         _BASE.reset(token)
 
 
-def base_dir() -> Path | None:
-    """The folder relative paths are taken against here (None: the working directory)."""
-    return _BASE.get()
-
-
 def anchor(path: Path | str) -> Path:
     """``path`` with ``~`` expanded and, when relative inside :func:`relative_to`, made absolute."""
     path = Path(path).expanduser()
@@ -60,4 +55,4 @@ def anchor_values(value: Any) -> Any:
     return value
 
 
-__all__ = ["anchor", "anchor_values", "base_dir", "relative_to"]
+__all__ = ["anchor", "anchor_values", "relative_to"]

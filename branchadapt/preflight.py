@@ -1,8 +1,9 @@
 """What a run checks before it writes anything, and what ``branchadapt validate`` builds.
 
 :func:`check_stages` is the run's own first step: every stage's losses against what the task
-gives them, the training data of every stage and each stage's first global batch (under ``torchrun``, that it splits evenly over the processes), so
-that a mistake in a later stage is refused before the run directory is touched, not hours in.
+gives them, the training data of every stage and each stage's first global batch (under
+``torchrun``, that it splits evenly over the processes), so that a mistake in a later stage is
+refused before the run directory is touched, not hours in.
 :func:`build_stages` goes further for ``validate``: it builds every stage as its start would
 (models, branches, weight files the experiment names, losses, optimisers, sampler), without
 the earlier stages' trained weights, which only a run produces, and runs its branched backbones
@@ -18,7 +19,7 @@ import torch
 from . import distributed
 from .branched import BranchedModel
 from .errors import ConfigError, UserError
-from .interfaces import DataSource, Task
+from .interfaces import DataSource
 
 if TYPE_CHECKING:
     from .runtime import StageRuntime
@@ -83,8 +84,6 @@ def try_inputs(trainer: Trainer, runtime: StageRuntime, source: DataSource) -> N
     found here rather than in the stage's first step. Only for tasks that give such inputs
     (:meth:`~branchadapt.interfaces.Task.example_inputs`)."""
     task = runtime.task
-    if type(task).example_inputs is Task.example_inputs:
-        return
     stage = runtime.stage
     ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
     for name, module in runtime.modules.items():
