@@ -198,6 +198,8 @@ class DataSource(ABC):
 
     A translation task has two unpaired streams per group (source and target domain), a
     classifier one. ``get`` receives the RNG to use for augmentation so data is reproducible.
+    Like a module, a source is in training mode (:attr:`training`) unless :meth:`eval` was called:
+    evaluation reads the items as they are, without training-time augmentation, whatever the split.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -219,6 +221,17 @@ class DataSource(ABC):
         self.groups = tuple(groups)
         self.base_dir = base_dir
         self.split = split
+        #: False after :meth:`eval`: ``get`` should not augment
+        self.training = True
+
+    def train(self, mode: bool = True) -> Self:
+        """Training mode (``get`` may augment) or, with ``mode=False``, evaluation mode."""
+        self.training = mode
+        return self
+
+    def eval(self) -> Self:
+        """Evaluation mode: ``get`` gives items without training-time augmentation."""
+        return self.train(False)
 
     @abstractmethod
     def sizes(self) -> dict[str, dict[str, int]]:

@@ -44,6 +44,9 @@ def test_layouts_are_detected_and_items_are_deterministic(tmp_path, layout):
     z = src.get("b", "photo", 1, np.random.default_rng(8))["image"]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert np.array_equal(x, y) and not np.array_equal(x, z)  # the RNG drives augmentation
+    src.eval()  # evaluation mode: the train split's images as they are, resized
+    e1, e2 = (src.get("b", "photo", 1, np.random.default_rng(s))["image"] for s in (7, 8))
+    assert np.array_equal(e1, e2) and not np.array_equal(e1, x)
     test = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "test")
     t1 = test.get("a", "cartoon", 0, None)["image"]
     assert np.array_equal(

@@ -294,6 +294,23 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing written
 
 
+def test_evaluation_reads_its_split_without_training_augmentation(small_experiment, tmp_path, monkeypatch):
+    from branchadapt import evaluation
+    from branchadapt.builtin.example import SupervisedTask
+
+    train(small_experiment(), tmp_path / "run")
+    seen = []
+    original = SupervisedTask.evaluate
+
+    def evaluate(self, modules, source, device, out_dir):
+        seen.append((source.split, source.training))
+        return original(self, modules, source, device, out_dir)
+
+    monkeypatch.setattr(SupervisedTask, "evaluate", evaluate)
+    evaluation.evaluate_run(tmp_path / "run", split="train", device="cpu")
+    assert seen == [("train", False)]  # evaluation mode: a source must not augment
+
+
 def test_task_samples_are_written_every_n_steps_in_eval_mode(small_experiment, tmp_path, monkeypatch):
     from branchadapt.builtin.example import SupervisedTask
 

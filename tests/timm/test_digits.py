@@ -63,6 +63,12 @@ def test_augment_is_seeded_and_only_on_train():
     assert (
         test.get("clean", "train", 0, rng(1))["image"] == test.get("clean", "train", 0, rng(2))["image"]
     ).all()
+    # in evaluation mode the train split gives its images as rendered (evaluate --split train)
+    assert d.eval() is d and not d.training
+    plain = d.get("clean", "train", 0, rng(1))["image"]
+    assert not (plain == one).all()
+    assert (plain == source().get("clean", "train", 0, rng(5))["image"]).all()  # as without augment
+    assert (d.train().get("clean", "train", 0, rng(1))["image"] == one).all()
 
 
 def test_bad_options_are_reported():
