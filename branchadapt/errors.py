@@ -44,6 +44,20 @@ class TrainingDiverged(UserError):
     """A loss or gradient that is no longer finite; the step was not applied."""
 
 
+@contextmanager
+def naming(source: object) -> Iterator[None]:
+    """Begin the message of a :class:`UserError` raised inside with ``source`` (the experiment
+    file) unless it already does: a plugin that refuses its options while it builds names only the
+    key (``model.model: ...``)."""
+    try:
+        yield
+    except UserError as exc:
+        prefix = f"{source}: "
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(prefix):
+            exc.args = (prefix + exc.args[0], *exc.args[1:])
+        raise
+
+
 def _not_options() -> tuple[type[BaseException], ...]:
     """Failures of the machine rather than of the experiment's options: left as they are."""
     import torch

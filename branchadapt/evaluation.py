@@ -62,7 +62,7 @@ class LoadedStage:
 
 def load_stage(run_dir: Path, stage: str | None = None, device: str | None = None) -> LoadedStage:
     """Rebuild a run's modules for ``stage`` (default: the last) in eval mode, on ``device``."""
-    from .trainer import Trainer, wrap_backbones
+    from .trainer import Trainer
 
     exp = load_run(run_dir)
     names = [s.name for s in exp.stages]
@@ -75,7 +75,7 @@ def load_stage(run_dir: Path, stage: str | None = None, device: str | None = Non
     # evaluation runs in one process, also on rank 0 after a torchrun job (the group is gone)
     trainer = Trainer(exp, run_dir=Path(run_dir), device=device, join_process_group=False)
     task = trainer.build_task(initial_weights=False)  # the stage's final weights replace them
-    modules = wrap_backbones(task.build(), exp.stages[names.index(stage)], trainer.groups, trainer.anchor)
+    modules = trainer.build_modules(task, exp.stages[names.index(stage)])
     load_weights(weights, modules)
     for module in modules.values():
         module.to(trainer.device).eval()

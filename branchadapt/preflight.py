@@ -22,6 +22,7 @@ from .errors import ConfigError, UserError
 from .interfaces import DataSource
 
 if TYPE_CHECKING:
+    from .loading import ResolvedStage
     from .runtime import StageRuntime
     from .trainer import Trainer
 
@@ -33,7 +34,7 @@ def check_stages(trainer: Trainer) -> DataSource:
     source = trainer.build_source("train")
     world = trainer.dist.world
     for index, stage in enumerate(trainer.exp.stages):
-        sizes = trainer.stage_sizes(stage, source)
+        sizes = stage_sizes(trainer, stage, source)
         uneven = distributed.uneven_stream(trainer.sampler(index, stage, sizes).plan(0), world)
         if uneven is not None:
             raise ConfigError(
@@ -42,6 +43,30 @@ def check_stages(trainer: Trainer) -> DataSource:
                 f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
             )
     return source
+
+
+def stage_sizes(
+    trainer: Trainer, stage: ResolvedStage, source: DataSource, notes: bool = True
+) -> dict[str, dict[str, int]]:
+    """The stage's groups' stream sizes; a group without training data is a user error, and
+    (with ``notes``, once per run) a group lacking a stream the others have is pointed out."""
+    all_sizes = source.sizes()
+    sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
+    empty = [g for g, s in sizes.items() if not any(s.values())]
+    if empty:
+        raise UserError(
+            f"{trainer.exp.source}: stages.{stage.name}: groups {empty} have no training data in "
+            f"{trainer.exp.data.type!r}"
+        )
+    streams = {st for s in sizes.values() for st, n in s.items() if n} if notes else set()
+    for group, own in sizes.items():
+        lacking = sorted(st for st in streams if not own.get(st))
+        if lacking:
+            trainer.progress.message(
+                f"note: stages.{stage.name}: group {group} has no items in stream(s) {lacking} that "
+                "other groups have; it trains on its other streams only"
+            )
+    return sizes
 
 
 def check_reads(trainer: Trainer) -> None:
@@ -114,4 +139,4 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-__all__ = ["build_stages", "check_reads", "check_stages", "try_inputs"]
+__all__ = ["build_stages", "check_reads", "check_stages", "stage_sizes", "try_inputs"]

@@ -32,12 +32,12 @@ from .compiling import compile_units, compiles_units
 from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .divergence import diverged, finite_gradients, nonfinite_names
-from .errors import CheckpointError, ConfigError, UserError, first_step
+from .errors import CheckpointError, ConfigError, UserError, first_step, naming
 from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
-from .preflight import check_stages
+from .preflight import check_stages, stage_sizes
 from .progress import ProgressReporter
 from .rundir import forget_logged_steps, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
@@ -80,14 +80,21 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def build_source(self, split: str = "train") -> DataSource:
         data = self.exp.data
-        return data.cls(data.options, self.groups, self.exp.base_dir, split)
+        with naming(self.exp.source):  # a plugin refusing its options names the key only
+            return data.cls(data.options, self.groups, self.exp.base_dir, split)
 
     def build_task(self, initial_weights: bool = True) -> Task:
         """The experiment's task; ``initial_weights=False`` when trained weights replace what it
         builds (:attr:`TaskContext.initial_weights`)."""
         build = backbone_factory(self.exp.model, initial_weights)
         context = TaskContext(self.groups, self.anchor, build, initial_weights=initial_weights)
-        return self.exp.task.cls(self.exp.task.options, context)
+        with naming(self.exp.source):
+            return self.exp.task.cls(self.exp.task.options, context)
+
+    def build_modules(self, task: Task, stage: ResolvedStage) -> dict[str, nn.Module]:
+        """The task's modules, every backbone branched as ``stage`` says."""
+        with naming(self.exp.source):
+            return wrap_backbones(task.build(), stage, self.groups, self.anchor)
 
     def build_stage(
         self, index: int, stage: ResolvedStage, source: DataSource, check_only: bool = False
@@ -98,7 +105,7 @@ class Trainer:
         # an earlier stage's weights or a checkpoint replace the initial ones
         resumes = not check_only and latest_checkpoint(self.run_dir, stage.name) is not None
         task = self.build_task(initial_weights=not (stage.spec.init_from or resumes))
-        modules = wrap_backbones(task.build(), stage, self.groups, self.anchor)
+        modules = self.build_modules(task, stage)
         if stage.spec.init_from and not check_only:
             self.load_stage_weights(stage.spec.init_from, modules)
         compiling = not check_only and compiles_units(self.spec.train.compile, self.device)
@@ -127,7 +134,7 @@ class Trainer:
             spec = self.exp.optim_for(stage, phase.name)
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
-        sampler = self.sampler(index, stage, self.stage_sizes(stage, source, notes=False))
+        sampler = self.sampler(index, stage, stage_sizes(self, stage, source, notes=False))
         data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
         ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
@@ -146,30 +153,8 @@ class Trainer:
         return out  # not empty: loading refuses a stage without an enabled loss
 
     def sampler(self, index: int, stage: ResolvedStage, sizes: dict[str, dict[str, int]]) -> GroupSampler:
-        """Stage ``index``'s sampler over ``sizes`` (:meth:`stage_sizes`), seeded for the stage."""
+        """Stage ``index``'s sampler over ``sizes`` (:func:`~.preflight.stage_sizes`), seeded for the stage."""
         return stage.sampler.cls(stage.sampler.options, sizes, self.spec.seed + index)
-
-    def stage_sizes(
-        self, stage: ResolvedStage, source: DataSource, notes: bool = True
-    ) -> dict[str, dict[str, int]]:
-        """The stage's groups' stream sizes; a group without training data is a user error, and
-        (with ``notes``, once per run) a group lacking a stream the others have is pointed out."""
-        all_sizes = source.sizes()
-        sizes = {g: all_sizes.get(g, {}) for g in stage.groups}
-        empty = [g for g, s in sizes.items() if not any(s.values())]
-        if empty:
-            raise UserError(
-                f"stages.{stage.name}: groups {empty} have no training data in {self.exp.data.type!r}"
-            )
-        streams = {st for s in sizes.values() for st, n in s.items() if n} if notes else set()
-        for group, own in sizes.items():
-            lacking = sorted(st for st in streams if not own.get(st))
-            if lacking:
-                self.progress.message(
-                    f"note: stages.{stage.name}: group {group} has no items in stream(s) {lacking} that "
-                    "other groups have; it trains on its other streams only"
-                )
-        return sizes
 
     def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
         """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""

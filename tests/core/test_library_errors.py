@@ -63,3 +63,16 @@ def test_the_package_ships_its_type_hints():
     assert (ROOT / "branchadapt" / "py.typed").is_file()
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in setup["package-data"]["branchadapt"]  # in the wheel, not only the checkout
+
+
+def test_naming_prefixes_the_experiment_file_once():
+    from branchadapt.errors import ConfigError, naming
+
+    with pytest.raises(ConfigError) as info, naming("exp.toml"):
+        raise ConfigError("model.width: too wide")
+    assert str(info.value) == "exp.toml: model.width: too wide"
+    with pytest.raises(ba.UserError) as info, naming("exp.toml"):
+        raise ba.UserError("exp.toml: already named")
+    assert str(info.value) == "exp.toml: already named"
+    with pytest.raises(ValueError, match=r"^not a user error$"), naming("exp.toml"):
+        raise ValueError("not a user error")  # bugs keep their message and traceback

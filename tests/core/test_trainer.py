@@ -12,6 +12,7 @@ import torch
 import branchadapt as ba
 from branchadapt.checkpoint import read_tensors, stage_checkpoints
 from branchadapt.optim import build_optimizer, build_scheduler
+from branchadapt.preflight import stage_sizes
 from branchadapt.trainer import Trainer
 
 
@@ -471,7 +472,7 @@ def test_a_group_missing_a_stream_the_others_have_is_pointed_out(small_experimen
                 "c": {"photo": 2, "cartoon": 1},
             }
 
-    sizes = trainer.stage_sizes(exp.stages[1], Source())
+    sizes = stage_sizes(trainer, exp.stages[1], Source())
     assert sizes["b"] == {"photo": 3, "cartoon": 0}
     err = capsys.readouterr().err
     assert (

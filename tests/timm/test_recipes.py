@@ -103,6 +103,16 @@ def test_the_initial_weights_file_is_read_only_by_a_fresh_stage(tmp_path, capsys
     assert f"model.weights: {weights} does not exist" in capsys.readouterr().err
 
 
+def test_a_model_timm_refuses_at_build_time_is_named_with_the_experiment_file(tmp_path, capsys):
+    exp = EXAMPLES / "digits.toml"
+    bad = ["--set", "model.model='resnet10x'"]
+    assert cli(["run", str(exp), "--run-dir", str(tmp_path / "run"), *bad]) == 2
+    expected = f"error: {exp}: model.model: 'resnet10x' is not a timm model; closest: resnet10t"
+    assert expected in capsys.readouterr().err
+    assert cli(["validate", str(exp), *bad]) == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_a_loss_reading_an_output_the_task_does_not_give_is_refused_before_training(tmp_path, capsys):
     # the feature alignment of digits_da's transfer stage reads the features task.features gives
     run = ["run", str(EXAMPLES / "digits_da.toml"), "--run-dir", str(tmp_path / "run")]
