@@ -17,21 +17,23 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .batching import StackedRule
 from .errors import UserError
 from .paths import anchor_values
+from .scalars import TomlTyped
 
 #: A step's input: for every stream (e.g. "source", "target", "train") a dict of batched tensors,
 #: always including ``"group"``, the index of each sample's group in the experiment's group list.
 Batch = dict[str, dict[str, Tensor]]
 
 
-class PluginOptions(BaseModel):
-    """Base of every plugin's options; unknown keys are errors, so typos never pass silently.
+class PluginOptions(TomlTyped):
+    """Base of every plugin's options; unknown keys are errors, so typos never pass silently, and
+    scalars must have their field's TOML type (:mod:`branchadapt.scalars`: ``"yes"`` is no boolean).
 
     ``Path`` fields that are relative are taken beside the experiment file when the core
     validates the options (:mod:`branchadapt.paths`)."""

@@ -223,3 +223,47 @@ def test_splitter_overrides_must_name_groups_of_the_experiment(small_experiment)
         ba.load_experiment(path, ['splitter={type="branches", overrides={z="frozen"}}'])
     exp = ba.load_experiment(path, ['stages.transfer.splitter.overrides={b="live"}'])
     assert exp.stages[1].splitter.options.overrides == {"b": ba.Participation.LIVE}
+
+
+def test_scalars_must_have_their_toml_type(small_experiment):
+    """pydantic alone turns "no" into True for a boolean and true into 1 for a number."""
+    msg = error_of(
+        small_experiment(),
+        [
+            'train.fused_optimizers="no"',
+            'train.stack_branches="on"',
+            "seed=true",
+            'losses.cross_entropy.weight="0.5"',
+            "data.noise=false",
+        ],
+    )
+    assert "5 problems" in msg
+    for line in [
+        "train.fused_optimizers: expected a boolean (true or false), not a string (got 'no')",
+        "train.stack_branches: expected a boolean (true or false) or \"auto\", not a string (got 'on')",
+        "seed: expected an integer, not a boolean (got True)",
+        "losses.cross_entropy.weight: expected a number, not a string (got '0.5')",  # plugin options too
+        "data.noise: expected a number, not a boolean (got False)",
+    ]:
+        assert line in msg
+    exp = ba.load_experiment(  # what TOML means stays accepted: an integer for a number, "auto"
+        small_experiment(), ["train.stack_branches='auto'", "losses.cross_entropy.weight=2", "data.noise=1"]
+    )
+    assert exp.spec.train.stack_branches == "auto" and exp.data.options.noise == 1.0
+
+
+def test_scalar_checks_leave_paths_enums_and_containers_to_their_fields():
+    from typing import Annotated, Literal
+
+    from pydantic import Field
+
+    from branchadapt.scalars import check_scalar
+
+    assert check_scalar(Path | None, "x.safetensors") == "x.safetensors"
+    assert check_scalar(ba.Participation, "frozen") == "frozen"
+    assert check_scalar(list[int], "x") == "x" and check_scalar(bool, [1]) == [1]
+    assert check_scalar(Annotated[float, Field(ge=0)], 3) == 3
+    with pytest.raises(ValueError, match=r'expected "a" or "b", not a string'):
+        check_scalar(Literal["a", "b"], "c")
+    with pytest.raises(ValueError, match="expected 1 or 2, not a boolean"):
+        check_scalar(Literal[1, 2], True)

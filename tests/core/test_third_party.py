@@ -126,7 +126,7 @@ def test_experiment_uses_third_party_backbone_and_loss(third_party, run_cli, tmp
     assert "loss/logit_penalty" in (tmp_path / "run" / "metrics.jsonl").read_text()
     bad = run_cli("validate", str(exp), "--set", "losses.logit_penalty.power=x", env=third_party)
     assert bad.returncode == 2
-    assert "losses.logit_penalty.power: Input should be a valid integer" in bad.stderr
+    assert "losses.logit_penalty.power: expected an integer, not a string (got 'x')" in bad.stderr
     # without the package installed, the names are unknown and the error says so
     missing = run_cli("validate", str(exp))
     assert missing.returncode == 2

@@ -1,0 +1,88 @@
+"""Experiment values taken at their TOML type: ``"yes"`` is not a boolean, ``true`` not a number.
+
+pydantic's lax mode turns the strings ``"yes"``, ``"on"`` or ``"1"`` into booleans, strings of
+digits into numbers and booleans into numbers. A TOML file has typed values, so each of these
+conversions hides a mistake (``fused_optimizers = "no"`` would switch the option *on*).
+:class:`TomlTyped` refuses a scalar whose type the field does not take; whatever is not a plain
+scalar field (lists, tables, ``Any``, paths, enums) is left to the field's own validation.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import PurePath
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationInfo, field_validator
+
+_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar(value: Any) -> type | None:
+    """The TOML scalar type of ``value``; None for anything else (a list, a table, None)."""
+    return next((cls for cls in _SCALARS if isinstance(value, cls)), None)
+
+
+def allowed(annotation: Any) -> list[Any] | None:
+    """What a field annotated ``annotation`` takes: scalar types and, for ``Literal``, the
+    literal values as ``(value,)``; None when it takes anything else too (then it is not checked)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return allowed(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        out: list[Any] = []
+        for arg in get_args(annotation):
+            own = [] if arg is type(None) else allowed(arg)
+            if own is None:
+                return None
+            out += own
+        return out
+    if origin is Literal:
+        values = get_args(annotation)
+        return None if any(_scalar(v) is None for v in values) else [(v,) for v in values]
+    if annotation in _SCALARS:
+        return [annotation]
+    if isinstance(annotation, type) and issubclass(annotation, (PurePath, str)):
+        return [str]  # a path, or a string enum: any string, the field checks which
+    return None
+
+
+def _takes(entry: Any, value: Any) -> bool:
+    if isinstance(entry, tuple):  # a literal: that very value, of that very type
+        return type(entry[0]) is type(value) and entry[0] == value
+    return _scalar(value) is entry or (entry is float and _scalar(value) is int)
+
+
+def _toml(value: Any) -> str:
+    return (
+        str(value).lower()
+        if isinstance(value, bool)
+        else f'"{value}"'
+        if isinstance(value, str)
+        else repr(value)
+    )
+
+
+def check_scalar(annotation: Any, value: Any) -> Any:
+    """``value`` unchanged, or a ValueError when it is a scalar the field does not take as it is
+    (pydantic would have converted it)."""
+    kind = _scalar(value)
+    entries = allowed(annotation)
+    if kind is None or not entries or any(_takes(e, value) for e in entries):
+        return value
+    expected = [_NAMES[e] if isinstance(e, type) else _toml(e[0]) for e in entries]
+    raise ValueError(f"expected {' or '.join(expected)}, not {_NAMES[kind].split(' (')[0]}")
+
+
+class TomlTyped(BaseModel):
+    """A model whose scalar fields take only values of their own TOML type (:func:`check_scalar`)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _toml_type(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        return value if field is None else check_scalar(field.annotation, value)
+
+
+__all__ = ["TomlTyped", "allowed", "check_scalar"]
