@@ -57,6 +57,29 @@ def save_weights(
     os.replace(tmp, path)
 
 
+def sniff_format(path: str | Path) -> str | None:
+    """What a weights file is by its first bytes, whatever its name: ``"safetensors"`` (an 8-byte
+    header length, then the JSON header), ``"torch"`` (a ``torch.save`` zip archive or a legacy
+    pickle) or None (neither, or unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    return None
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether to read ``path`` as safetensors: its bytes say so, or it is named ``.safetensors``
+    and its bytes are not a torch file's (a corrupt one then gets safetensors' own message)."""
+    kind = sniff_format(path)
+    return kind == "safetensors" or (kind is None and Path(path).suffix == ".safetensors")
+
+
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file; a missing or corrupt file is a user error naming it."""
     path = Path(path)
@@ -65,6 +88,11 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
+        if sniff_format(path) == "torch":
+            raise CheckpointError(
+                f"{path}: a torch.save file, not a safetensors file (branchadapt reads and writes "
+                "safetensors; convert it with safetensors.torch.save_file(torch.load(...), ...))"
+            ) from exc
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from branchadapt.checkpoint import state_differences
+from branchadapt.checkpoint import is_safetensors, state_differences
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt.interfaces import Backbone, PluginOptions
 from branchadapt.paths import anchor
@@ -64,14 +64,6 @@ def _resize(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
 
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return True
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
-
-
 def load_state_file(path: Path, what: str, option: str = WEIGHTS_OPTION) -> dict[str, Tensor]:
     """Read a state dict from safetensors or a torch file (``weights_only``, never full pickle).
 
@@ -82,10 +74,11 @@ def load_state_file(path: Path, what: str, option: str = WEIGHTS_OPTION) -> dict
     if not path.is_file():
         raise UserError(f"{what}: weights file {path} does not exist (set {option} to an existing file)")
     try:
-        if _is_safetensors(path):
+        if is_safetensors(path):  # by the content, whatever the name
             state: object = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with path.open("rb") as fh:  # a handle: torch.load reads a path named .safetensors as one
+                state = torch.load(fh, map_location="cpu", weights_only=True)
     except (SafetensorError, UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as exc:
         if isinstance(exc, UnpicklingError):  # torch's own text suggests weights_only=False: not here
             reason = "it holds Python objects besides tensors, or is not a torch file"

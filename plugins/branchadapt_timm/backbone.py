@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from branchadapt import Backbone, CheckpointError, PluginOptions, UserError
+from branchadapt.checkpoint import is_safetensors
 
 
 class TimmOptions(PluginOptions):
@@ -147,12 +148,13 @@ def load_state(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"model.weights: {path} {what}; expected a .safetensors or torch state-dict file")
-    try:
-        if path.suffix == ".safetensors":
+    try:  # by the content: a torch file named .safetensors is still read
+        if is_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as fh:  # a handle: torch.load reads a path named .safetensors as one
+            state = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"model.weights: cannot read {path} ({type(exc).__name__}: {exc})") from exc
     for wrapper in ("state_dict", "model"):

@@ -52,8 +52,14 @@ def test_mobilefacenet_torch_file_loads_strictly_and_reproduces(tmp_path: Path) 
     ref = _random_mobilefacenet(0)
     path = tmp_path / "model_mobilefacenet.pth"
     torch.save(ref.state_dict(), path)
+    torch.save(ref.state_dict(), tmp_path / "misnamed.safetensors")  # read by its content
     torch.manual_seed(1)  # a different random init, overwritten by the file
+    misnamed = MobileFaceNet(MobileFaceNet.Options(weights=tmp_path / "misnamed.safetensors")).eval()
     net = MobileFaceNet(MobileFaceNet.Options(weights=path)).eval()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(misnamed.state_dict().values(), net.state_dict().values(), strict=True)
+    )
     x = _images(2, 64)
     with torch.no_grad():
         emb, expected = net(x), ref(x)

@@ -59,6 +59,29 @@ def test_checkpoints_take_str_paths_and_refuse_another_optimizer(tmp_path):
         ba.load_checkpoint(where, {"model": model}, {"main": sgd})
 
 
+def test_a_torch_file_given_as_safetensors_says_what_it_is(tmp_path):
+    from branchadapt.checkpoint import is_safetensors, read_tensors, sniff_format
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.safetensors")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    ba.save_weights(tmp_path / "real.bin", {"m": torch.nn.Linear(1, 1)})
+    (tmp_path / "junk.safetensors").write_bytes(b"not weights at all")
+    assert [sniff_format(tmp_path / n) for n in ("zip.safetensors", "legacy.safetensors", "real.bin")] == [
+        "torch",
+        "torch",
+        "safetensors",
+    ]
+    assert sniff_format(tmp_path / "junk.safetensors") is None and is_safetensors(
+        tmp_path / "junk.safetensors"
+    )
+    assert is_safetensors(tmp_path / "real.bin") and not is_safetensors(tmp_path / "zip.safetensors")
+    for name in ("zip.safetensors", "legacy.safetensors"):
+        with pytest.raises(ba.CheckpointError, match=r"a torch\.save file, not a safetensors file"):
+            read_tensors(tmp_path / name)
+    with pytest.raises(ba.CheckpointError, match="not a readable safetensors file"):
+        read_tensors(tmp_path / "junk.safetensors")
+
+
 def test_the_package_ships_its_type_hints():
     assert (ROOT / "branchadapt" / "py.typed").is_file()
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]

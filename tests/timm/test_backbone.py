@@ -151,7 +151,10 @@ def test_weights_from_safetensors_and_torch_state_dicts(tmp_path):
     torch.save({f"model.{k}": v for k, v in state.items()}, tmp_path / "backbone.pt")  # a TimmBackbone's
     # what `branchadapt export --format safetensors` writes for one group of a run
     ba.save_weights(tmp_path / "export.safetensors", {"backbone": src})
-    for name in ("w.safetensors", "w.pt", "wrapped.pth", "backbone.pt", "export.safetensors"):
+    torch.save(state, tmp_path / "torch.safetensors")  # read by its content, not its name
+    save_file(state, str(tmp_path / "safetensors.pt"))
+    names = ("w.safetensors", "w.pt", "wrapped.pth", "backbone.pt", "export.safetensors")
+    for name in (*names, "torch.safetensors", "safetensors.pt"):
         torch.manual_seed(1)  # another random init: equality proves the file was loaded
         b = TimmBackbone(
             TimmOptions(model="resnet10t", num_classes=10, kwargs=SMALL_RESNET, weights=tmp_path / name)
