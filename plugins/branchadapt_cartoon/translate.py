@@ -2,7 +2,8 @@
 
 INPUT is an image, a folder of images (``--group`` required), or a folder with one sub-folder per
 group (the sub-folder names pick the branches). Outputs mirror the input layout as PNG;
-``--cam`` also writes the generator's CAM heatmap over each input (``<name>_cam.png``).
+``--cam`` also writes the generator's CAM heatmap over each input (``<name>_cam.png``). Files
+from an earlier translation are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--direction", choices=sorted(GENERATOR), default="a2b", help="a2b: photo -> cartoon")
     p.add_argument("--stage", help="stage whose weights to use (default: the last)")
     p.add_argument("--cam", action="store_true", help="also save CAM heatmaps beside the outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N, mps (default: the run's)")
     p.set_defaults(handler=run_translate)
@@ -51,10 +53,21 @@ def inference_layout(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+def cam_path(target: Path) -> Path:
+    """Where ``--cam`` writes the heatmap of the image translated into ``target``."""
+    return target.with_name(f"{target.stem}_cam.png")
+
+
 def plan_jobs(
-    source: Path, output: Path, group: str | None, groups: tuple[str, ...]
+    source: Path,
+    output: Path,
+    group: str | None,
+    groups: tuple[str, ...],
+    overwrite: bool = False,
+    cam: bool = False,
 ) -> list[tuple[str, Path, Path]]:
-    """(group, input image, output image) for every image to translate."""
+    """(group, input image, output image) for every image to translate; without ``overwrite``
+    an output (or, with ``cam``, a heatmap) that exists already is a user error."""
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     if group is not None and group not in groups:
@@ -63,16 +76,31 @@ def plan_jobs(
         if group is None:
             raise UserError(f"{source}: a single image needs --group (one of {list(groups)})")
         target = output if output.suffix.lower() in IMAGE_SUFFIXES else output / f"{source.stem}.png"
-        return checked([(group, source, target)])
-    if output.is_file() or output.suffix.lower() in IMAGE_SUFFIXES:
+        jobs = [(group, source, target)]
+    elif output.is_file() or output.suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(
             f"{output}: a folder of images translates into a folder; expected a folder, not an image file"
         )
-    if group is not None:
+    elif group is not None:
         images = list_images(source)
         if not images:
             raise UserError(f"{source}: no images (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
-        return checked([(group, p, output / f"{p.stem}.png") for p in images])
+        jobs = [(group, p, output / f"{p.stem}.png") for p in images]
+    else:
+        jobs = by_group(source, output, groups)
+    checked(jobs)
+    existing = [p for _, _, t in jobs for p in (t, cam_path(t))[: 2 if cam else 1] if p.exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{len(existing)} output file(s) exist already ({', '.join(map(str, existing[:3]))}"
+            f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them, or choose "
+            "another output"
+        )
+    return jobs
+
+
+def by_group(source: Path, output: Path, groups: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
+    """The jobs of a folder of group sub-folders."""
     subdirs = sorted(d for d in source.iterdir() if d.is_dir())
     unknown = [d.name for d in subdirs if d.name not in groups]
     if not subdirs or unknown:
@@ -87,12 +115,12 @@ def plan_jobs(
             f"sub-folder; translate them with --group NAME)",
             file=sys.stderr,
         )
-    return checked([(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)])
+    return [(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)]
 
 
-def checked(jobs: list[tuple[str, Path, Path]]) -> list[tuple[str, Path, Path]]:
-    """``jobs``, once no output would replace an input or another output, and every output's
-    folder can be made (no file in the way)."""
+def checked(jobs: list[tuple[str, Path, Path]]) -> None:
+    """Refuse ``jobs`` where an output would replace an input or another output, or an output's
+    folder cannot be made (a file in the way)."""
     inputs = {p.resolve() for _, p, _ in jobs}
     seen: dict[Path, Path] = {}
     for _, source, target in jobs:
@@ -109,7 +137,6 @@ def checked(jobs: list[tuple[str, Path, Path]]) -> list[tuple[str, Path, Path]]:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
             raise UserError(f"{blocker} is a file; the output {folder} must be a folder")
-    return jobs
 
 
 def run_translate(args: argparse.Namespace) -> int:
@@ -121,7 +148,7 @@ def run_translate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.run_dir} is not a translation run (task {loaded.experiment.task.type!r})")
     groups = tuple(loaded.experiment.spec.groups)
     size = int(getattr(loaded.experiment.data.options, "size", 256))
-    jobs = plan_jobs(args.input, args.output, args.group, groups)
+    jobs = plan_jobs(args.input, args.output, args.group, groups, args.overwrite, args.cam)
     layout = inference_layout(device)
     generator = modules[GENERATOR[args.direction]].to(memory_format=layout)
     columns = [TextColumn("translate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -141,9 +168,7 @@ def run_translate(args: argparse.Namespace) -> int:
             for i, (_, _, target) in enumerate(chunk):
                 save_png(target, to_uint8(out[i]))
                 if args.cam:
-                    save_png(
-                        target.with_name(f"{target.stem}_cam.png"), to_uint8(heatmap_overlay(x[i], heat[i]))
-                    )
+                    save_png(cam_path(target), to_uint8(heatmap_overlay(x[i], heat[i])))
             bar.advance(task_id, len(chunk))
     print(
         f"translated {len(jobs)} image{'s' if len(jobs) != 1 else ''} ({args.direction}) into {args.output}"

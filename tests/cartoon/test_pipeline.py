@@ -66,6 +66,15 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(
     for group in ("men", "kids"):
         assert cv2.imread(str(out / group / "face.png")).shape == (32, 32, 3)
         assert (out / group / "face_cam.png").is_file()
+    before = (out / "men" / "face.png").read_bytes()
+    (out / "kids" / "face.png").write_bytes(b"edited by hand")
+    again = run_cli("translate", str(run), str(src), str(out))  # an earlier translation is kept
+    assert again.returncode == 2 and "2 output file(s) exist already" in again.stderr
+    assert (out / "kids" / "face.png").read_bytes() == b"edited by hand"
+    again = run_cli("translate", str(run), str(src), str(out), "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert (out / "men" / "face.png").read_bytes() == before  # the same translation, written again
+    assert cv2.imread(str(out / "kids" / "face.png")).shape == (32, 32, 3)
     done = run_cli(
         "translate", str(run), str(src / "men" / "face.png"), str(out / "b.png"), "--direction", "b2a"
     )

@@ -58,3 +58,22 @@ def test_a_single_output_keeps_the_format_its_name_asks_for(tmp_path):
     assert target.name == "out.jpg"
     save_png(target, np.full((8, 8, 3), 50, np.uint8))
     assert target.read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as its name says
+
+
+def test_outputs_of_an_earlier_translation_are_kept_unless_overwrite(tmp_path):
+    image(tmp_path / "in" / "men" / "a.png")
+    image(tmp_path / "in" / "men" / "b.png")
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS, cam=True)  # nothing there yet
+    assert [t.name for _, _, t in jobs] == ["a.png", "b.png"]
+    image(tmp_path / "out" / "men" / "b_cam.png")
+    plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)  # the heatmap is only in the way of --cam
+    with pytest.raises(
+        ba.UserError, match=r"1 output file\(s\) exist already \(.*b_cam\.png\); pass --overwrite"
+    ):
+        plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS, cam=True)
+    image(tmp_path / "out" / "men" / "a.png")
+    with pytest.raises(ba.UserError, match=r"1 output file\(s\) exist already \(.*men/a\.png\)"):
+        plan_jobs(tmp_path / "in" / "men", tmp_path / "out" / "men", "men", GROUPS)
+    with pytest.raises(ba.UserError, match=r"exist already \(.*a\.png\)"):
+        plan_jobs(tmp_path / "in" / "men" / "a.png", tmp_path / "out" / "men", "men", GROUPS)
+    assert len(plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS, overwrite=True, cam=True)) == 2
