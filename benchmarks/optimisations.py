@@ -37,6 +37,11 @@ against the default configuration, steps interleaved, median of ``--steps`` afte
   ``branchadapt_cartoon.padding``'s strided fold of large maps: what the fold saves;
 - ``torch IN forward``: torch's batch-norm kernel for the instance norms' training forward instead
   of ``branchadapt_cartoon.instnorm``'s four vectorised ops: what the latter saves;
+- ``torch IN backward``: torch's channels_last batch-norm backward kernel for the instance norms
+  of maps with at most 8 channels too, instead of ``branchadapt_cartoon.instnorm``'s plain ops:
+  what the latter save;
+- ``torch var_mean``: ``torch.var_mean`` for the layer-instance norms' statistics instead of
+  ``branchadapt_cartoon.instnorm.var_mean_hw``: what the latter saves;
 - ``classic spectral norm``: the discriminators under ``torch.nn.utils.spectral_norm`` (divides
   every weight by sigma) instead of dividing a large weight's output: what the latter saves;
 - ``torch.compile`` (only with ``--compile``): ``train.compile = "units"``, regional compilation
@@ -157,6 +162,8 @@ def _unfuse(module: torch.nn.Module) -> None:
 SWITCHES = {
     "torch pad backward": [("branchadapt_cartoon.padding", "fold_enabled")],
     "torch IN forward": [("branchadapt_cartoon.instnorm", "fast_forward")],
+    "torch IN backward": [("branchadapt_cartoon.instnorm", "plain_backward")],
+    "torch var_mean": [("branchadapt_cartoon.instnorm", "fast_var_mean")],
     # the transfer stage (--stage 2) on small maps: what the branch copies cost
     "live-row mode in branch copies": [("branchadapt.rowgrad", "pause_in_branches")],
     "autograd functions under vmap": [
@@ -280,6 +287,8 @@ def main() -> None:
         "classic spectral norm",
         "torch pad backward",
         "torch IN forward",
+        "torch IN backward",
+        "torch var_mean",
         "live-row mode in branch copies",
         "autograd functions under vmap",
         "branch copies under vmap",

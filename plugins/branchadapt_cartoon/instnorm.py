@@ -18,9 +18,17 @@ copies) the norm is torch's batch norm whatever the size: a Python autograd func
 through functorch's Python dispatch, which cost more than the fast forward saves (about 0.4 ms a
 call, ad-hoc microbenchmarks; the 64 px generator 6 % faster without it).
 
+Except for maps of at most :data:`PLAIN_BACKWARD_MAX_CHANNELS` channels: there torch's
+channels_last batch-norm backward is 4-7x slower than four vectorised torch ops of the same maths
+(``benchmarks/kernels.py``), which :func:`norm_backward` runs instead.
+
 The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
 in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
 gradient in backward (``CopySlices``).
+
+:func:`var_mean_hw` is ``torch.var_mean`` over the spatial dimensions (the layer-instance norms'
+statistics) as a mean, a sum of squared deviations and, in backward, one fused multiply-add: torch's
+CPU kernels took 3-9x as long forward and backward, in either layout.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ vmap_kernels = True  # False: under vmap too, the autograd function where its si
 #: smaller inputs take torch's kernel: its speed there is the same, and a Python autograd
 #: function's own cost (tens of microseconds a call) would be a loss
 FAST_MIN_NUMEL = 1 << 16
+#: channels_last maps with at most this many channels take the plain-ops backward (at 16 channels
+#: torch's kernel is the faster again)
+PLAIN_BACKWARD_MAX_CHANNELS = 8
+plain_backward = True  # False: torch's kernel for every channels_last backward (A/B runs)
+fast_var_mean = True  # False: torch.var_mean (A/B runs)
 
 
 def _fast(x: Tensor) -> bool:
@@ -77,6 +90,14 @@ def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
     b, c, h, w = x.shape
+    if plain_backward and c <= PLAIN_BACKWARD_MAX_CHANNELS and is_channels_last(x):
+        # gx = s * (g - mean(g) - y * mean(g * y)) with y = (x - m) * s, written per row as
+        # g * s + x * k + j so that x is read instead of a recomputed y
+        s, m = invstd.view(b, c, 1, 1), mean.view(b, c, 1, 1)
+        mg = grad.mean(dim=(2, 3), keepdim=True)
+        mgy = s * ((grad * x).mean(dim=(2, 3), keepdim=True) - m * mg)
+        k = -s * s * mgy
+        return torch.addcmul(-s * mg - k * m, x, k).addcmul_(grad, s)
     if is_channels_last(x):  # per sample (the out= form of this op rejects the unused outputs)
         parts = [
             aten.native_batch_norm_backward(
@@ -119,6 +140,40 @@ class _InstanceNorm(torch.autograd.Function):
 _instance_norm_apply = fast_apply(_InstanceNorm)
 
 
+class _VarMean(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[2] * x.shape[3]
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        dev = x - mean
+        var = dev.mul_(dev).sum(dim=(2, 3), keepdim=True).div_(n - 1)  # (vmap has no rule for square_)
+        return var, mean
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        n = x.shape[2] * x.shape[3]
+        # d var / dx = 2 (x - mean) / (n - 1) and d mean / dx = 1 / n: one multiply-add over x
+        scale = grad_var * (2.0 / (n - 1))
+        return torch.addcmul(grad_mean / n - mean * scale, x, scale)
+
+
+_var_mean_apply = fast_apply(_VarMean)
+
+
+def var_mean_hw(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.var_mean(x, dim=(2, 3), keepdim=True)`` (unbiased) for a 4-D ``x``, faster on the CPU."""
+    if not fast_var_mean or x.device.type != "cpu" or (vmap_kernels and is_vmapped(x)):
+        return torch.var_mean(x, dim=(2, 3), keepdim=True)
+    return _var_mean_apply(x)
+
+
 def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``F.instance_norm(x, eps=eps)`` for a 4-D ``x``, differentiable, not an autograd view."""
     # under vmap (stacked branch copies) a Python autograd function costs more than its kernels save
@@ -131,4 +186,11 @@ def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     return aten._unsafe_view(out, x.shape)
 
 
-__all__ = ["FAST_MIN_NUMEL", "instance_norm", "norm_backward", "norm_stats"]
+__all__ = [
+    "FAST_MIN_NUMEL",
+    "PLAIN_BACKWARD_MAX_CHANNELS",
+    "instance_norm",
+    "norm_backward",
+    "norm_stats",
+    "var_mean_hw",
+]

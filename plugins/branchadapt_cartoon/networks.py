@@ -22,6 +22,7 @@ from branchadapt.device import autocast
 
 from .folding import folded_rule
 from .hourglass import ConvBlock, HourGlass, InstanceNorm
+from .instnorm import var_mean_hw
 from .lowmem import NormReluConv, ReflectConv2d
 from .precision import BF16_DECODER_MIN_SIDE, bf16_decoder_applies
 
@@ -36,7 +37,7 @@ def _lin_affine(x: Tensor, rho: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """
     n = x.shape[2] * x.shape[3]
     total = n * x.shape[1]
-    in_var, in_mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
+    in_var, in_mean = var_mean_hw(x)
     ln_mean = in_mean.mean(dim=1, keepdim=True)
     spread = (in_var * ((n - 1) / n) + (in_mean - ln_mean).square()).mean(dim=1, keepdim=True)
     ln_var = spread * (total / (total - 1))

@@ -50,11 +50,25 @@ def test_small_inputs_take_torchs_kernel_large_ones_the_fast_forward():
     assert type(instance_norm(large).grad_fn).__name__ == "_InstanceNormBackward"
 
 
+class _Spy:
+    """``torch.ops.aten`` recording which ops were looked up."""
+
+    def __init__(self) -> None:
+        self.used: list[str] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        self.used.append(name)
+        return getattr(torch.ops.aten, name)
+
+
+@pytest.mark.parametrize("channels", [4, 12])  # the plain-ops backward up to 8 channels, torch's above
 @pytest.mark.parametrize("fast", [True, False])
-def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fast):
+def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fast, channels):
     monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0 if fast else 10**9)
+    spy = _Spy()
+    monkeypatch.setattr(instnorm, "aten", spy)
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 6, 5, dtype=torch.float64) * 3 + 1
+    x = torch.randn(2, channels, 6, 5, dtype=torch.float64) * 3 + 1
     cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     out = instance_norm(cl)
     # no layout copy: a channels_last map stays channels_last through the norm and its gradient
@@ -67,6 +81,8 @@ def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fas
     (ref * grad).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(cl.grad, plain.grad, rtol=1e-10, atol=1e-10)
+    kernel = "native_batch_norm_backward" in spy.used
+    assert kernel == (channels > instnorm.PLAIN_BACKWARD_MAX_CHANNELS)
 
 
 def test_vmap_over_a_non_leading_dimension(monkeypatch):
@@ -100,3 +116,28 @@ def test_under_vmap_torchs_batch_norm_not_a_python_function(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(AssertionError, match="autograd function"):  # the guard itself works
         instance_norm(stacked[0].requires_grad_())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_var_mean_hw_is_torchs_var_mean(layout):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 7, 6, dtype=torch.float64) * 4 + 3).contiguous(memory_format=layout)
+    x.requires_grad_()
+    got, want = instnorm.var_mean_hw(x), torch.var_mean(x, dim=(2, 3), keepdim=True)
+    assert type(got[0].grad_fn).__name__ == "_VarMeanBackward"
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(instnorm.var_mean_hw, (x,))
+    gv, gm = torch.randn_like(got[0]), torch.randn_like(got[1])
+    (mine,) = torch.autograd.grad(got, x, (gv, gm))
+    assert mine.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(mine, torch.autograd.grad(want, x, (gv, gm))[0], rtol=1e-12, atol=1e-12)
+
+
+def test_var_mean_hw_under_vmap(monkeypatch):
+    x = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)
+    want = torch.var_mean(x, dim=(3, 4), keepdim=True)
+    for kernels in (True, False):  # torch's op under vmap by default; the function's vmap rule works
+        monkeypatch.setattr(instnorm, "vmap_kernels", kernels)
+        for a, b in zip(torch.func.vmap(instnorm.var_mean_hw)(x), want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
