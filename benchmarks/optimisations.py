@@ -67,7 +67,7 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -175,21 +175,27 @@ SWITCHES = {
 }
 
 
-def variant(name: str, size: int, width: int, stage: int = 0) -> tuple[Callable[[int], object], int | None]:
-    """A step function ``f(i)`` for the variant, and its thread count (None: the default)."""
-    extra = {
-        "bf16 autocast": ['precision="bf16"'],
-        "fp32 decoder blocks": ["model.bf16_decoder=false"],
-        "ref order": ["task.reuse_fakes=false"],
-        "serial directions": ["task.concurrent=false"],
-        "channels_last generators": ["model.channels_last=true"],
-        "default-layout generators": ["model.channels_last=false"],
-        "torch.compile": ['train.compile="units"'],
-        "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
-        "torch.compile, whole generators": ["task.concurrent=false"],  # as auto runs compiled modules
-        "all units low-memory": ["model.low_memory_min_mb=0"],
-        "branch copies under vmap": ['model.stacked_copies="vmap"'],
-    }.get(name, [])
+def variant(
+    name: str, size: int, width: int, stage: int = 0, base: Sequence[str] = ()
+) -> tuple[Callable[[int], object], int | None]:
+    """A step function ``f(i)`` for the variant on the configuration ``base`` (overrides), and its
+    thread count (None: the default)."""
+    extra = [
+        *base,
+        *{
+            "bf16 autocast": ['precision="bf16"'],
+            "fp32 decoder blocks": ["model.bf16_decoder=false"],
+            "ref order": ["task.reuse_fakes=false"],
+            "serial directions": ["task.concurrent=false"],
+            "channels_last generators": ["model.channels_last=true"],
+            "default-layout generators": ["model.channels_last=false"],
+            "torch.compile": ['train.compile="units"'],
+            "torch.compile, directions at once": ['train.compile="units"', "task.concurrent=true"],
+            "torch.compile, whole generators": ["task.concurrent=false"],  # as auto runs compiled modules
+            "all units low-memory": ["model.low_memory_min_mb=0"],
+            "branch copies under vmap": ['model.stacked_copies="vmap"'],
+        }.get(name, []),
+    ]
     if name == "classic spectral norm":
         with _classic_spectral_norm():
             trainer, rt = build(size, width, stage, extra)
@@ -266,6 +272,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile here)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and the default)")
     ap.add_argument("--skip", nargs="+", default=[], metavar="VARIANT", help="leave these variants out")
+    ap.add_argument(
+        "--set",
+        dest="base",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable: a config override for every variant, the default included "
+        "(e.g. task.concurrent=false: the variants on the serial step)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [
@@ -309,7 +324,7 @@ def main() -> None:
         ap.error("--skip: the default is every variant's yardstick")
     names = [n for n in names if n not in args.skip]
     stage = args.stage - 1  # the experiment's stage index
-    steps = {n: variant(n, args.size, args.width, stage) for n in names}
+    steps = {n: variant(n, args.size, args.width, stage, args.base) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     system: dict[str, list[float]] = {n: [] for n in names}  # the kernel's time: mostly page faults here
     first: dict[str, float] = {}
@@ -328,7 +343,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = statistics.median(times["default"])
     print(f"stage {args.stage} step at {args.size} px, width {args.width}, {args.threads} threads, median of {args.steps} "
-          f"after {args.warmup} (interleaved)\n")  # fmt: skip
+          f"after {args.warmup} (interleaved){'; overrides: ' + ' '.join(args.base) if args.base else ''}\n")  # fmt: skip
     print("| variant | s / step | vs default | first step (s) | system CPU (s / step) |")
     print("|---|---:|---:|---:|---:|")
     for name in names:

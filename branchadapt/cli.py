@@ -123,9 +123,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # what a run checks before it writes, then every stage built as it starts (weight files read);
     # on the CPU whatever the file says: a check that needs no GPU, even for a GPU experiment
     trainer = Trainer(exp, device="cpu", progress=ProgressReporter("plain"), join_process_group=False)
-    built = build_stages(trainer, check_stages(trainer))
+    built = build_stages(trainer, check_stages(trainer, world=args.processes))
     spec = exp.spec
-    print(f"{args.experiment}: OK (config hash {exp.config_hash})")
+    processes = f", batches split over {args.processes} processes" if args.processes > 1 else ""
+    print(f"{args.experiment}: OK (config hash {exp.config_hash}{processes})")
     print(f"  groups: {', '.join(spec.groups)} (anchor {spec.anchor_group})")
     print(f"  model: {exp.model.type}  task: {exp.task.type}  data: {exp.data.type}")
     for stage, line in zip(exp.stages, built, strict=True):
@@ -222,6 +223,13 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         metavar="SPLITS",
         help="also read every item of the data once and list those that cannot be used "
         "(default split: train; e.g. --data train,test)",
+    )
+    validate.add_argument(
+        "--processes",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="check that every stage's batch splits over N processes (torchrun's world size)",
     )
     validate.set_defaults(handler=cmd_validate)
     sub.add_parser("plugins", help="list every registered plugin name").set_defaults(handler=cmd_plugins)

@@ -27,12 +27,12 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def check_stages(trainer: Trainer) -> DataSource:
-    """Every stage's losses against the task's outputs, training data and first global batch;
-    returns the train split's source."""
+def check_stages(trainer: Trainer, world: int | None = None) -> DataSource:
+    """Every stage's losses against the task's outputs, training data and first global batch
+    (split over ``world`` processes, by default the trainer's); returns the train split's source."""
     check_reads(trainer)
     source = trainer.build_source("train")
-    world = trainer.dist.world
+    world = trainer.dist.world if world is None else world
     for index, stage in enumerate(trainer.exp.stages):
         sizes = stage_sizes(trainer, stage, source)
         uneven = distributed.uneven_stream(trainer.sampler(index, stage, sizes).plan(0), world)

@@ -565,3 +565,17 @@ def test_an_ignored_sigint_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_validate_checks_the_batch_split_for_a_number_of_processes(small_experiment, capsys):
+    from branchadapt.cli import main as cli
+
+    path = str(small_experiment())
+    odd = ["--set", "stages.transfer.sampler.per_group=1"]  # 3 groups: 3 items a step
+    assert cli(["validate", path, *odd]) == 0  # one process: any batch
+    assert cli(["validate", path, *odd, "--processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.transfer.sampler (per_group): the global batch of stream 'train' has 3 items" in err
+    assert cli(["validate", path, *odd, "--processes", "3"]) == 0
+    assert "batches split over 3 processes)" in capsys.readouterr().out
+    assert cli(["validate", path, "--processes", "0"]) == 2  # argparse: at least 1
