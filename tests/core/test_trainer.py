@@ -576,6 +576,10 @@ def test_validate_checks_the_batch_split_for_a_number_of_processes(small_experim
     assert cli(["validate", path, *odd, "--processes", "2"]) == 2
     err = capsys.readouterr().err
     assert "stages.transfer.sampler (per_group): the global batch of stream 'train' has 3 items" in err
-    assert cli(["validate", path, *odd, "--processes", "3"]) == 0
+    assert cli(["validate", path, *odd, "--processes", "3"]) == 2  # every stage: basic has 4 items
+    assert "stages.basic.sampler (per_group): the global batch of stream 'train' has 4 items" in (
+        capsys.readouterr().err
+    )
+    assert cli(["validate", path, *odd, "--set", "stages.basic.sampler.per_group=3", "--processes", "3"]) == 0
     assert "batches split over 3 processes)" in capsys.readouterr().out
     assert cli(["validate", path, "--processes", "0"]) == 2  # argparse: at least 1
