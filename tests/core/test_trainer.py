@@ -582,4 +582,6 @@ def test_validate_checks_the_batch_split_for_a_number_of_processes(small_experim
     )
     assert cli(["validate", path, *odd, "--set", "stages.basic.sampler.per_group=3", "--processes", "3"]) == 0
     assert "batches split over 3 processes)" in capsys.readouterr().out
-    assert cli(["validate", path, "--processes", "0"]) == 2  # argparse: at least 1
+    with pytest.raises(SystemExit) as usage:  # argparse: at least 1
+        cli(["validate", path, "--processes", "0"])
+    assert usage.value.code == 2 and "--processes: expected at least 1, got 0" in capsys.readouterr().err
