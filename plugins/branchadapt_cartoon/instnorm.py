@@ -13,14 +13,17 @@ kernel off the CPU (measured only here), for inputs under :data:`FAST_MIN_NUMEL`
 when :data:`fast_forward` is False (A/B runs).
 
 A channels_last input (``model.channels_last``) runs each sample as a channels_last batch norm,
-forward and backward: torch's kernels, the layout kept, no copies. Under ``vmap`` (stacked branch
-copies) the norm is torch's batch norm whatever the size: a Python autograd function there goes
-through functorch's Python dispatch, which cost more than the fast forward saves (about 0.4 ms a
-call, ad-hoc microbenchmarks; the 64 px generator 6 % faster without it).
+forward and backward: torch's kernels, the layout kept, no copies. The backward of maps of at most
+:data:`PLAIN_BACKWARD_MAX_CHANNELS` channels on the CPU is the exception: with two or more threads
+torch's kernel took 4-7x as long there as four vectorised torch ops of the same maths (as long on
+one thread), which :func:`norm_backward` runs instead. The serial 128 px step took 1.06x as long
+without them (``optimisations.py --set task.concurrent=false``, variant ``torch IN backward``); the
+default step, whose two directions run on one thread each, the same.
 
-Except for maps of at most :data:`PLAIN_BACKWARD_MAX_CHANNELS` channels: there torch's
-channels_last batch-norm backward is 4-7x slower than four vectorised torch ops of the same maths
-(``benchmarks/kernels.py``), which :func:`norm_backward` runs instead.
+Under ``vmap`` (stacked branch copies) the norm is torch's batch norm whatever the size: a Python
+autograd function there goes through functorch's Python dispatch, which cost more than the fast
+forward saves (about 0.4 ms a call, ad-hoc microbenchmarks; the 64 px generator 6 % faster without
+it).
 
 The output is an ordinary tensor, not an autograd view as torch's instance norm returns: the
 in-place ReLU after nearly every instance norm here would otherwise make autograd copy the whole
@@ -90,7 +93,7 @@ def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
     b, c, h, w = x.shape
-    if plain_backward and c <= PLAIN_BACKWARD_MAX_CHANNELS and is_channels_last(x):
+    if plain_backward and c <= PLAIN_BACKWARD_MAX_CHANNELS and x.device.type == "cpu" and is_channels_last(x):
         # gx = s * (g - mean(g) - y * mean(g * y)) with y = (x - m) * s, written per row as
         # g * s + x * k + j so that x is read instead of a recomputed y
         s, m = invstd.view(b, c, 1, 1), mean.view(b, c, 1, 1)
