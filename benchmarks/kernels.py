@@ -5,7 +5,11 @@
   mirrored rows, columns and corners);
 - instance-norm training forward: ``aten.native_batch_norm`` on ``(1, B*C, H, W)`` (what
   ``nn.InstanceNorm2d`` runs) against ``branchadapt_cartoon.instnorm.norm_stats`` (mean,
-  subtraction, vector norm, scaling).
+  subtraction, vector norm, scaling);
+- (a third table) the instance-norm backward of channels_last maps, torch's per-sample batch-norm
+  kernel against ``instnorm.plain_norm_backward`` (used up to ``PLAIN_BACKWARD_MAX_CHANNELS``
+  channels with two or more threads), and the layer-instance norms' statistics, ``torch.var_mean``
+  over the spatial dimensions against ``instnorm.var_mean_hw``, forward and backward.
 
 Shapes are those of the photo2cartoon generator at width 32 (the hourglass units' 8-32 channels
 at full and half resolution, the 128-channel bottleneck), batch 1 and 2; median of ``--repeat``
@@ -94,6 +98,55 @@ def main() -> None:
               f"| {ms['pad torch'] / ms['pad fold']:.2f} | {ms['in torch']:.3f} | {ms['in ours']:.3f} "
               f"| {ms['in torch'] / ms['in ours']:.2f} |", flush=True)  # fmt: skip
     conv_table(args.repeat)
+    norm_table(args.repeat)
+
+
+NORM_SHAPES = [(1, 8, 256, 256), (1, 8, 128, 128), (1, 8, 64, 64), (1, 16, 128, 128), (1, 32, 128, 128)]
+VAR_SHAPES = [(2, 128, 32, 32), (2, 64, 64, 64), (2, 32, 128, 128), (2, 128, 64, 64)]
+
+
+def norm_table(repeat: int) -> None:
+    """Channels_last instance-norm backward and spatial var_mean (forward and backward): torch's
+    kernels against the plugin's plain ops."""
+    print("\n| op | input shape | layout | torch | ours | torch / ours |")
+    print("|---|---|---|---:|---:|---:|")
+    cl = torch.channels_last
+    for shape in NORM_SHAPES:
+        x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=cl)
+        g = torch.randn_like(x)
+        _, mean, invstd = instnorm.norm_stats(x, 1e-5)
+
+        def backward(
+            plain: bool, x: Tensor = x, g: Tensor = g, m: Tensor = mean, s: Tensor = invstd
+        ) -> Tensor:
+            if plain:
+                return instnorm.plain_norm_backward(g, x, m, s)
+            saved = instnorm.plain_backward
+            instnorm.plain_backward = False  # torch's per-sample kernel
+            try:
+                return instnorm.norm_backward(g, x, m, s, 1e-5)
+            finally:
+                instnorm.plain_backward = saved
+
+        torch.testing.assert_close(backward(True), backward(False), rtol=1e-4, atol=1e-4)
+        ms = median_ms({"torch": lambda: backward(False), "ours": lambda: backward(True)}, repeat)
+        print(f"| IN backward | {shape} | channels_last | {ms['torch']:.3f} | {ms['ours']:.3f} "
+              f"| {ms['torch'] / ms['ours']:.2f} |", flush=True)  # fmt: skip
+    for shape in VAR_SHAPES:
+        for layout in (torch.contiguous_format, cl):
+            x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+            grads = (torch.randn(shape[0], shape[1], 1, 1), torch.randn(shape[0], shape[1], 1, 1))
+            torch_vm = lambda x=x: torch.var_mean(x, dim=(2, 3), keepdim=True)  # noqa: E731
+            for a, b in zip(torch_vm(), instnorm.var_mean_hw(x), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            calls = {
+                "torch": lambda f=torch_vm, g=grads: torch.autograd.backward(f(), g),
+                "ours": lambda x=x, g=grads: torch.autograd.backward(instnorm.var_mean_hw(x), g),
+            }
+            ms = median_ms(calls, repeat)
+            name = "channels_last" if layout == cl else "default"
+            print(f"| var_mean fwd+bwd | {shape} | {name} | {ms['torch']:.3f} | {ms['ours']:.3f} "
+                  f"| {ms['torch'] / ms['ours']:.2f} |", flush=True)  # fmt: skip
 
 
 def conv_table(repeat: int) -> None:

@@ -14,11 +14,12 @@ when :data:`fast_forward` is False (A/B runs).
 
 A channels_last input (``model.channels_last``) runs each sample as a channels_last batch norm,
 forward and backward: torch's kernels, the layout kept, no copies. The backward of maps of at most
-:data:`PLAIN_BACKWARD_MAX_CHANNELS` channels on the CPU is the exception: with two or more threads
-torch's kernel took 4-7x as long there as four vectorised torch ops of the same maths (as long on
-one thread), which :func:`norm_backward` runs instead. The serial 128 px step took 1.06x as long
-without them (``optimisations.py --set task.concurrent=false``, variant ``torch IN backward``); the
-default step, whose two directions run on one thread each, the same.
+:data:`PLAIN_BACKWARD_MAX_CHANNELS` channels on the CPU with two or more threads is the exception:
+there torch's kernel took 3.7-7.6x as long as four vectorised torch ops of the same maths, which
+:func:`norm_backward` runs instead (``benchmarks/kernels.py``; on one thread torch's kernel is the
+faster, so the default step, whose two directions run on one thread each, keeps it). The serial
+128 px step took 1.06x as long without them (``optimisations.py --set task.concurrent=false``,
+variant ``torch IN backward``).
 
 Under ``vmap`` (stacked branch copies) the norm is torch's batch norm whatever the size: a Python
 autograd function there goes through functorch's Python dispatch, which cost more than the fast
@@ -31,7 +32,7 @@ gradient in backward (``CopySlices``).
 
 :func:`var_mean_hw` is ``torch.var_mean`` over the spatial dimensions (the layer-instance norms'
 statistics) as a mean, a sum of squared deviations and, in backward, one fused multiply-add: torch's
-CPU kernels took 3-9x as long forward and backward, in either layout.
+CPU kernels took 3.7-5.9x as long forward and backward, in either layout, on one thread or two.
 """
 
 from __future__ import annotations
@@ -90,17 +91,35 @@ def norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return out.mul_(invstd), mean.view(b * c), invstd.view(b * c)
 
 
+def _plain_backward(x: Tensor) -> bool:
+    """Whether :func:`norm_backward` runs plain ops: a channels_last map of few channels on the CPU,
+    with two or more threads (on one, torch's kernel is the faster)."""
+    return (
+        plain_backward
+        and x.shape[1] <= PLAIN_BACKWARD_MAX_CHANNELS
+        and x.device.type == "cpu"
+        and torch.get_num_threads() >= 2
+        and is_channels_last(x)
+    )
+
+
+def plain_norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """:func:`norm_backward` in four vectorised torch ops, in ``x``'s layout."""
+    b, c = x.shape[:2]
+    # gx = s * (g - mean(g) - y * mean(g * y)) with y = (x - m) * s, written per row as
+    # g * s + x * k + j so that x is read instead of a recomputed y
+    s, m = invstd.view(b, c, 1, 1), mean.view(b, c, 1, 1)
+    mg = grad.mean(dim=(2, 3), keepdim=True)
+    mgy = s * ((grad * x).mean(dim=(2, 3), keepdim=True) - m * mg)
+    k = -s * s * mgy
+    return torch.addcmul(-s * mg - k * m, x, k).addcmul_(grad, s)
+
+
 def norm_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
     """The gradient at ``x`` from the gradient at :func:`norm_stats`'s output (torch's kernel)."""
     b, c, h, w = x.shape
-    if plain_backward and c <= PLAIN_BACKWARD_MAX_CHANNELS and x.device.type == "cpu" and is_channels_last(x):
-        # gx = s * (g - mean(g) - y * mean(g * y)) with y = (x - m) * s, written per row as
-        # g * s + x * k + j so that x is read instead of a recomputed y
-        s, m = invstd.view(b, c, 1, 1), mean.view(b, c, 1, 1)
-        mg = grad.mean(dim=(2, 3), keepdim=True)
-        mgy = s * ((grad * x).mean(dim=(2, 3), keepdim=True) - m * mg)
-        k = -s * s * mgy
-        return torch.addcmul(-s * mg - k * m, x, k).addcmul_(grad, s)
+    if _plain_backward(x):
+        return plain_norm_backward(grad, x, mean, invstd)
     if is_channels_last(x):  # per sample (the out= form of this op rejects the unused outputs)
         parts = [
             aten.native_batch_norm_backward(

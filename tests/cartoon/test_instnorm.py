@@ -65,6 +65,7 @@ class _Spy:
 @pytest.mark.parametrize("fast", [True, False])
 def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fast, channels):
     monkeypatch.setattr(instnorm, "FAST_MIN_NUMEL", 0 if fast else 10**9)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the plain backward needs 2 threads
     spy = _Spy()
     monkeypatch.setattr(instnorm, "aten", spy)
     torch.manual_seed(0)
@@ -83,6 +84,11 @@ def test_channels_last_input_keeps_its_layout_and_torchs_values(monkeypatch, fas
     torch.testing.assert_close(cl.grad, plain.grad, rtol=1e-10, atol=1e-10)
     kernel = "native_batch_norm_backward" in spy.used
     assert kernel == (channels > instnorm.PLAIN_BACKWARD_MAX_CHANNELS)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: torch's kernel, faster there
+    spy.used.clear()
+    cl.grad = None
+    instance_norm(cl).sum().backward()
+    assert "native_batch_norm_backward" in spy.used
 
 
 def test_vmap_over_a_non_leading_dimension(monkeypatch):

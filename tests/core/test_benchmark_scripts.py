@@ -199,9 +199,12 @@ def test_optimisation_variants_undo_one_optimisation_each_and_keep_the_maths() -
 
     out = run("optimisations.py", "--size", "32", "--width", "4", "--steps", "1", "--warmup", "0",
               "--only", "two-pass LIN", "torch instance norm", "unfused units", "classic spectral norm",
-              "for-loop Adam", "torch pad backward", "torch IN forward")  # fmt: skip
+              "for-loop Adam", "torch pad backward", "torch IN forward", "torch IN backward",
+              "torch var_mean", "--set", "task.concurrent=false")  # fmt: skip
+    assert "(interleaved); overrides: task.concurrent=false" in out
     names = ["default", "for-loop Adam", "two-pass LIN", "torch instance norm", "unfused units",
-             "classic spectral norm", "torch pad backward", "torch IN forward"]  # fmt: skip
+             "classic spectral norm", "torch pad backward", "torch IN forward", "torch IN backward",
+             "torch var_mean"]  # fmt: skip
     rows = table_rows(out, "(" + "|".join(names) + ")$")
     assert [r[0] for r in rows] == names
     # system CPU per step: counted, and (with 1 thread) at most the step's own time
@@ -406,6 +409,10 @@ def test_kernel_table_times_torch_and_the_replacements_on_every_shape() -> None:
             assert float(row[2]) > 0 and float(row[3]) > 0
         else:
             assert row[2:4] == ["-", "-"]
+    norms = table_rows(out, "(IN backward|var_mean fwd\\+bwd)$")
+    assert [r[0] for r in norms] == ["IN backward"] * 5 + ["var_mean fwd+bwd"] * 8  # NORM_, VAR_SHAPES
+    assert [r[2] for r in norms[5:7]] == ["default", "channels_last"]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 for r in norms)
 
 
 def test_allocator_table_times_both_settings_in_fresh_processes() -> None:
