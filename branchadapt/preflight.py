@@ -12,18 +12,19 @@ on inputs shaped as the data's where the task can make them (:func:`try_inputs`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from . import distributed
 from .branched import BranchedModel
 from .errors import ConfigError, UserError
-from .interfaces import DataSource
+from .interfaces import DataSource, Task
 
 if TYPE_CHECKING:
     from .loading import ResolvedStage
-    from .runtime import StageRuntime
     from .trainer import Trainer
 
 
@@ -97,21 +98,33 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
             f"{name} {_count(sum(p.numel() for p in module.parameters() if p.requires_grad))}"
             for name, module in runtime.modules.items()
         )
-        try_inputs(trainer, runtime, source)
+        try_inputs(trainer, runtime.task, runtime.modules, stage, source)
         lines.append(f"trainable parameters {sizes}")
         del runtime
     return lines
 
 
-def try_inputs(trainer: Trainer, runtime: StageRuntime, source: DataSource) -> None:
+def check_inputs(trainer: Trainer, source: DataSource) -> None:
+    """What a run checks of :func:`try_inputs` before it writes anything: every stage's branched
+    models, built without weights, on inputs shaped as the data's, for tasks that can make them
+    (others build nothing here). A branching that breaks a model's forward in a later stage is
+    then refused before the earlier stages train, not after."""
+    task = trainer.build_task(initial_weights=False)
+    if type(task).example_inputs is Task.example_inputs:
+        return
+    for stage in trainer.exp.stages:
+        try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source)
+
+
+def try_inputs(
+    trainer: Trainer, task: Task, modules: Mapping[str, nn.Module], stage: ResolvedStage, source: DataSource
+) -> None:
     """Each branched backbone of the stage on inputs shaped as the data's, one per group of the
     stage, without gradients: a model built for other inputs (image size, channels, features) is
     found here rather than in the stage's first step. Only for tasks that give such inputs
     (:meth:`~branchadapt.interfaces.Task.example_inputs`)."""
-    task = runtime.task
-    stage = runtime.stage
     ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
-    for name, module in runtime.modules.items():
+    for name, module in modules.items():
         if not isinstance(module, BranchedModel):
             continue
         try:
@@ -139,4 +152,4 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-__all__ = ["build_stages", "check_reads", "check_stages", "stage_sizes", "try_inputs"]
+__all__ = ["build_stages", "check_inputs", "check_reads", "check_stages", "stage_sizes", "try_inputs"]

@@ -37,7 +37,7 @@ from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, 
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
-from .preflight import check_stages, stage_sizes
+from .preflight import check_inputs, check_stages, stage_sizes
 from .progress import ProgressReporter
 from .rundir import forget_logged_steps, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
@@ -183,6 +183,7 @@ class Trainer:
 
     def _run(self, max_steps: int | None) -> RunResult:
         source = check_stages(self)  # every stage's data and batches before anything is written
+        check_inputs(self, source)  # and its models on inputs shaped as the data's, where the task can
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)

@@ -101,16 +101,26 @@ def test_validate_checks_and_builds_what_a_run_would_without_writing(small_exper
 
 def test_a_first_step_that_fails_is_one_message_with_its_cause(small_experiment, tmp_path, run_cli):
     exp = small_experiment(steps=2)
-    out = run_cli("run", str(exp), "--set", "model.in_features=5", cwd=tmp_path)
+    few = ["--set", "model.out_features=2"]  # 3 classes in the data: the loss fails, not the model
+    out = run_cli("run", str(exp), *few, cwd=tmp_path)
     assert out.returncode == 2
-    assert "error: stage basic: step 1 failed: RuntimeError: mat1 and mat2 shapes" in out.stderr
+    assert "error: stage basic: step 1 failed: IndexError: Target 2 is out of bounds" in out.stderr
     assert "Traceback" not in out.stderr and "set BRANCHADAPT_TRACEBACK=1" in out.stderr
-    shown = run_cli(
-        "run", str(exp), "--set", "model.in_features=5", cwd=tmp_path, env={"BRANCHADAPT_TRACEBACK": "1"}
-    )
-    assert shown.returncode == 2 and "Traceback" in shown.stderr and "F.linear" in shown.stderr
+    shown = run_cli("run", str(exp), *few, cwd=tmp_path, env={"BRANCHADAPT_TRACEBACK": "1"})
+    assert shown.returncode == 2 and "Traceback" in shown.stderr and "cross_entropy" in shown.stderr
     fixed = run_cli("run", str(exp), "--no-eval", cwd=tmp_path)  # the same run directory takes the fix
     assert fixed.returncode == 0, fixed.stderr
+
+
+def test_a_model_that_cannot_take_the_data_is_refused_before_anything_is_written(
+    small_experiment, tmp_path, run_cli
+):
+    exp = small_experiment(steps=2)
+    # found by running every stage's models on inputs shaped as the data's, before the first step
+    out = run_cli("run", str(exp), "--set", "model.in_features=5", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "stages.basic: module 'model' cannot take inputs shaped as the data's ((1, 6))" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]  # no run directory
 
 
 def test_only_the_first_step_s_errors_are_turned_into_user_errors():

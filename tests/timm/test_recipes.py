@@ -133,3 +133,15 @@ def test_baselines_mean_what_they_say(capsys):
     mixed = capsys.readouterr().out
     assert "stage basic: 450 steps, groups clean, rotated_noisy, inverted, blurred" in mixed
     assert "stage transfer" not in mixed
+
+
+def test_a_branching_that_breaks_a_later_stage_is_refused_before_the_first_stage_trains(tmp_path, capsys):
+    """EVA's stem holds its rotary embedding, which cannot run per group: before, stage basic
+    trained first and the transfer stage failed at its first step."""
+    run = ["run", str(EXAMPLES / "digits.toml"), "--run-dir", str(tmp_path / "run")]
+    sets = ["model.model='eva02_tiny_patch14_224'", "model.kwargs={img_size=32, patch_size=4, depth=2}",
+            "stages.transfer.splitter.low=1"]  # fmt: skip
+    assert cli([*run, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "stages.transfer: module 'model' cannot take inputs shaped as the data's ((4, 3, 32, 32))" in err
+    assert not (tmp_path / "run").exists()
