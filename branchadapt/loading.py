@@ -197,6 +197,8 @@ def describe(error: Mapping[str, Any], model: type[BaseModel], prefix: Sequence[
     message = str(error["msg"]).removeprefix("Value error, ")  # a validator's own words
     if not loc and re.match(r"[\w.\[\]]+: ", message):  # a whole-file check naming its key itself
         return f"{message}{shown}"
+    if error["type"] == "value_error" and message.startswith((".", "[")):  # an item's own key path
+        return f"{dotted(loc) if error['loc'] else dotted(prefix)}{message}"
     return f"{dotted(loc) if error['loc'] else dotted(prefix)}: {message}{shown}"
 
 

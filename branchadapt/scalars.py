@@ -64,9 +64,34 @@ def _toml(value: Any) -> str:
     )
 
 
+def _items(annotation: Any, value: Any) -> list[tuple[str, Any, Any]]:
+    """(where, annotation, item) for the items of a TOML array or table ``value`` that a list,
+    tuple or dict field annotated ``annotation`` holds; empty for anything else."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _items(args[0], value)
+    if origin is Union or origin is types.UnionType:  # X | None: the items of X
+        others = [a for a in args if a is not type(None)]
+        return _items(others[0], value) if len(others) == 1 else []
+    if isinstance(value, list) and origin in (list, tuple, set, frozenset) and args:
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return [(f"[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value, strict=False))]
+        return [(f"[{i}]", args[0], v) for i, v in enumerate(value)]
+    if isinstance(value, dict) and origin is dict and len(args) == 2:
+        return [(f".{k}", args[1], v) for k, v in value.items()]
+    return []
+
+
 def check_scalar(annotation: Any, value: Any) -> Any:
     """``value`` unchanged, or a ValueError when it is a scalar the field does not take as it is
-    (pydantic would have converted it)."""
+    (pydantic would have converted it), or an array or table holding one (the message names the
+    item as a key path, e.g. ``.clean: expected an integer, not a string``)."""
+    for where, inner, item in _items(annotation, value):
+        try:
+            check_scalar(inner, item)
+        except ValueError as exc:
+            got = f" (got {item!r})" if _scalar(item) is not None else ""
+            raise ValueError(f"{where}{'' if str(exc).startswith(('[', '.')) else ': '}{exc}{got}") from None
     kind = _scalar(value)
     entries = allowed(annotation)
     if kind is None or not entries or any(_takes(e, value) for e in entries):

@@ -252,8 +252,18 @@ def test_scalars_must_have_their_toml_type(small_experiment):
     assert exp.spec.train.stack_branches == "auto" and exp.data.options.noise == 1.0
 
 
+def test_items_of_arrays_and_tables_must_have_their_toml_type_too(small_experiment):
+    msg = error_of(
+        small_experiment(),
+        ['data.counts={a="64", b=8, c=8}', 'optim.default.betas=["0.9", 0.99]', "groups=['a', 'b', 3]"],
+    )
+    assert "data.counts.a: expected an integer, not a string (got '64')" in msg  # a plugin's table
+    assert "optim.default.betas[0]: expected a number, not a string (got '0.9')" in msg
+    assert "groups[2]: expected a string, not an integer (got 3)" in msg
+
+
 def test_scalar_checks_leave_paths_enums_and_containers_to_their_fields():
-    from typing import Annotated, Literal
+    from typing import Annotated, Any, Literal
 
     from pydantic import Field
 
@@ -267,3 +277,9 @@ def test_scalar_checks_leave_paths_enums_and_containers_to_their_fields():
         check_scalar(Literal["a", "b"], "c")
     with pytest.raises(ValueError, match="expected 1 or 2, not a boolean"):
         check_scalar(Literal[1, 2], True)
+    with pytest.raises(
+        ValueError, match=r"^\[0\]\.x: expected a boolean \(true or false\), not a string \(got 'no'\)$"
+    ):
+        check_scalar(list[dict[str, bool]] | None, [{"x": "no"}])
+    assert check_scalar(dict[str, Any], {"x": "no"}) == {"x": "no"}  # Any takes anything
+    assert check_scalar(tuple[int, ...], [1, 2, 3]) == [1, 2, 3]
