@@ -90,8 +90,9 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         if sniff_format(path) == "torch":
             raise CheckpointError(
-                f"{path}: a torch.save file, not a safetensors file (branchadapt reads and writes "
-                "safetensors; convert it with safetensors.torch.save_file(torch.load(...), ...))"
+                f"{path}: not a safetensors file but, by its first bytes, a torch.save file (a zip "
+                "archive or pickle); branchadapt reads and writes safetensors: convert it with "
+                "safetensors.torch.save_file(torch.load(...), ...)"
             ) from exc
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 

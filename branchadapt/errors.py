@@ -69,7 +69,8 @@ def _not_options() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-_NOT_OPTIONS = _not_options()
+#: exceptions that are the machine's failures (out of memory, the process group), not the options'
+NOT_OPTIONS = _not_options()
 
 
 class StepFailed(UserError):
@@ -93,7 +94,7 @@ def first_step(stage: str, step: int, first: bool = True) -> Iterator[None]:
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if isinstance(exc, _NOT_OPTIONS):
+        if isinstance(exc, NOT_OPTIONS):
             raise
         hint = "" if traceback_wanted() else f"; set {TRACEBACK_ENV}=1 to see where it failed"
         raise StepFailed(

@@ -93,8 +93,8 @@ def evaluate_run(
     exp, stage, task, modules, trainer = (
         loaded.experiment, loaded.stage, loaded.task, loaded.modules, loaded.trainer
     )  # fmt: skip
-    # an unknown split fails here, before anything is written; no training-time augmentation
-    source = trainer.build_source(split).eval()
+    source = trainer.build_source(split)  # an unknown split fails here, before anything is written
+    source.training = False  # no training-time augmentation (set, not eval(): a source may own "train")
     out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

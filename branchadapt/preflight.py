@@ -20,7 +20,7 @@ from torch import nn
 
 from . import distributed
 from .branched import BranchedModel
-from .errors import ConfigError, UserError
+from .errors import NOT_OPTIONS, ConfigError, UserError
 from .interfaces import DataSource, Task
 
 if TYPE_CHECKING:
@@ -140,6 +140,8 @@ def try_inputs(
         try:
             with torch.no_grad():
                 module(*inputs, groups=ids)
+        except NOT_OPTIONS:  # out of memory: the machine's limit, not the options'
+            raise
         except Exception as exc:
             shape = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise UserError(

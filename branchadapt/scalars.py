@@ -13,10 +13,19 @@ import types
 from pathlib import PurePath
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    PlainValidator,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+)
 
 _NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
 _SCALARS = (bool, int, float, str)
+#: validators in a field's own type that see its raw value: such a field is not checked here
+_OWN_VALIDATORS = (BeforeValidator, PlainValidator, WrapValidator)
 
 
 def _scalar(value: Any) -> type | None:
@@ -49,9 +58,12 @@ def allowed(annotation: Any) -> list[Any] | None:
 
 
 def _takes(entry: Any, value: Any) -> bool:
-    if isinstance(entry, tuple):  # a literal: that very value, of that very type
-        return type(entry[0]) is type(value) and entry[0] == value
-    return _scalar(value) is entry or (entry is float and _scalar(value) is int)
+    kind = _scalar(value)
+    if isinstance(entry, tuple):  # a literal: that very value, of the same TOML type
+        return _scalar(entry[0]) is kind and entry[0] == value
+    if entry is int and kind is float:  # 8.0 for an integer: what pydantic takes too
+        return bool(value.is_integer())
+    return kind is entry or (entry is float and kind is int)
 
 
 def _toml(value: Any) -> str:
@@ -107,7 +119,9 @@ class TomlTyped(BaseModel):
     @classmethod
     def _toml_type(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name or "")
-        return value if field is None else check_scalar(field.annotation, value)
+        if field is None or any(isinstance(m, _OWN_VALIDATORS) for m in field.metadata):
+            return value  # the field converts raw values itself (Annotated[..., BeforeValidator(...)])
+        return check_scalar(field.annotation, value)
 
 
 __all__ = ["TomlTyped", "allowed", "check_scalar"]

@@ -191,7 +191,8 @@ _var_mean_apply = fast_apply(_VarMean)
 
 def var_mean_hw(x: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.var_mean(x, dim=(2, 3), keepdim=True)`` (unbiased) for a 4-D ``x``, faster on the CPU."""
-    if not fast_var_mean or x.device.type != "cpu" or (vmap_kernels and is_vmapped(x)):
+    small = x.shape[2] * x.shape[3] < 2  # one element: torch's NaN variance, not a division by zero
+    if not fast_var_mean or small or x.device.type != "cpu" or (vmap_kernels and is_vmapped(x)):
         return torch.var_mean(x, dim=(2, 3), keepdim=True)
     return _var_mean_apply(x)
 

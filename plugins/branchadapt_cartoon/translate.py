@@ -88,7 +88,7 @@ def plan_jobs(
         jobs = [(group, p, output / f"{p.stem}.png") for p in images]
     else:
         jobs = by_group(source, output, groups)
-    checked(jobs)
+    checked(jobs, cam)
     existing = [p for _, _, t in jobs for p in (t, cam_path(t))[: 2 if cam else 1] if p.exists()]
     if existing and not overwrite:
         raise UserError(
@@ -118,21 +118,22 @@ def by_group(source: Path, output: Path, groups: tuple[str, ...]) -> list[tuple[
     return [(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)]
 
 
-def checked(jobs: list[tuple[str, Path, Path]]) -> None:
-    """Refuse ``jobs`` where an output would replace an input or another output, or an output's
-    folder cannot be made (a file in the way)."""
+def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
+    """Refuse ``jobs`` where an output (with ``cam``, a heatmap too) would replace an input or
+    another output, or an output's folder cannot be made (a file in the way)."""
     inputs = {p.resolve() for _, p, _ in jobs}
     seen: dict[Path, Path] = {}
-    for _, source, target in jobs:
-        where = target.resolve()
-        if where in inputs:
-            raise UserError(f"{target} would overwrite the input image {source}; choose another output")
-        if where in seen:
-            raise UserError(
-                f"{seen[where]} and {source} would both be written to {target} (same name, other "
-                "suffix); rename one of them"
-            )
-        seen[where] = source
+    for _, source, output in jobs:
+        for target in (output, cam_path(output))[: 2 if cam else 1]:
+            where = target.resolve()
+            if where in inputs:
+                raise UserError(f"{target} would overwrite the input image {source}; choose another output")
+            if where in seen:
+                raise UserError(
+                    f"{seen[where]} and {source} would both be written to {target} (the same name, or "
+                    "one's heatmap named as the other); rename one of them"
+                )
+            seen[where] = source
     for folder in {t.parent for _, _, t in jobs}:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():

@@ -147,3 +147,10 @@ def test_var_mean_hw_under_vmap(monkeypatch):
         monkeypatch.setattr(instnorm, "vmap_kernels", kernels)
         for a, b in zip(torch.func.vmap(instnorm.var_mean_hw)(x), want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_var_mean_hw_of_one_element_maps_is_torchs_nan_variance():
+    x = torch.randn(2, 3, 1, 1, requires_grad=True)
+    with pytest.warns(UserWarning, match="degrees of freedom"):  # torch's own, as without the plugin
+        var, mean = instnorm.var_mean_hw(x)
+    assert torch.isnan(var).all() and torch.equal(mean, x.detach())

@@ -77,3 +77,11 @@ def test_outputs_of_an_earlier_translation_are_kept_unless_overwrite(tmp_path):
     with pytest.raises(ba.UserError, match=r"exist already \(.*a\.png\)"):
         plan_jobs(tmp_path / "in" / "men" / "a.png", tmp_path / "out" / "men", "men", GROUPS)
     assert len(plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS, overwrite=True, cam=True)) == 2
+
+
+def test_a_heatmap_named_as_another_input_s_output_is_refused(tmp_path):
+    image(tmp_path / "in" / "x.png")
+    image(tmp_path / "in" / "x_cam.png")
+    assert len(plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS)) == 2  # no heatmaps: fine
+    with pytest.raises(ba.UserError, match=r"x\.png and .*x_cam\.png would both be written to .*x_cam\.png"):
+        plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, cam=True)

@@ -172,3 +172,22 @@ def test_initial_weights_options_must_name_options_with_defaults(small_experimen
     monkeypatch.setattr(MLPBackbone, "initial_weights_options", ("weights",))  # not an option
     with pytest.raises(TypeError, match=r"initial_weights_options names \['weights'\]"):
         backbone_factory(exp.model, initial_weights=False)
+
+
+def test_running_out_of_memory_while_trying_inputs_is_not_called_a_bad_option(small_experiment, monkeypatch):
+    import torch
+
+    import branchadapt as ba
+    from branchadapt.preflight import check_inputs, check_stages
+    from branchadapt.trainer import Trainer
+
+    trainer = Trainer(ba.load_experiment(small_experiment()), device="cpu")
+    source = check_stages(trainer)
+    check_inputs(trainer, source)  # the experiment's models take its data
+
+    def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(ba.BranchedModel, "forward", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        check_inputs(trainer, source)

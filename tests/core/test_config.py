@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import branchadapt as ba
@@ -282,4 +283,25 @@ def test_scalar_checks_leave_paths_enums_and_containers_to_their_fields():
     ):
         check_scalar(list[dict[str, bool]] | None, [{"x": "no"}])
     assert check_scalar(dict[str, Any], {"x": "no"}) == {"x": "no"}  # Any takes anything
+    assert check_scalar(int, 8.0) == 8.0  # a whole number, as pydantic takes it
+    with pytest.raises(ValueError, match="expected an integer, not a number"):
+        check_scalar(int, 8.5)
+    assert check_scalar(Literal["a", "b"], np.str_("b")) == "b"  # str subclasses (numpy, str enums)
     assert check_scalar(tuple[int, ...], [1, 2, 3]) == [1, 2, 3]
+
+
+def test_a_field_converting_its_own_raw_values_is_left_to_it():
+    from typing import Annotated
+
+    from pydantic import BeforeValidator
+
+    def thousands(v):  # type: ignore[no-untyped-def]
+        return int(v[:-1]) * 1000 if isinstance(v, str) else v
+
+    class Options(ba.PluginOptions):
+        n: Annotated[int, BeforeValidator(thousands)] = 1
+        k: int = 0
+
+    assert Options(n="2k").n == 2000
+    with pytest.raises(ValueError, match="expected an integer, not a string"):
+        Options(k="2k")

@@ -76,7 +76,9 @@ def test_a_torch_file_given_as_safetensors_says_what_it_is(tmp_path):
     )
     assert is_safetensors(tmp_path / "real.bin") and not is_safetensors(tmp_path / "zip.safetensors")
     for name in ("zip.safetensors", "legacy.safetensors"):
-        with pytest.raises(ba.CheckpointError, match=r"a torch\.save file, not a safetensors file"):
+        with pytest.raises(
+            ba.CheckpointError, match=r"not a safetensors file but, by its first bytes, a torch\.save file"
+        ):
             read_tensors(tmp_path / name)
     with pytest.raises(ba.CheckpointError, match="not a readable safetensors file"):
         read_tensors(tmp_path / "junk.safetensors")

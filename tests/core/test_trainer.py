@@ -297,7 +297,7 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
 
 def test_evaluation_reads_its_split_without_training_augmentation(small_experiment, tmp_path, monkeypatch):
     from branchadapt import evaluation
-    from branchadapt.builtin.example import SupervisedTask
+    from branchadapt.builtin.example import ClusterData, SupervisedTask
 
     train(small_experiment(), tmp_path / "run")
     seen = []
@@ -308,6 +308,8 @@ def test_evaluation_reads_its_split_without_training_augmentation(small_experime
         return original(self, modules, source, device, out_dir)
 
     monkeypatch.setattr(SupervisedTask, "evaluate", evaluate)
+    # a source keeping its own data under a base-class name: evaluation sets the flag, calls nothing
+    monkeypatch.setattr(ClusterData, "train", [], raising=False)
     evaluation.evaluate_run(tmp_path / "run", split="train", device="cpu")
     assert seen == [("train", False)]  # evaluation mode: a source must not augment
 
