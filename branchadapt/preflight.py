@@ -107,12 +107,14 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
 def check_inputs(trainer: Trainer, source: DataSource) -> None:
     """What a run checks of :func:`try_inputs` before it writes anything: every stage's branched
     models, built without weights, on inputs shaped as the data's, for tasks that can make them
-    (others build nothing here). A branching that breaks a model's forward in a later stage is
-    then refused before the earlier stages train, not after."""
+    (others build nothing here), finished stages left out. A branching that breaks a model's
+    forward in a later stage is then refused before the earlier stages train, not after."""
     task = trainer.build_task(initial_weights=False)
     if type(task).example_inputs is Task.example_inputs:
         return
     for stage in trainer.exp.stages:
+        if (trainer.run_dir / "stages" / stage.name / "final.safetensors").exists():
+            continue  # finished already (a resumed run)
         try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source)
 
 

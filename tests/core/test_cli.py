@@ -174,20 +174,26 @@ def test_initial_weights_options_must_name_options_with_defaults(small_experimen
         backbone_factory(exp.model, initial_weights=False)
 
 
-def test_running_out_of_memory_while_trying_inputs_is_not_called_a_bad_option(small_experiment, monkeypatch):
+def test_trying_inputs_lets_out_of_memory_through_and_skips_finished_stages(
+    small_experiment, tmp_path, monkeypatch
+):
     import torch
 
     import branchadapt as ba
     from branchadapt.preflight import check_inputs, check_stages
     from branchadapt.trainer import Trainer
 
-    trainer = Trainer(ba.load_experiment(small_experiment()), device="cpu")
+    trainer = Trainer(ba.load_experiment(small_experiment()), run_dir=tmp_path / "run", device="cpu")
     source = check_stages(trainer)
     check_inputs(trainer, source)  # the experiment's models take its data
 
     def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise torch.OutOfMemoryError("out of memory")
 
+    with monkeypatch.context() as patch:
+        patch.setattr(ba.BranchedModel, "forward", full)
+        with pytest.raises(torch.OutOfMemoryError):  # the machine's limit, not a bad option
+            check_inputs(trainer, source)
+    trainer.run()
     monkeypatch.setattr(ba.BranchedModel, "forward", full)
-    with pytest.raises(torch.OutOfMemoryError):
-        check_inputs(trainer, source)
+    check_inputs(trainer, source)  # both stages finished: nothing is built or run again
