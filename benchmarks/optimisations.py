@@ -279,7 +279,8 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="repeatable: a config override for every variant, the default included "
-        "(e.g. task.concurrent=false: the variants on the serial step)",
+        "(e.g. task.concurrent=false: the variants on the serial step); a variant's own "
+        "overrides (serial directions: task.concurrent=false, ...) come after these and win",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -126,6 +126,8 @@ def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
     for _, source, output in jobs:
         for target in (output, cam_path(output))[: 2 if cam else 1]:
             where = target.resolve()
+            if target.is_dir():
+                raise UserError(f"{target} is a folder; an output image would be written in its place")
             if where in inputs:
                 raise UserError(f"{target} would overwrite the input image {source}; choose another output")
             if where in seen:

@@ -85,3 +85,11 @@ def test_a_heatmap_named_as_another_input_s_output_is_refused(tmp_path):
     assert len(plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS)) == 2  # no heatmaps: fine
     with pytest.raises(ba.UserError, match=r"x\.png and .*x_cam\.png would both be written to .*x_cam\.png"):
         plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, cam=True)
+
+
+def test_a_folder_where_an_output_image_goes_is_refused(tmp_path):
+    image(tmp_path / "in" / "a.png")
+    (tmp_path / "out" / "a.png").mkdir(parents=True)
+    for overwrite in (False, True):
+        with pytest.raises(ba.UserError, match=r"out/a\.png is a folder; an output image would be written"):
+            plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, overwrite=overwrite)
