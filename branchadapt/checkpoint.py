@@ -80,6 +80,15 @@ def is_safetensors(path: str | Path) -> bool:
     return kind == "safetensors" or (kind is None and Path(path).suffix == ".safetensors")
 
 
+def read_state(path: str | Path) -> object:
+    """A weights file's contents, safetensors or torch (``weights_only``: no pickled code runs),
+    told apart by :func:`is_safetensors`; the readers' own errors are left to the caller."""
+    if is_safetensors(path):
+        return load_file(str(path))
+    with open(path, "rb") as fh:  # a handle: torch.load reads a path named .safetensors as one
+        return torch.load(fh, map_location="cpu", weights_only=True)
+
+
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file; a missing or corrupt file is a user error naming it."""
     path = Path(path)

@@ -24,6 +24,7 @@ from .interfaces import Task
 from .loading import ResolvedExperiment, resolve
 from .plugins import PluginSet, default_plugins
 from .report import atomic_write_text, write_html_report
+from .rundir import final_weights
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -69,7 +70,7 @@ def load_stage(run_dir: Path, stage: str | None = None, device: str | None = Non
     stage = stage or names[-1]
     if stage not in names:
         raise UserError(f"--stage {stage!r} is not a stage of this run; expected one of {names}")
-    weights = Path(run_dir) / "stages" / stage / "final.safetensors"
+    weights = final_weights(run_dir, stage)
     if not weights.is_file():
         raise UserError(f"stage {stage!r} of {run_dir} has not finished (no {weights}); run it first")
     # evaluation runs in one process, also on rank 0 after a torchrun job (the group is gone)

@@ -6,8 +6,9 @@ directory (``evaluate``, ``export``, resume). The core validates an experiment's
 inside :func:`relative_to` the experiment's folder, and :class:`~branchadapt.interfaces.PluginOptions`
 makes each relative ``Path`` field (and each ``Path`` in a list or tuple field) absolute against
 it, after the fields' own validators (which see the path as written); a plugin anchors a path
-it keeps in another form (a string in a nested table) with :func:`anchor`. Outside such a context (a library user calling ``ba.build``) paths stay as given,
-relative to the working directory. ``~`` is expanded either way.
+it keeps in another form (a string in a nested table) with :func:`anchor`. Outside such a
+context (a library user calling ``ba.build``) paths stay as given, relative to the working
+directory. ``~`` is expanded either way.
 
 The experiment as written (its hash, ``config.toml``) keeps the paths as the file has them.
 """

@@ -22,6 +22,7 @@ from . import distributed
 from .branched import BranchedModel
 from .errors import NOT_OPTIONS, ConfigError, UserError
 from .interfaces import DataSource, Task
+from .rundir import final_weights
 
 if TYPE_CHECKING:
     from .loading import ResolvedStage
@@ -113,7 +114,7 @@ def check_inputs(trainer: Trainer, source: DataSource) -> None:
     if type(task).example_inputs is Task.example_inputs:
         return
     for stage in trainer.exp.stages:
-        if (trainer.run_dir / "stages" / stage.name / "final.safetensors").exists():
+        if final_weights(trainer.run_dir, stage.name).exists():
             continue  # finished already (a resumed run)
         try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source)
 

@@ -42,6 +42,11 @@ def _write_atomic(path: Path, text: str) -> None:
 TRAINED = ("metrics.jsonl", "checkpoints", "stages")
 
 
+def final_weights(run_dir: Path, stage: str) -> Path:
+    """Where a finished stage's weights are (the file exists once the stage has finished)."""
+    return Path(run_dir) / "stages" / stage / "final.safetensors"
+
+
 def has_trained(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds any training result (metrics, a checkpoint, a finished stage)."""
     return any((run_dir / name).exists() for name in TRAINED)

@@ -39,7 +39,7 @@ from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
 from .preflight import check_inputs, check_stages, stage_sizes
 from .progress import ProgressReporter
-from .rundir import forget_logged_steps, prepare_run_dir
+from .rundir import final_weights, forget_logged_steps, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
 
 
@@ -158,7 +158,7 @@ class Trainer:
 
     def load_stage_weights(self, stage_name: str, modules: Mapping[str, nn.Module]) -> None:
         """Initialise ``modules`` from an earlier stage's final weights (branching as needed)."""
-        path = self.run_dir / "stages" / stage_name / "final.safetensors"
+        path = final_weights(self.run_dir, stage_name)
         state = split_state(read_tensors(path), list(modules))
         for name, module in modules.items():
             own = state.get(name)
@@ -189,7 +189,7 @@ class Trainer:
         result = RunResult(self.run_dir)
         budget = max_steps
         for index, stage in enumerate(self.exp.stages):
-            final = self.run_dir / "stages" / stage.name / "final.safetensors"
+            final = final_weights(self.run_dir, stage.name)
             if final.exists():
                 result.completed.append(stage.name)
                 continue

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from branchadapt.checkpoint import is_safetensors, state_differences
+from branchadapt.checkpoint import read_state, state_differences
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt.interfaces import Backbone, PluginOptions
 from branchadapt.paths import anchor
@@ -74,11 +73,7 @@ def load_state_file(path: Path, what: str, option: str = WEIGHTS_OPTION) -> dict
     if not path.is_file():
         raise UserError(f"{what}: weights file {path} does not exist (set {option} to an existing file)")
     try:
-        if is_safetensors(path):  # by the content, whatever the name
-            state: object = load_file(str(path))
-        else:
-            with path.open("rb") as fh:  # a handle: torch.load reads a path named .safetensors as one
-                state = torch.load(fh, map_location="cpu", weights_only=True)
+        state = read_state(path)  # by the content, whatever the name
     except (SafetensorError, UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as exc:
         if isinstance(exc, UnpicklingError):  # torch's own text suggests weights_only=False: not here
             reason = "it holds Python objects besides tensors, or is not a torch file"

@@ -58,6 +58,11 @@ def cam_path(target: Path) -> Path:
     return target.with_name(f"{target.stem}_cam.png")
 
 
+def written(target: Path, cam: bool) -> tuple[Path, ...]:
+    """The files translating into ``target`` writes: the image and, with ``cam``, its heatmap."""
+    return (target, cam_path(target)) if cam else (target,)
+
+
 def plan_jobs(
     source: Path,
     output: Path,
@@ -89,7 +94,7 @@ def plan_jobs(
     else:
         jobs = by_group(source, output, groups)
     checked(jobs, cam)
-    existing = [p for _, _, t in jobs for p in (t, cam_path(t))[: 2 if cam else 1] if p.exists()]
+    existing = [p for _, _, t in jobs for p in written(t, cam) if p.exists()]
     if existing and not overwrite:
         raise UserError(
             f"{len(existing)} output file(s) exist already ({', '.join(map(str, existing[:3]))}"
@@ -124,7 +129,7 @@ def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
     inputs = {p.resolve() for _, p, _ in jobs}
     seen: dict[Path, Path] = {}
     for _, source, output in jobs:
-        for target in (output, cam_path(output))[: 2 if cam else 1]:
+        for target in written(output, cam):
             where = target.resolve()
             if target.is_dir():
                 raise UserError(f"{target} is a folder; an output image would be written in its place")

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from branchadapt import Backbone, CheckpointError, PluginOptions, UserError
-from branchadapt.checkpoint import is_safetensors
+from branchadapt.checkpoint import read_state
 
 
 class TimmOptions(PluginOptions):
@@ -149,12 +149,7 @@ def load_state(path: Path) -> dict[str, Tensor]:
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"model.weights: {path} {what}; expected a .safetensors or torch state-dict file")
     try:  # by the content: a torch file named .safetensors is still read
-        if is_safetensors(path):
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        with path.open("rb") as fh:  # a handle: torch.load reads a path named .safetensors as one
-            state = torch.load(fh, map_location="cpu", weights_only=True)
+        state = read_state(path)
     except Exception as exc:
         raise UserError(f"model.weights: cannot read {path} ({type(exc).__name__}: {exc})") from exc
     for wrapper in ("state_dict", "model"):
