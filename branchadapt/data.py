@@ -134,3 +134,17 @@ def group_batches(
         batch = dict(source.collate(stream, items))
         batch["group"] = torch.full((len(items),), group_index, dtype=torch.long)
         yield batch
+
+
+def first_input(
+    source: DataSource, groups: Sequence[str], streams: Sequence[str], key: str, batch_size: int = 1
+) -> Tensor | None:
+    """Field ``key`` of the first item of the first of ``groups`` holding any of ``streams``,
+    repeated ``batch_size`` times: an input shaped as the data makes it (None: no such item)."""
+    sizes = source.sizes()
+    for gi, group in enumerate(groups):
+        for stream in streams:
+            if sizes.get(group, {}).get(stream, 0):
+                x = next(group_batches(source, group, stream, gi, batch_size=1))[key][:1]
+                return x.expand(batch_size, *x.shape[1:]).contiguous()
+    return None

@@ -340,8 +340,10 @@ class Task(ABC):
     def example_inputs(
         self, module: str, source: DataSource, batch_size: int = 2
     ) -> tuple[Tensor, ...] | None:
-        """Inputs for backbone ``module`` shaped as the training data makes them (``source``: the
-        train split), which ``export`` traces the model with; None: the backbone's own
+        """Inputs for ``module`` shaped as the training data makes them (``source``: the train
+        split). A run tries every stage's modules on them before it trains (a branched backbone
+        with ``groups``, another module with these inputs alone) and ``export`` traces a
+        backbone with them. None: not tried, and ``export`` uses the backbone's own
         :meth:`Backbone.example_inputs`."""
         return None
 

@@ -6,8 +6,8 @@ gives them, the training data of every stage and each stage's first global batch
 refused before the run directory is touched, not hours in.
 :func:`build_stages` goes further for ``validate``: it builds every stage as its start would
 (models, branches, weight files the experiment names, losses, optimisers, sampler), without
-the earlier stages' trained weights, which only a run produces, and runs its branched backbones
-on inputs shaped as the data's where the task can make them (:func:`try_inputs`).
+the earlier stages' trained weights, which only a run produces, and runs its models on inputs
+shaped as the data's where the task can make them (:func:`try_inputs`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
 
 
 def check_inputs(trainer: Trainer, source: DataSource) -> None:
-    """What a run checks of :func:`try_inputs` before it writes anything: every stage's branched
-    models, built without weights, on inputs shaped as the data's, for tasks that can make them
+    """What a run checks of :func:`try_inputs` before it writes anything: every stage's models,
+    built without weights, on inputs shaped as the data's, for tasks that can make them
     (others build nothing here), finished stages left out. A branching that breaks a model's
     forward in a later stage is then refused before the earlier stages train, not after."""
     task = trainer.build_task(initial_weights=False)
@@ -122,14 +122,15 @@ def check_inputs(trainer: Trainer, source: DataSource) -> None:
 def try_inputs(
     trainer: Trainer, task: Task, modules: Mapping[str, nn.Module], stage: ResolvedStage, source: DataSource
 ) -> None:
-    """Each branched backbone of the stage on inputs shaped as the data's, one per group of the
-    stage, without gradients: a model built for other inputs (image size, channels, features) is
-    found here rather than in the stage's first step. Only for tasks that give such inputs
-    (:meth:`~branchadapt.interfaces.Task.example_inputs`)."""
+    """Each module of the stage the task gives inputs for
+    (:meth:`~branchadapt.interfaces.Task.example_inputs`), on the experiment's device: a branched
+    backbone with one row per group of the stage, another module with its inputs alone. A model
+    built for other inputs (image size, channels, features) is found here rather than in the
+    stage's first step. The forward runs as training runs it, gradients on (a model may check
+    its inputs only then), with the modules in eval mode (batch statistics of so few rows could
+    fail where the real batch does not); the graph is dropped at once."""
     ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
     for name, module in modules.items():
-        if not isinstance(module, BranchedModel):
-            continue
         try:
             inputs = task.example_inputs(name, source, len(ids))
         except (KeyError, IndexError) as exc:  # the task's options name what the data lacks
@@ -139,10 +140,12 @@ def try_inputs(
             ) from exc
         if inputs is None:
             continue
-        module.eval()
+        module.to(trainer.device).eval()
+        moved = tuple(x.to(trainer.device) for x in inputs)
+        extra = {"groups": ids.to(trainer.device)} if isinstance(module, BranchedModel) else {}
         try:
-            with torch.no_grad():
-                module(*inputs, groups=ids)
+            with torch.enable_grad():
+                module(*moved, **extra)
         except NOT_OPTIONS:  # out of memory: the machine's limit, not the options'
             raise
         except Exception as exc:

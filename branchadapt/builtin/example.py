@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..data import group_batches
+from ..data import first_input, group_batches
 from ..errors import UserError
 from ..interfaces import Backbone, Batch, DataSource, LossOptions, LossTerm, Phase, PluginOptions, Task
 
@@ -142,11 +142,10 @@ class SupervisedTask(Task):
         self, module: str, source: DataSource, batch_size: int = 2
     ) -> tuple[Tensor, ...] | None:
         """The first training input, repeated ``batch_size`` times (the data's size, not a default)."""
-        for gi, group in enumerate(self.context.groups):
-            for b in group_batches(source, group, self.options.stream, gi, batch_size=1):
-                x = b[self.options.input_key][:1]
-                return (x.expand(batch_size, *x.shape[1:]).contiguous(),)
-        return None
+        x = first_input(
+            source, self.context.groups, [self.options.stream], self.options.input_key, batch_size
+        )
+        return None if x is None else (x,)
 
     def evaluate(
         self,

@@ -31,6 +31,7 @@ import branchadapt as ba
 from branchadapt import Phase, PluginOptions, Task
 from branchadapt.compiling import has_compiled
 from branchadapt.concurrency import concurrency_applies, run_concurrently
+from branchadapt.data import first_input
 from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
@@ -274,6 +275,15 @@ class Translate(Task):
             slots = ParamSlots(module, keep=lambda n: n.rsplit(".", 1)[-1] in CLAMPED)
             self._clamp_slots[module] = slots
         return slots
+
+    def example_inputs(
+        self, module: str, source: ba.DataSource, batch_size: int = 2
+    ) -> tuple[Tensor, ...] | None:
+        """The first training photo (else cartoon), repeated: every module here takes images, so a
+        run refuses a model built for another size (model.image_size, task.global_layers) before
+        it trains, and export traces at the data's size."""
+        x = first_input(source, self.context.groups, ["photo", "cartoon"], "image", batch_size)
+        return None if x is None else (x,)
 
     # ------------------------------------------------------------------ artefacts
     def samples(

@@ -179,3 +179,25 @@ def test_translation_runs_the_default_layout_on_cpu_and_channels_last_on_cuda():
 
     assert inference_layout(torch.device("cpu")) == torch.contiguous_format
     assert inference_layout(torch.device("cuda")) == torch.channels_last
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # a light generator checks the size only with gradients on, as in training
+        ("model.image_size=48", "module 'gen_a2b' cannot take inputs shaped as the data's ((1, 3, 32, 32)): "
+         "UserError: model.image_size is 48 but the images are 32x32 px"),
+        # the discriminators are not branched: they get the images alone
+        ("task.global_layers=6", "module 'dis_ga' cannot take inputs shaped as the data's ((1, 3, 32, 32)): "
+         "UserError: a 6-layer discriminator needs images of at least"),
+    ],
+)  # fmt: skip
+def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(
+    override, expected, tiny_cartoon, tmp_path, run_cli
+):
+    path = tiny_cartoon()
+    run_dir = tmp_path / "run"
+    out = run_cli("run", str(path), "--run-dir", str(run_dir), "--set", override)
+    assert out.returncode == 2, out.stderr
+    assert f"{path}: stages.basic: {expected}" in out.stderr
+    assert not run_dir.exists()  # refused before the run directory, not at the first step
