@@ -17,7 +17,14 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_wei
 from .config import Experiment
 from .data import StepData, step_batches, to_device
 from .device import autocast, select_device
-from .errors import CheckpointError, ConfigError, RegistryError, TrainingDiverged, UserError
+from .errors import (
+    CheckpointError,
+    CheckpointMismatch,
+    ConfigError,
+    RegistryError,
+    TrainingDiverged,
+    UserError,
+)
 from .hookspecs import hookimpl
 from .interfaces import (
     Backbone,
@@ -45,6 +52,7 @@ __all__ = [
     "BranchSplitter",
     "BranchedModel",
     "CheckpointError",
+    "CheckpointMismatch",
     "ConfigError",
     "DataSource",
     "Experiment",

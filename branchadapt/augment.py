@@ -16,6 +16,8 @@ import albumentations as A
 import numpy as np
 from pydantic import ValidationError
 
+from .errors import UserError
+
 __all__ = ["Augmenter", "build_transform", "check_augment"]
 
 
@@ -79,13 +81,24 @@ class Augmenter:
     the same augmentation (reproducible batches and bit-identical resume).
     """
 
-    def __init__(self, specs: list[dict[str, Any]], size: int) -> None:
+    def __init__(self, specs: list[dict[str, Any]], size: int, key: str = "data.augment") -> None:
+        self.key = key
         transforms = [build_transform(*_split(s)) for s in specs]
         transforms.append(A.Resize(size, size))  # whatever the pipeline does, the output has this size
         self.pipeline = A.Compose(transforms, seed=0)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        """Augment a uint8 H x W x C image."""
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator | None, item: str = "an item"
+    ) -> np.ndarray:
+        """Augment a uint8 H x W x C image; a transform that cannot take it (a crop larger than
+        the image, say) is a :class:`UserError` naming ``item`` (its file, where it has one)."""
         if rng is not None:
             self.pipeline.set_random_seed(int(rng.integers(0, 2**31 - 1)))
-        return self.pipeline(image=image)["image"]
+        try:
+            return self.pipeline(image=image)["image"]
+        except Exception as exc:
+            shape = "x".join(str(n) for n in image.shape[:2])
+            raise UserError(
+                f"{item}: {self.key} cannot augment this {shape} image: {type(exc).__name__}: "
+                f"{_one_line(exc)}; the transforms must fit every training image (resize before a crop)"
+            ) from exc

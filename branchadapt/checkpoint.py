@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointMismatch
 
 FORMAT = 1
 
@@ -285,7 +285,7 @@ def load_checkpoint(
     meta = read_meta(directory)
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{directory}: checkpoint {key} is {meta.get(key)!r}, this run expects {value!r}; "
                 "it was written by a different experiment"
             )
@@ -317,6 +317,30 @@ def stage_checkpoints(run_dir: str | Path, stage: str) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     found = stage_checkpoints(run_dir, stage)
     return found[-1] if found else None
+
+
+def resume_latest(
+    run_dir: str | Path,
+    stage: str,
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    expect: Mapping[str, Any],
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the stage's latest checkpoint (:func:`load_checkpoint`) and return it with its
+    metadata; None without one. One that cannot be read says how to resume from the one before."""
+    found = stage_checkpoints(run_dir, stage)
+    if not found:
+        return None
+    try:
+        return found[-1], load_checkpoint(found[-1], modules, optimizers, expect=expect)
+    except CheckpointMismatch:
+        raise
+    except CheckpointError as exc:
+        before = f"from {found[-2]}" if len(found) > 1 else "the stage from its start"
+        raise CheckpointError(
+            f"{exc}\nIf this checkpoint is damaged, move {found[-1]} out of the run directory and run "
+            f"again to resume {before}"
+        ) from exc
 
 
 def prune_checkpoints(run_dir: Path, stage: str, keep: int) -> None:

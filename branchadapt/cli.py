@@ -11,16 +11,19 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .errors import UserError, traceback_wanted
+from .errors import UserError, out_of_memory, traceback_wanted
 from .interfaces import Task
 from .loading import json_schema, load_experiment
 from .plugins import PluginSet, default_plugins
+
+if TYPE_CHECKING:
+    from .datacheck import DataReport
 
 
 def _experiment_args(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +123,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"--data: no split {unknown[0]!r} in data source {exp.data.type!r}; "
             f"expected one or more of {', '.join(exp.data.cls.splits)} (comma-separated)"
         )
+    # --data first: a bad item that the build reads (the first image, say) would stop it with one
+    # message, where --data lists every one
+    reports = read_every_item(exp, args.data) if args.data else []
+    if any(r.problems for r in reports):
+        return report_items(reports)
     # what a run checks before it writes, then every stage built as it starts (weight files read);
     # on the CPU whatever the file says: a check that needs no GPU, even for a GPU experiment
     trainer = Trainer(exp, device="cpu", progress=ProgressReporter("plain"), join_process_group=False)
@@ -137,16 +145,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"splitter {stage.splitter.type}, sampler {stage.sampler.type}{init}; losses {losses}; "
             f"{line}"
         )
-    return check_every_item(exp, args.data) if args.data else 0
+    return report_items(reports)
 
 
-def check_every_item(exp: Any, splits: Sequence[str]) -> int:
-    """``validate --data``: read every item of each split; 2 when one cannot be used."""
+def read_every_item(exp: Any, splits: Sequence[str]) -> list[DataReport]:
+    """``validate --data``: read every item of each split, with a progress bar on a terminal."""
     from rich.progress import Progress
 
     from .datacheck import check_data
 
-    failed = 0
+    reports = []
     for split in splits:
         console = Console(stderr=True)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -155,9 +163,16 @@ def check_every_item(exp: Any, splits: Sequence[str]) -> int:
             def advance(done: int, total: int, task: Any = task, bar: Progress = bar) -> None:
                 bar.update(task, completed=done, total=total)
 
-            report = check_data(exp, split, advance)
+            reports.append(check_data(exp, split, advance))
+    return reports
+
+
+def report_items(reports: Sequence[DataReport]) -> int:
+    """Print what :func:`read_every_item` found; 2 when an item cannot be used."""
+    failed = 0
+    for report in reports:
         groups = ", ".join(f"{g} {sum(s.values())}" for g, s in report.sizes.items())
-        print(f"  data ({split}): {report.items} items read ({groups})", end="")
+        print(f"  data ({report.split}): {report.items} items read ({groups})", end="")
         if not report.problems:
             print(", all usable")
             continue
@@ -262,6 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = "; the latest checkpoint is kept, run the same command again to resume"
         print(f"interrupted{resume if command == 'run' else ''}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        if traceback_wanted():
+            traceback.print_exception(exc)
+        resume = "; the latest checkpoint is kept: resume with the same command" if command == "run" else ""
+        print(
+            f"error: out of memory: {type(exc).__name__}: {exc}\nThis machine cannot hold what the "
+            f"experiment asks for: lower the batch, the input size or the model's size{resume}",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

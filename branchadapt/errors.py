@@ -40,6 +40,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the model."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint written by another experiment or stage than the one reading it."""
+
+
 class TrainingDiverged(UserError):
     """A loss or gradient that is no longer finite; the step was not applied."""
 
@@ -73,6 +77,22 @@ def _not_options() -> tuple[type[BaseException], ...]:
 NOT_OPTIONS = _not_options()
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: CUDA's ``OutOfMemoryError``, ``MemoryError``, or
+    the CPU allocator's plain ``RuntimeError`` ("can't allocate memory")."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def not_options(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine's failure (:data:`NOT_OPTIONS`, or out of memory on the CPU)
+    rather than a sign that the experiment's options do not fit together."""
+    return isinstance(exc, NOT_OPTIONS) or out_of_memory(exc)
+
+
 class StepFailed(UserError):
     """A stage's first step in this process raised; the original exception is the cause."""
 
@@ -94,7 +114,7 @@ def first_step(stage: str, step: int, first: bool = True) -> Iterator[None]:
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if isinstance(exc, NOT_OPTIONS):
+        if not_options(exc):
             raise
         hint = "" if traceback_wanted() else f"; set {TRACEBACK_ENV}=1 to see where it failed"
         raise StepFailed(

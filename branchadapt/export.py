@@ -128,8 +128,10 @@ def export_run(
     module: str | None = None,
     stage: str | None = None,
     out: Path | str | None = None,
+    overwrite: bool = False,
 ) -> Exported:
-    """Export ``group``'s plain model from a finished stage of ``run_dir``."""
+    """Export ``group``'s plain model from a finished stage of ``run_dir``; an existing file at
+    the output path is refused unless ``overwrite``."""
     from .checkpoint import save_weights
 
     if fmt not in FORMATS:
@@ -145,6 +147,10 @@ def export_run(
     blocker = next((p for p in path.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
+    # the ONNX exporter may write the weights beside the model, in <file>.data
+    taken = [p for p in (path, path.with_name(f"{path.name}.data")) if p.exists() or p.is_symlink()]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} exists; pass --overwrite to replace it, or --out another file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
         save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
@@ -159,7 +165,8 @@ def _data_inputs(loaded: LoadedStage, module: str) -> tuple[tuple[Tensor, ...] |
         return None, None
     try:
         return loaded.task.example_inputs(module, loaded.trainer.build_source("train")), None
-    except UserError as exc:  # the data has moved or is on another machine: the weights suffice
+    except (UserError, OSError) as exc:  # the data has moved, is on another machine, or its cache
+        # cannot be written: the weights suffice
         return None, f"traced at the backbone's own input size, not the data's ({exc})"
 
 
@@ -179,11 +186,14 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         help="a file, or a folder (existing, or ending in /) to write MODULE-GROUP.FORMAT in "
         "(default: RUN_DIR/export/MODULE-GROUP.FORMAT)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(handler=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    result = export_run(args.run_dir, args.group, args.fmt, args.module, args.stage, args.out)
+    result = export_run(
+        args.run_dir, args.group, args.fmt, args.module, args.stage, args.out, overwrite=args.overwrite
+    )
     print(f"{result.module} for group {result.group} written to {result.path}")
     if result.note:
         print(f"note: {result.note}")

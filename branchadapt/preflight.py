@@ -20,7 +20,7 @@ from torch import nn
 
 from . import distributed
 from .branched import BranchedModel
-from .errors import NOT_OPTIONS, ConfigError, UserError
+from .errors import ConfigError, UserError, not_options
 from .interfaces import DataSource, Task
 from .rundir import final_weights
 
@@ -146,9 +146,9 @@ def try_inputs(
         try:
             with torch.enable_grad():
                 module(*moved, **extra)
-        except NOT_OPTIONS:  # out of memory: the machine's limit, not the options'
-            raise
         except Exception as exc:
+            if not_options(exc):  # out of memory: the machine's limit, not the options'
+                raise
             shape = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise UserError(
                 f"{trainer.exp.source}: stages.{stage.name}: module {name!r} cannot take inputs shaped as "

@@ -94,10 +94,14 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
 
 def forget_logged_steps(metrics: Path, stage: str, step: int) -> None:
     """Drop ``stage``'s records after ``step`` from a metrics log: a run resumed from the
-    checkpoint at ``step`` trains (and logs) those steps again."""
+    checkpoint at ``step`` trains (and logs) those steps again. A last line cut short (the
+    process was killed while writing it) is dropped too, so the next record starts a line."""
     if not metrics.is_file():
         return
-    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    original = metrics.read_text(encoding="utf-8")
+    lines = original.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] = "" if not _is_json(lines[-1]) else lines[-1] + "\n"
 
     def later(line: str) -> bool:
         try:
@@ -107,5 +111,14 @@ def forget_logged_steps(metrics: Path, stage: str, step: int) -> None:
         return isinstance(record, dict) and record.get("stage") == stage and record.get("step", 0) > step
 
     kept = [line for line in lines if not later(line)]
-    if len(kept) < len(lines):
-        _write_atomic(metrics, "".join(kept))
+    text = "".join(kept)
+    if text != original:
+        _write_atomic(metrics, text)
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True

@@ -20,9 +20,9 @@ from . import distributed
 from .branched import BranchedModel
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
     read_tensors,
+    resume_latest,
     save_checkpoint,
     save_weights,
     split_state,
@@ -217,15 +217,11 @@ class Trainer:
         return result
 
     def _resume(self, rt: StageRuntime) -> int:
-        ckpt = latest_checkpoint(self.run_dir, rt.stage.name)
-        if ckpt is None:
+        expect = {"stage": rt.stage.name, "config_hash": self.exp.config_hash}
+        latest = resume_latest(self.run_dir, rt.stage.name, rt.modules, rt.optimizers, expect)
+        if latest is None:
             return 0
-        meta = load_checkpoint(
-            ckpt,
-            rt.modules,
-            rt.optimizers,
-            expect={"stage": rt.stage.name, "config_hash": self.exp.config_hash},
-        )
+        ckpt, meta = latest
         for name, sched in rt.schedulers.items():
             sched.load_state_dict(meta["schedulers"][name])
         step = int(meta["step"])

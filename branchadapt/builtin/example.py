@@ -141,7 +141,10 @@ class SupervisedTask(Task):
     def example_inputs(
         self, module: str, source: DataSource, batch_size: int = 2
     ) -> tuple[Tensor, ...] | None:
-        """The first training input, repeated ``batch_size`` times (the data's size, not a default)."""
+        """The first training input, repeated ``batch_size`` times (the data's size, not a default),
+        for ``model``, the module :meth:`forward` gives it to (a subclass's other modules: None)."""
+        if module != "model":
+            return None
         x = first_input(
             source, self.context.groups, [self.options.stream], self.options.input_key, batch_size
         )

@@ -256,7 +256,7 @@ class FaceImages(DataSource):
     def get(self, group: str, stream: str, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
         rgb = self.image(group, stream, index)
         if self.split == "train" and self.training:
-            rgb = self.augment(rgb, rng)
+            rgb = self.augment(rgb, rng, item=self.describe(group, stream, index))
         elif rgb.shape[:2] != (self.options.size, self.options.size):
             rgb = cv2.resize(rgb, (self.options.size, self.options.size), interpolation=cv2.INTER_AREA)
         return {"image": to_tensor(rgb), "index": index}

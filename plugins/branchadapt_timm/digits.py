@@ -180,6 +180,7 @@ class Digits(DataSource):
     def get(self, group: str, stream: str, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
         img, label = self.image(group, index)
         if self.augment is not None and self.training:
-            img = self.augment((img * 255).round().astype(np.uint8), rng).astype(np.float32) / 255.0
+            where = self.describe(group, stream, index)
+            img = self.augment((img * 255).round().astype(np.uint8), rng, where).astype(np.float32) / 255.0
         image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) * 2 - 1
         return {"image": image, "label": label}

@@ -140,6 +140,37 @@ def test_validate_data_lists_images_damaged_past_their_header(tmp_path):
     assert out.returncode == 0 and "11 items read (a 6, b 5), all usable" in out.stdout
 
 
+def test_an_image_too_small_for_the_augmentation_is_named_and_listed_by_validate_data(tmp_path):
+    from pathlib import Path
+
+    root = make_folder(tmp_path / "data")  # 40 x 40 images
+    base = Path(__file__).resolve().parents[2] / "examples" / "cartoon_cpu.toml"
+    exp = tmp_path / "x.toml"
+    exp.write_text(
+        f'extends = "{base.as_posix()}"\ngroups = ["a", "b"]\nanchor = "a"\n'
+        '[data]\nroot = "data"\nsize = 32\naugment = [{ name = "RandomCrop", height = 36, width = 36 }]\n'
+        "[model]\nimage_size = 32\n[task]\nglobal_layers = 4\nlocal_layers = 3\n"
+        '[stages.basic]\ngroups = ["a"]\n'
+    )
+    small = root / "train" / "photo" / "a" / "0.png"  # the first photo: the check before a run reads it
+    cv2.imwrite(str(small), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+
+    def validate(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "branchadapt", "validate", str(exp), *args], capture_output=True, text=True
+        )
+
+    expected = f"{small}: data.augment cannot augment this 20x24 image: CropSizeError:"
+    out = validate()
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {expected}"), out.stderr
+    out = validate("--data")  # every such item listed, not only the first one the build reads
+    assert out.returncode == 2, out.stderr
+    assert f"data (train): 12 items read (a 6, b 6), 1 cannot be used:\n    {expected}" in out.stdout
+    cv2.imwrite(str(small), np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    out = validate("--data")
+    assert out.returncode == 0 and "all usable" in out.stdout and ": OK" in out.stdout, out.stderr
+
+
 def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
     from PIL import Image, ImageOps
 

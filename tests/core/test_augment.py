@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import branchadapt as ba
 from branchadapt.augment import Augmenter, check_augment
 
 
@@ -34,3 +35,14 @@ def test_the_callers_rng_fixes_the_augmentation_and_the_size_is_kept():
     a, b, c = (aug(image, np.random.default_rng(s)) for s in (1, 1, 2))
     assert a.shape == (32, 32, 3)
     assert (a == b).all() and not (a == c).all()
+
+
+def test_a_transform_that_cannot_take_an_image_is_a_user_error_naming_the_item():
+    aug = Augmenter([{"name": "RandomCrop", "height": 64, "width": 64}], size=32)
+    image = np.zeros((40, 48, 3), dtype=np.uint8)
+    with pytest.raises(
+        ba.UserError,
+        match=r"^photos/a\.png: data\.augment cannot augment this 40x48 image: "
+        r"CropSizeError: .*\(64, 64\) vs \(40, 48\); the transforms must fit every training",
+    ):
+        aug(image, np.random.default_rng(0), "photos/a.png")

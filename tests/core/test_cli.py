@@ -190,10 +190,45 @@ def test_trying_inputs_lets_out_of_memory_through_and_skips_finished_stages(
     def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise torch.OutOfMemoryError("out of memory")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(ba.BranchedModel, "forward", full)
-        with pytest.raises(torch.OutOfMemoryError):  # the machine's limit, not a bad option
-            check_inputs(trainer, source)
+    def cpu_full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    for failure, kind in ((full, torch.OutOfMemoryError), (cpu_full, RuntimeError)):
+        with monkeypatch.context() as patch:
+            patch.setattr(ba.BranchedModel, "forward", failure)
+            with pytest.raises(kind) as caught:  # the machine's limit, not a bad option
+                check_inputs(trainer, source)
+            assert not isinstance(caught.value, ba.UserError)
     trainer.run()
     monkeypatch.setattr(ba.BranchedModel, "forward", full)
     check_inputs(trainer, source)  # both stages finished: nothing is built or run again
+
+
+def test_running_out_of_memory_is_one_message_not_a_misfit_and_keeps_the_checkpoint(
+    small_experiment, tmp_path, monkeypatch, capsys
+):
+    import branchadapt as ba
+    from branchadapt.cli import main
+
+    path = small_experiment()
+    run_dir = tmp_path / "run"
+    assert main(["run", str(path), "--run-dir", str(run_dir), "--max-steps", "2", "--no-eval"]) == 0
+    written = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    calls = {"n": 0}
+    forward = ba.BranchedModel.forward
+
+    def full_later(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1  # the check before the run passes; a training step runs out
+        if calls["n"] > 2:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"
+            )
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ba.BranchedModel, "forward", full_later)
+    assert main(["run", str(path), "--run-dir", str(run_dir), "--no-eval"]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: out of memory: RuntimeError: [enforce fail" in err, err
+    assert "may not fit together" not in err and "resume with the same command" in err
+    assert all(p.read_bytes() == data for p, data in written.items())  # nothing written is lost

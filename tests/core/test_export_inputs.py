@@ -34,3 +34,37 @@ def test_onnx_is_traced_with_the_data_s_inputs_or_the_backbone_s_without_the_dat
     again = export_run(finished, "c")
     assert "traced at the backbone's own input size" in again.note and "/gone" in again.note
     assert _input_dims(again.path)[1:] == [6]  # the mlp's own example inputs
+
+    # a data source that would regenerate its data into a cache it cannot write
+    def unwritable(self, split="train"):
+        raise NotADirectoryError(20, "Not a directory", "/cache/a-file/sub")
+
+    monkeypatch.setattr(Trainer, "build_source", unwritable)
+    third = export_run(finished, "a", out=str(finished / "third.onnx"))
+    assert "traced at the backbone's own input size" in third.note and "/cache/a-file/sub" in third.note
+    assert third.path.is_file()
+
+
+def test_the_supervised_task_gives_inputs_only_for_the_module_it_feeds(small_experiment, tmp_path):
+    exp = ba.load_experiment(small_experiment())
+    trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
+    task, source = trainer.build_task(initial_weights=False), trainer.build_source("train")
+    (x,) = task.example_inputs("model", source, 3)
+    assert x.shape == (3, 6)
+    assert task.example_inputs("critic", source, 3) is None  # a subclass's extra module: not tried
+
+
+def test_an_existing_output_file_is_refused_unless_overwrite(finished, run_cli):
+    weights = finished / "stages" / "transfer" / "final.safetensors"
+    if not weights.exists():  # the small experiment's last stage, whatever its name
+        weights = sorted(finished.glob("stages/*/final.safetensors"))[-1]
+    before = weights.read_bytes()
+    out = run_cli("export", str(finished), "--group", "b", "--format", "safetensors", "--out", str(weights))
+    assert out.returncode == 2 and f"error: {weights} exists; pass --overwrite" in out.stderr
+    assert weights.read_bytes() == before  # the run's own weights are not replaced
+    first = run_cli("export", str(finished), "--group", "b", "--format", "safetensors")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("export", str(finished), "--group", "b", "--format", "safetensors")
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    forced = run_cli("export", str(finished), "--group", "b", "--format", "safetensors", "--overwrite")
+    assert forced.returncode == 0, forced.stderr

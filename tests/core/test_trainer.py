@@ -587,3 +587,36 @@ def test_validate_checks_the_batch_split_for_a_number_of_processes(small_experim
     with pytest.raises(SystemExit) as usage:  # argparse: at least 1
         cli(["validate", path, "--processes", "0"])
     assert usage.value.code == 2 and "--processes: expected at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_metrics_record_cut_short_by_a_kill_is_dropped_on_resume(small_experiment, tmp_path):
+    path, run = small_experiment(), tmp_path / "run"
+    train(path, run, max_steps=4)  # checkpoint and records at steps 2 and 4 of basic
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as fh:
+        fh.write('{"stage": "basic", "step": 6, "lo')  # killed while writing the next record
+    train(path, run)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole
+    assert [(r["stage"], r["step"]) for r in records] == [("basic", s) for s in (2, 4, 6)] + [
+        ("transfer", s) for s in (2, 4, 6)
+    ]
+
+
+def test_a_damaged_latest_checkpoint_says_how_to_resume_from_the_one_before(small_experiment, tmp_path):
+    import shutil
+
+    path, run = small_experiment(), tmp_path / "run"
+    train(path, run, max_steps=4)  # checkpoints at steps 2 and 4
+    latest = run / "checkpoints" / "basic-00000004"
+    (latest / "state.safetensors").write_bytes(b"\0" * 10)  # damaged on disk
+    with pytest.raises(ba.CheckpointError) as caught:
+        train(path, run)
+    assert not isinstance(caught.value, ba.CheckpointMismatch)
+    assert f"move {latest} out of the run directory and run again to resume from " in str(caught.value)
+    assert str(caught.value).endswith("basic-00000002")
+    shutil.move(latest, tmp_path / "damaged")
+    _, result = train(path, run)  # from step 2: the same weights as a run never interrupted
+    assert result.completed == ["basic", "transfer"]
+    train(path, tmp_path / "whole")
+    resumed, whole = final_state(run), final_state(tmp_path / "whole")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
