@@ -279,9 +279,10 @@ class Translate(Task):
     def example_inputs(
         self, module: str, source: ba.DataSource, batch_size: int = 2
     ) -> tuple[Tensor, ...] | None:
-        """The first training photo (else cartoon), repeated: every module here takes images, so a
-        run refuses a model built for another size (model.image_size, task.global_layers) before
-        it trains, and export traces at the data's size."""
+        """The first training photo of the first group with data (else its first cartoon),
+        repeated: every module here takes images, so a run refuses a model built for another size
+        (model.image_size, task.global_layers) before it trains, and export traces at the data's
+        size."""
         x = first_input(source, self.context.groups, ["photo", "cartoon"], "image", batch_size)
         return None if x is None else (x,)
 
