@@ -16,7 +16,7 @@ import albumentations as A
 import numpy as np
 from pydantic import ValidationError
 
-from .errors import UserError
+from .errors import UserError, not_options
 
 __all__ = ["Augmenter", "build_transform", "check_augment"]
 
@@ -97,8 +97,11 @@ class Augmenter:
         try:
             return self.pipeline(image=image)["image"]
         except Exception as exc:
+            if not_options(exc):  # out of memory: not the transforms' fault
+                raise
             shape = "x".join(str(n) for n in image.shape[:2])
+            said = " ".join(_one_line(exc).split())  # OpenCV's messages span lines
             raise UserError(
                 f"{item}: {self.key} cannot augment this {shape} image: {type(exc).__name__}: "
-                f"{_one_line(exc)}; the transforms must fit every training image (resize before a crop)"
+                f"{said}; the transforms must fit every training image (resize before a crop)"
             ) from exc

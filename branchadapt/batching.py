@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .errors import not_options
+
 #: ``stacked = "auto"`` stacks a CPU batch whose tensor inputs take at most this many bytes. On small
 #: maps per-operation overhead dominates and one call for every copy wins; on large ones a loop is
 #: faster on a CPU, each copy's smaller working set staying in cache (docs/performance.md).
@@ -163,6 +165,8 @@ def run_stacked(
             stacked = {n: torch.stack([p[n] for p in params]) for n in params[0]}
             out = vmap(one, in_dims=(0, _in_dims(args, batch), _in_dims(kwargs, batch)))(stacked, *inputs)
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as err:
+        if not_options(err):  # out of memory: the machine's limit, not a module vmap cannot take
+            raise
         raise NotStackable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     inverse = torch.argsort(order)
     leaves, spec = tree_flatten(out)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .errors import UserError, out_of_memory, traceback_wanted
+from .errors import UserError, naming, out_of_memory, traceback_wanted
 from .interfaces import Task
 from .loading import json_schema, load_experiment
 from .plugins import PluginSet, default_plugins
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.experiment, args.overrides)
     trainer = Trainer(exp, run_dir=args.run_dir, device=args.device)
-    console = Console(stderr=True, soft_wrap=True, quiet=not trainer.dist.is_main)
+    console = Console(stderr=True, soft_wrap=True, quiet=not trainer.dist.is_main, markup=False)
     ranks = f"  processes: {trainer.dist.world}" if trainer.dist.enabled else ""
     console.print(f"run directory: {trainer.run_dir}  device: {trainer.device}{ranks}", highlight=False)
     try:
@@ -69,7 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if exp.task.cls.evaluate is not Task.evaluate:
             try:
                 report = evaluate_run(trainer.run_dir, device=args.device)
-            except UserError as exc:  # the training is done and kept: the run has succeeded
+            except Exception as exc:  # the training is done and kept: the run has succeeded
+                if not isinstance(exc, UserError) and not out_of_memory(exc):
+                    raise
                 console.print(f"evaluation skipped: {exc}", highlight=False)
                 return 0
             print_report(report)
@@ -82,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.run_dir, stage=args.stage, split=args.split, device=args.device)
     print_report(report)
-    Console(stderr=True, soft_wrap=True).print(written(report))
+    Console(stderr=True, soft_wrap=True, markup=False).print(written(report))
     return 0
 
 
@@ -125,7 +127,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     # --data first: a bad item that the build reads (the first image, say) would stop it with one
     # message, where --data lists every one
-    reports = read_every_item(exp, args.data) if args.data else []
+    with naming(exp.source):
+        reports = read_every_item(exp, args.data) if args.data else []
     if any(r.problems for r in reports):
         return report_items(reports)
     # what a run checks before it writes, then every stage built as it starts (weight files read);
@@ -282,10 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if traceback_wanted():
             traceback.print_exception(exc)
-        resume = "; the latest checkpoint is kept: resume with the same command" if command == "run" else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        changed = (
+            " (in another --run-dir: a changed experiment does not resume this one)"
+            if command == "run"
+            else ""
+        )
         print(
-            f"error: out of memory: {type(exc).__name__}: {exc}\nThis machine cannot hold what the "
-            f"experiment asks for: lower the batch, the input size or the model's size{resume}",
+            f"error: out of memory: {type(exc).__name__}: {first}\nThis machine cannot hold what the "
+            f"experiment asks for: lower the batch, the input size or the model's size{changed}",
             file=sys.stderr,
         )
         return 1

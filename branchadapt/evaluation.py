@@ -131,4 +131,4 @@ def metrics_table(report: dict[str, Any]) -> Table:
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    (console or Console(soft_wrap=True)).print(metrics_table(report))
+    (console or Console(soft_wrap=True, markup=False)).print(metrics_table(report))

@@ -33,7 +33,7 @@ class ProgressReporter:
     def __init__(
         self, mode: Literal["auto", "rich", "plain", "none"] = "auto", console: Console | None = None
     ):
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or Console(stderr=True, soft_wrap=True, markup=False)
         if mode == "auto":
             mode = "rich" if self.console.is_terminal else "plain"
         self.mode = mode

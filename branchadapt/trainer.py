@@ -219,14 +219,14 @@ class Trainer:
     def _resume(self, rt: StageRuntime) -> int:
         expect = {"stage": rt.stage.name, "config_hash": self.exp.config_hash}
         latest = resume_latest(self.run_dir, rt.stage.name, rt.modules, rt.optimizers, expect)
+        step = 0 if latest is None else int(latest[1]["step"])
+        if self.dist.is_main:  # records of steps trained again (all of them, from step 0) go
+            forget_logged_steps(self.run_dir / "metrics.jsonl", rt.stage.name, step)
         if latest is None:
             return 0
         ckpt, meta = latest
         for name, sched in rt.schedulers.items():
             sched.load_state_dict(meta["schedulers"][name])
-        step = int(meta["step"])
-        if self.dist.is_main:
-            forget_logged_steps(self.run_dir / "metrics.jsonl", rt.stage.name, step)
         self.progress.message(f"stage {rt.stage.name}: resuming from {ckpt} (step {step})")
         return step
 

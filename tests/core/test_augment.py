@@ -46,3 +46,25 @@ def test_a_transform_that_cannot_take_an_image_is_a_user_error_naming_the_item()
         r"CropSizeError: .*\(64, 64\) vs \(40, 48\); the transforms must fit every training",
     ):
         aug(image, np.random.default_rng(0), "photos/a.png")
+
+
+def test_an_augmentation_error_is_one_line_and_running_out_of_memory_is_not_one(monkeypatch):
+    aug = Augmenter([{"name": "HorizontalFlip", "p": 1.0}], size=8)
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+
+    def fails(**kwargs):  # type: ignore[no-untyped-def]
+        raise ValueError("OpenCV(4.10) error:\n  (-215:Assertion failed) in function 'resize'\n")
+
+    monkeypatch.setattr(aug, "pipeline", fails)
+    with pytest.raises(ba.UserError) as caught:
+        aug(image, None, "x.png")
+    assert "\n" not in str(caught.value) and "error: (-215:Assertion failed) in function 'resize';" in str(
+        caught.value
+    )
+
+    def full(**kwargs):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(aug, "pipeline", full)
+    with pytest.raises(MemoryError):
+        aug(image, None, "x.png")

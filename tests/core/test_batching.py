@@ -309,3 +309,20 @@ def test_a_rule_gets_channels_last_rows_grouped_in_that_layout_and_may_return_it
     for c, rows in zip(copies, positions, strict=True):
         want[rows] = c(x[rows])
     torch.testing.assert_close(out, want)
+
+
+def test_running_out_of_memory_in_a_stacked_call_is_raised_not_taken_as_unstackable(monkeypatch):
+    from branchadapt import batching
+
+    stacked = BranchedModel(Net(), GROUPS, ["low", "top"])
+    stacked.stacked = True
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(batching, "vmap", lambda *a, **k: full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not stacked" warning: stacking stays on
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            run(stacked, [0, 1, 2])
+    assert stacked.stacked is True

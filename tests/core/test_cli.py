@@ -230,5 +230,27 @@ def test_running_out_of_memory_is_one_message_not_a_misfit_and_keeps_the_checkpo
     assert main(["run", str(path), "--run-dir", str(run_dir), "--no-eval"]) == 1
     err = capsys.readouterr().err
     assert "\nerror: out of memory: RuntimeError: [enforce fail" in err, err
-    assert "may not fit together" not in err and "resume with the same command" in err
+    assert "may not fit together" not in err and "a changed experiment does not resume this one" in err
     assert all(p.read_bytes() == data for p, data in written.items())  # nothing written is lost
+
+
+def test_running_out_of_memory_in_the_evaluation_after_training_skips_it(
+    small_experiment, tmp_path, monkeypatch, capfd
+):
+    from branchadapt.builtin.example import SupervisedTask
+    from branchadapt.cli import main
+
+    def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(SupervisedTask, "evaluate", full)
+    assert main(["run", str(small_experiment(steps=2)), "--run-dir", str(tmp_path / "run")]) == 0
+    out = "".join(capfd.readouterr())
+    assert "done: stages basic, transfer" in out and "evaluation skipped: [enforce fail" in out
+
+    def bug(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("a bug in the task")
+
+    monkeypatch.setattr(SupervisedTask, "evaluate", bug)
+    with pytest.raises(ZeroDivisionError):  # a bug is not hidden
+        main(["run", str(small_experiment(steps=2)), "--run-dir", str(tmp_path / "run")])

@@ -51,3 +51,19 @@ def test_validate_data_on_the_command_line(small_experiment, run_cli):
     for value, expected in [("valid", "no split 'valid' in data source 'clusters'"), (",", "expected split")]:
         bad = run_cli("validate", str(path), "--data", value)
         assert bad.returncode == 2 and expected in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--data"]])
+def test_a_source_that_cannot_be_built_names_the_experiment_file(
+    flags, small_experiment, monkeypatch, capsys
+):
+    from branchadapt.cli import main
+
+    path = small_experiment()
+
+    def gone(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ba.UserError("data.root: /gone is not a folder")
+
+    monkeypatch.setattr(ba.load_experiment(path).data.cls, "__init__", gone)
+    assert main(["validate", str(path), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: data.root: /gone is not a folder")

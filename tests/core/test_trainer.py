@@ -620,3 +620,20 @@ def test_a_damaged_latest_checkpoint_says_how_to_resume_from_the_one_before(smal
     train(path, tmp_path / "whole")
     resumed, whole = final_state(run), final_state(tmp_path / "whole")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_stage_started_again_from_step_0_drops_its_earlier_records(small_experiment, tmp_path):
+    import shutil
+
+    path, run = small_experiment(), tmp_path / "run"
+    train(path, run, max_steps=4)
+    shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint, say: a rerun starts at 0
+    metrics = run / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4]
+    with metrics.open("a") as fh:
+        fh.write('{"stage": "basic", "step": 5, "lo')  # killed while writing
+    train(path, run)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("basic", s) for s in (2, 4, 6)] + [
+        ("transfer", s) for s in (2, 4, 6)
+    ]
