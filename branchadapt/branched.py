@@ -296,7 +296,11 @@ class BranchedModel(nn.Module):
     def load_flexible(self, state: Mapping[str, Tensor], anchor: str, source: str = "state") -> None:
         """Load a state of the same layout, a plain one (every group's branch starts from it), or
         one of another split depth or group set: a branch the state has for the same stage and
-        group is kept, every other branch starts from the anchor's weights."""
+        group is kept, every other branch starts from the anchor's weights. Keys may be this
+        module's (``backbone.<key>``) or the backbone's own (``<key>``, an unwrapped backbone's
+        ``state_dict()``)."""
+        if state and not any(k.startswith("backbone.") for k in state):
+            state = {f"backbone.{k}": v for k, v in state.items()}
         own = self.state_dict()
         if set(state) == set(own):
             check_shapes(own, state, source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a stage's final weights (default: the last stage) into ``eval/<stage>-<split>/``.
 
-    Writes ``metrics.json`` and a self-contained ``report.html`` (table + the task's figures).
+    Writes ``metrics.json`` and a self-contained ``report.html`` (table + the task's figures). The
+    results are written into a new folder that replaces the earlier evaluation's only when
+    complete: nothing of an earlier evaluation stays mixed in, and one that fails keeps it.
     """
     loaded = load_stage(run_dir, stage, device)
     exp, stage, task, modules, trainer = (
@@ -96,25 +99,44 @@ def evaluate_run(
     )  # fmt: skip
     source = trainer.build_source(split)  # an unknown split fails here, before anything is written
     source.training = False  # no training-time augmentation (set, not eval(): a source may own "train")
-    out_dir = Path(run_dir) / "eval" / f"{stage}-{split}"
+    final = Path(run_dir) / "eval" / f"{stage}-{split}"
+    out_dir = final.with_name(f".new-{final.name}-{os.getpid()}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not all(os.access(p, os.W_OK) for p in (final.parent, final) if p.exists()):
+            raise UserError(f"{final} is not writable; the evaluation writes its results there")
+        shutil.rmtree(out_dir, ignore_errors=True)  # left by a process killed mid-evaluation
+        out_dir.mkdir()
     except OSError as exc:
         raise UserError(
-            f"{out_dir} cannot be created ({exc.strerror or exc}); is {run_dir} writable?"
+            f"{final} cannot be created ({exc.strerror or exc}); is {run_dir} writable?"
         ) from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"{out_dir} is not writable; the evaluation writes its results there")
-    with torch.no_grad():
-        metrics = task.evaluate(modules, source, trainer.device, out_dir)
-    if metrics is None:
-        raise UserError(f"task {exp.task.type!r} does not define an evaluation")
-    report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    html = write_html_report(out_dir, f"{exp.spec.name}: stage {stage}, {split} split", metrics)
-    report["path"] = str(out_dir / "metrics.json")
-    report["html"] = str(html)
+    try:
+        with torch.no_grad():
+            metrics = task.evaluate(modules, source, trainer.device, out_dir)
+        if metrics is None:
+            raise UserError(f"task {exp.task.type!r} does not define an evaluation")
+        report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}
+        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
+        write_html_report(out_dir, f"{exp.spec.name}: stage {stage}, {split} split", metrics)
+        _replace_folder(out_dir, final)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # gone already when it replaced the earlier one
+    report["path"] = str(final / "metrics.json")
+    report["html"] = str(final / "report.html")
     return report
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` in ``target``'s place, the earlier ``target`` (if any) removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def metrics_table(report: dict[str, Any]) -> Table:

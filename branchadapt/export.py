@@ -99,10 +99,12 @@ def export_onnx(
                 dynamic_shapes=tuple({0: batch} for _ in inputs),
                 verbose=False,
             )
-        data = tmp.with_name(f"{tmp.name}.data")
+        data, side = tmp.with_name(f"{tmp.name}.data"), path.with_name(f"{path.name}.data")
         if data.exists():
-            os.replace(data, path.with_name(data.name))
+            os.replace(data, side)
         os.replace(tmp, path)
+        if not data.exists() and side.exists() and not external:  # an earlier, larger export's
+            side.unlink()
     return onnx_difference(backbone, path, inputs)
 
 
@@ -138,7 +140,6 @@ def export_run(
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
     loaded = load_stage(run_dir, stage, "cpu")
     name, backbone = group_backbone(loaded.modules, group, module)
-    inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
     default_name = f"{name}-{group}.{fmt}"
     path = Path(run_dir) / "export" / default_name if out is None else Path(out)
     # an existing folder, or one named with a trailing slash: the file goes inside it
@@ -148,9 +149,11 @@ def export_run(
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     # the ONNX exporter may write the weights beside the model, in <file>.data
-    taken = [p for p in (path, path.with_name(f"{path.name}.data")) if p.exists() or p.is_symlink()]
+    side = path.with_name(f"{path.name}.data")
+    taken = [p for p in (path, side)[: 2 if fmt == "onnx" else 1] if p.exists() or p.is_symlink()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} exists; pass --overwrite to replace it, or --out another file")
+    inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
         save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})

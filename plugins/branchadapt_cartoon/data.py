@@ -134,7 +134,13 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The images directly in ``folder``, by name; hidden files (``.name``, such as macOS's
+    ``._photo.jpg`` metadata) are not images of the data."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def detect_layout(root: Path) -> str:

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from branchadapt import UserError
 from branchadapt.evaluation import load_stage
 
-from .data import IMAGE_SUFFIXES, list_images, read_rgb, to_tensor, to_uint8
+from .data import IMAGE_SUFFIXES, check_headers, list_images, read_rgb, to_tensor, to_uint8
 from .sampling import heatmap_overlay, save_png
 
 GENERATOR = {"a2b": "gen_a2b", "b2a": "gen_b2a"}
@@ -93,6 +94,7 @@ def plan_jobs(
         jobs = [(group, p, output / f"{p.stem}.png") for p in images]
     else:
         jobs = by_group(source, output, groups)
+    check_headers([p for _, p, _ in jobs])  # a file that is no image stops it before any is written
     checked(jobs, cam)
     existing = [p for _, _, t in jobs for p in written(t, cam) if p.exists()]
     if existing and not overwrite:
@@ -105,8 +107,16 @@ def plan_jobs(
 
 
 def by_group(source: Path, output: Path, groups: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
-    """The jobs of a folder of group sub-folders."""
-    subdirs = sorted(d for d in source.iterdir() if d.is_dir())
+    """The jobs of a folder of group sub-folders (hidden ones, and the output folder when it is
+    one of them, left out)."""
+    out = output.resolve()
+    subdirs = sorted(
+        d
+        for d in source.iterdir()
+        if d.is_dir()
+        and not d.name.startswith(".")
+        and not (out == d.resolve() or d.resolve() in out.parents)
+    )
     unknown = [d.name for d in subdirs if d.name not in groups]
     if not subdirs or unknown:
         raise UserError(
@@ -120,7 +130,13 @@ def by_group(source: Path, output: Path, groups: tuple[str, ...]) -> list[tuple[
             f"sub-folder; translate them with --group NAME)",
             file=sys.stderr,
         )
-    return [(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)]
+    jobs = [(d.name, p, output / d.name / f"{p.stem}.png") for d in subdirs for p in list_images(d)]
+    if not jobs:
+        raise UserError(
+            f"{source}: no images in its group sub-folders {[d.name for d in subdirs]} (expected "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return jobs
 
 
 def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
@@ -147,6 +163,19 @@ def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
             raise UserError(f"{blocker} is a file; the output {folder} must be a folder")
 
 
+def _read(path: Path, done: int, output: Path) -> np.ndarray:
+    """The input image; one that cannot be decoded says what was written before it."""
+    try:
+        return read_rgb(path)
+    except UserError as exc:
+        if not done:
+            raise
+        raise UserError(
+            f"{exc}\n{done} image(s) before it were translated into {output}; fix or remove it and run "
+            "again with --overwrite"
+        ) from exc
+
+
 def run_translate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -166,7 +195,7 @@ def run_translate(args: argparse.Namespace) -> int:
             chunk = jobs[start : start + args.batch_size]
             images = []
             for _, path, _ in chunk:
-                rgb = read_rgb(path)
+                rgb = _read(path, start, args.output)
                 if rgb.shape[:2] != (size, size):
                     rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
                 images.append(to_tensor(rgb))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import pytest
@@ -86,6 +87,17 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(
     done = run_cli("translate", str(run), str(src / "men"), str(out / "single.png"), "--group", "men")
     assert done.returncode == 2 and "expected a folder, not an image file" in done.stderr
     assert "Traceback" not in done.stderr and (out / "single.png").read_bytes() == b"keep"
+    # an image damaged past its header, after one translated: says what was written before it
+    shutil.copy(src / "men" / "face.png", src / "men" / "other.png")
+    (src / "men" / "zz.png").write_bytes((src / "men" / "face.png").read_bytes()[:80])
+    done = run_cli(
+        "translate", str(run), str(src / "men"), str(out / "cut"), "--group", "men", "--batch-size", "2"
+    )
+    assert done.returncode == 2 and "zz.png: cannot decode" in done.stderr, done.stderr
+    assert f"2 image(s) before it were translated into {out / 'cut'}" in done.stderr
+    assert sorted(p.name for p in (out / "cut").iterdir()) == ["face.png", "other.png"]
+    (src / "men" / "zz.png").unlink()
+    (src / "men" / "other.png").unlink()
 
     # uneven or missing test pairs: said, and an evaluation with none keeps the earlier results
     from branchadapt.evaluation import evaluate_run

@@ -93,3 +93,35 @@ def test_a_folder_where_an_output_image_goes_is_refused(tmp_path):
     for overwrite in (False, True):
         with pytest.raises(ba.UserError, match=r"out/a\.png is a folder; an output image would be written"):
             plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, overwrite=overwrite)
+
+
+def test_a_file_that_is_no_image_is_refused_before_anything_is_written(tmp_path):
+    image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "d.png").write_text("junk")
+    with pytest.raises(ba.UserError, match=r"d\.png: not an image OpenCV can read"):
+        plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hidden_files_and_folders_are_not_inputs(tmp_path):
+    image(tmp_path / "in" / "men" / "a.png")
+    (tmp_path / "in" / "men" / "._a.png").write_bytes(b"\0\5\26\7macOS metadata")
+    image(tmp_path / "in" / ".ipynb_checkpoints" / "x.png")
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)
+    assert [(g, p.name) for g, p, _ in jobs] == [("men", "a.png")]
+
+
+def test_an_output_folder_inside_the_group_folders_is_not_read_as_one_of_them(tmp_path):
+    image(tmp_path / "in" / "men" / "a.png")
+    image(tmp_path / "in" / "kids" / "b.png")
+    for _ in range(2):  # the second run sees the first one's output folder among the groups
+        jobs = plan_jobs(tmp_path / "in", tmp_path / "in" / "out", None, GROUPS, overwrite=True)
+        assert sorted((g, p.name) for g, p, _ in jobs) == [("kids", "b.png"), ("men", "a.png")]
+        for _, _, target in jobs:
+            save_png(target, np.zeros((8, 8, 3), np.uint8))
+
+
+def test_group_folders_without_images_are_refused(tmp_path):
+    (tmp_path / "in" / "men").mkdir(parents=True)
+    with pytest.raises(ba.UserError, match=r"no images in its group sub-folders \['men'\]"):
+        plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)

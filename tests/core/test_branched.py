@@ -328,3 +328,17 @@ def test_loading_into_more_groups_keeps_each_trained_branch():
         )
     new, anchor = four.group_state_dict("new"), three.group_state_dict("anchor")
     assert new.keys() == anchor.keys() and all(torch.equal(new[k], anchor[k]) for k in new)
+
+
+def test_load_flexible_takes_an_unwrapped_backbones_own_state():
+    torch.manual_seed(2)
+    net = ba.build_backbone("mlp", in_features=4, hidden=[8], out_features=2)
+    own = {k: v.clone() for k, v in net.state_dict().items()}  # keys without "backbone."
+    model = ba.branch(
+        ba.build_backbone("mlp", in_features=4, hidden=[8], out_features=2), GROUPS, low=1, top=1
+    )
+    model.load_flexible(own, anchor="anchor")
+    for group in GROUPS:
+        got = model.group_state_dict(group)
+        assert got.keys() == {f"backbone.{k}" for k in own}
+        assert all(torch.equal(got[f"backbone.{k}"], v) for k, v in own.items())

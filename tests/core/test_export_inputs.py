@@ -68,3 +68,18 @@ def test_an_existing_output_file_is_refused_unless_overwrite(finished, run_cli):
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
     forced = run_cli("export", str(finished), "--group", "b", "--format", "safetensors", "--overwrite")
     assert forced.returncode == 0, forced.stderr
+
+
+def test_overwriting_an_onnx_export_removes_an_earlier_one_s_weights_file(finished):
+    pytest.importorskip("onnxscript")
+    target = finished / "model.onnx"
+    stale = finished / "model.onnx.data"
+    stale.write_bytes(b"weights of an earlier export too large for one file")
+    with pytest.raises(ba.UserError, match=r"model\.onnx\.data exists; pass --overwrite"):
+        export_run(finished, "b", out=str(target))
+    export_run(finished, "b", out=str(target), overwrite=True)
+    assert target.is_file() and not stale.exists()  # the new model holds its weights itself
+    unrelated = finished / "weights.safetensors.data"
+    unrelated.write_bytes(b"not ours")
+    export_run(finished, "b", fmt="safetensors", out=str(finished / "weights.safetensors"))
+    assert unrelated.read_bytes() == b"not ours"

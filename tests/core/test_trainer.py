@@ -637,3 +637,30 @@ def test_a_stage_started_again_from_step_0_drops_its_earlier_records(small_exper
     assert [(r["stage"], r["step"]) for r in records] == [("basic", s) for s in (2, 4, 6)] + [
         ("transfer", s) for s in (2, 4, 6)
     ]
+
+
+def test_an_evaluation_replaces_the_earlier_one_whole_and_a_failed_one_keeps_it(
+    small_experiment, tmp_path, monkeypatch
+):
+    from branchadapt.builtin.example import SupervisedTask
+    from branchadapt.evaluation import evaluate_run
+
+    run = tmp_path / "run"
+    train(small_experiment(steps=2), run)
+    first = evaluate_run(run)
+    folder = Path(first["path"]).parent
+    (folder / "stale.png").write_bytes(b"an earlier evaluation's figure")
+    second = evaluate_run(run)
+    assert second["path"] == first["path"] and not (folder / "stale.png").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "report.html"]
+    kept = (folder / "metrics.json").read_bytes()
+
+    def fails(self, modules, source, device, out_dir):  # type: ignore[no-untyped-def]
+        (out_dir / "half.png").write_bytes(b"written before the failure")
+        raise ba.UserError("test/b/3.png: cannot decode")
+
+    monkeypatch.setattr(SupervisedTask, "evaluate", fails)
+    with pytest.raises(ba.UserError, match="cannot decode"):
+        evaluate_run(run)
+    assert (folder / "metrics.json").read_bytes() == kept and not (folder / "half.png").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no half-written folder
