@@ -77,14 +77,24 @@ def _not_options() -> tuple[type[BaseException], ...]:
 NOT_OPTIONS = _not_options()
 
 
+#: how allocators other than CUDA's caching one say they ran out, in a plain ``RuntimeError``:
+#: the CPU's, cuDNN's and cuBLAS's workspaces, and Apple's MPS backend
+_OUT_OF_MEMORY_TEXT = (
+    "can't allocate memory",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "MPS backend out of memory",
+)
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is running out of memory: CUDA's ``OutOfMemoryError``, ``MemoryError``, or
-    the CPU allocator's plain ``RuntimeError`` ("can't allocate memory")."""
+    a plain ``RuntimeError`` of another allocator (:data:`_OUT_OF_MEMORY_TEXT`)."""
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXT)
 
 
 def not_options(exc: BaseException) -> bool:

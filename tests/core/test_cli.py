@@ -254,3 +254,24 @@ def test_running_out_of_memory_in_the_evaluation_after_training_skips_it(
     monkeypatch.setattr(SupervisedTask, "evaluate", bug)
     with pytest.raises(ZeroDivisionError):  # a bug is not hidden
         main(["run", str(small_experiment(steps=2)), "--run-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory", True),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+        ("MPS backend out of memory (MPS allocated: 8.00 GB)", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x6 and 5x16)", False),
+    ],
+)
+def test_out_of_memory_is_told_from_a_misfit_by_the_allocators_words(message, expected):
+    import torch
+
+    from branchadapt.errors import not_options, out_of_memory
+
+    assert out_of_memory(RuntimeError(message)) is expected
+    assert not_options(RuntimeError(message)) is expected
+    assert out_of_memory(ValueError(message)) is False  # only the allocators' RuntimeError
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and out_of_memory(MemoryError())
