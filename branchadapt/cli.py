@@ -125,16 +125,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"--data: no split {unknown[0]!r} in data source {exp.data.type!r}; "
             f"expected one or more of {', '.join(exp.data.cls.splits)} (comma-separated)"
         )
-    # --data first: a bad item that the build reads (the first image, say) would stop it with one
-    # message, where --data lists every one
+    # what a run checks before it writes (cheap: no item is read), then --data, then every stage
+    # built as it starts (weight files read, models run on the first item). --data comes before
+    # the build: a bad item the build reads would stop it with one message, where --data lists
+    # every one. On the CPU whatever the file says: a check that needs no GPU.
+    trainer = Trainer(exp, device="cpu", progress=ProgressReporter("plain"), join_process_group=False)
+    source = check_stages(trainer, world=args.processes)
     with naming(exp.source):
         reports = read_every_item(exp, args.data) if args.data else []
     if any(r.problems for r in reports):
         return report_items(reports)
-    # what a run checks before it writes, then every stage built as it starts (weight files read);
-    # on the CPU whatever the file says: a check that needs no GPU, even for a GPU experiment
-    trainer = Trainer(exp, device="cpu", progress=ProgressReporter("plain"), join_process_group=False)
-    built = build_stages(trainer, check_stages(trainer, world=args.processes))
+    built = build_stages(trainer, source)
     spec = exp.spec
     processes = f", batches split over {args.processes} processes" if args.processes > 1 else ""
     print(f"{args.experiment}: OK (config hash {exp.config_hash}{processes})")

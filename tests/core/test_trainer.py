@@ -584,6 +584,16 @@ def test_validate_checks_the_batch_split_for_a_number_of_processes(small_experim
     )
     assert cli(["validate", path, *odd, "--set", "stages.basic.sampler.per_group=3", "--processes", "3"]) == 0
     assert "batches split over 3 processes)" in capsys.readouterr().out
+    # with --data the cheap check still comes first: no item is read for a batch that cannot split
+    import branchadapt.datacheck as datacheck
+
+    def reads(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("every item read before the batch split was checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datacheck, "check_data", reads)
+        assert cli(["validate", path, *odd, "--processes", "2", "--data"]) == 2
+    assert "the global batch of stream 'train' has 3 items" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # argparse: at least 1
         cli(["validate", path, "--processes", "0"])
     assert usage.value.code == 2 and "--processes: expected at least 1, got 0" in capsys.readouterr().err
