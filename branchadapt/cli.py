@@ -41,7 +41,11 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
-    exp = load_experiment(args.experiment, args.overrides)
+    try:
+        exp = load_experiment(args.experiment, args.overrides)
+    except UserError as exc:  # the file reads alike on every rank: under torchrun rank 0 says it once
+        exc.quiet = exc.quiet or not distributed.from_env().is_main
+        raise
     trainer = Trainer(exp, run_dir=args.run_dir, device=args.device)
     console = Console(stderr=True, soft_wrap=True, quiet=not trainer.dist.is_main, markup=False)
     ranks = f"  processes: {trainer.dist.world}" if trainer.dist.enabled else ""

@@ -123,27 +123,41 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    if re.search(r"(^|\.)(\.|$)|^\[", key.strip()):  # "a..b", ".a", "a.", "[0]": an empty key part
+        raise ConfigError(f"--set {assignment!r}: {key.strip()!r} has an empty part; expected KEY.PATH=VALUE")
     parts: list[str | int] = []
     for name, index in _KEY.findall(key.strip()):
         parts.append(int(index) if index else name)
+    if parts[0] == "extends":
+        raise ConfigError(
+            f"--set {assignment!r}: the base file is named in the experiment file, not with --set"
+        )
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as exc:
         if text.strip()[:1] in ("[", "{", '"', "'"):  # meant as TOML, not as a bare string
             raise ConfigError(f"--set {assignment!r}: the value is not valid TOML ({exc})") from None
         value = text
+    stages = data.get("stages")
+    if (
+        len(parts) >= 2
+        and parts[0] == "stages"
+        and isinstance(stages, dict)
+        and stages
+        and parts[1] not in stages
+    ):
+        # a new stage from --set (stages.NAME.key=... or stages.NAME={...}): a typo?
+        close = difflib.get_close_matches(str(parts[1]), [str(k) for k in stages], n=1, cutoff=0.7)
+        if close:
+            raise ConfigError(
+                f"--set {assignment!r}: there is no stage {parts[1]!r}; did you mean {close[0]!r}? "
+                f"Stages: {', '.join(map(str, stages))} (a new stage belongs in the file)"
+            )
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         try:
             if isinstance(node, dict) and part not in node:
-                if i == 1 and parts[0] == "stages" and node:  # a new stage from --set: a typo?
-                    close = difflib.get_close_matches(str(part), [str(k) for k in node], n=1, cutoff=0.7)
-                    if close:
-                        raise ConfigError(
-                            f"--set {assignment!r}: there is no stage {part!r}; did you mean {close[0]!r}? "
-                            f"Stages: {', '.join(map(str, node))} (a new stage belongs in the file)"
-                        )
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]
         except (KeyError, IndexError, TypeError) as exc:

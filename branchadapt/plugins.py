@@ -164,7 +164,14 @@ def _import_local(module_path: str, search_dir: Path | None, where: str) -> Modu
                 ) from exc
             raise UserError(
                 f"{at}plugin module {module_path!r} not found ({exc}); expected an importable module "
-                f"on PYTHONPATH or beside the experiment file"
+                f"on PYTHONPATH or beside the experiment file named on the command line"
+            ) from exc
+        except (TypeError, ValueError) as exc:  # "../x", "a/b", "": importlib's own words are obscure
+            if module_path.isidentifier() or all(part.isidentifier() for part in module_path.split(".")):
+                raise UserError(f"{at}plugin module {module_path!r} failed to import {failure(exc)}") from exc
+            raise UserError(
+                f"{at}{module_path!r} is not a module name; expected a dotted Python module name such as "
+                "'my_plugin' or 'my_pkg.plugin' (a folder goes on PYTHONPATH, not in the name)"
             ) from exc
         except Exception as exc:
             raise UserError(f"{at}plugin module {module_path!r} failed to import {failure(exc)}") from exc

@@ -241,7 +241,7 @@ def test_scalars_must_have_their_toml_type(small_experiment):
     assert "5 problems" in msg
     for line in [
         "train.fused_optimizers: expected a boolean (true or false), not a string (got 'no')",
-        "train.stack_branches: expected a boolean (true or false) or \"auto\", not a string (got 'on')",
+        "train.stack_branches: expected a boolean (true or false) or \"auto\", not another string (got 'on')",
         "seed: expected an integer, not a boolean (got True)",
         "losses.cross_entropy.weight: expected a number, not a string (got '0.5')",  # plugin options too
         "data.noise: expected a number, not a boolean (got False)",
@@ -274,10 +274,12 @@ def test_scalar_checks_leave_paths_enums_and_containers_to_their_fields():
     assert check_scalar(ba.Participation, "frozen") == "frozen"
     assert check_scalar(list[int], "x") == "x" and check_scalar(bool, [1]) == [1]
     assert check_scalar(Annotated[float, Field(ge=0)], 3) == 3
-    with pytest.raises(ValueError, match=r'expected "a" or "b", not a string'):
+    with pytest.raises(ValueError, match=r'expected "a" or "b", not another string'):
         check_scalar(Literal["a", "b"], "c")
     with pytest.raises(ValueError, match="expected 1 or 2, not a boolean"):
         check_scalar(Literal[1, 2], True)
+    with pytest.raises(ValueError, match="expected 1 or 2, not another integer"):
+        check_scalar(Literal[1, 2], 3)
     with pytest.raises(
         ValueError, match=r"^\[0\]\.x: expected a boolean \(true or false\), not a string \(got 'no'\)$"
     ):
@@ -305,3 +307,17 @@ def test_a_field_converting_its_own_raw_values_is_left_to_it():
     assert Options(n="2k").n == 2000
     with pytest.raises(ValueError, match="expected an integer, not a string"):
         Options(k="2k")
+
+
+def test_an_override_with_an_empty_key_part_a_stage_table_typo_or_extends_is_refused():
+    data = {"stages": {"basic": {"steps": 1}, "transfer": {"steps": 2}}}
+    for bad in ("stages..steps=3", ".a=1", "a.=1", "[0]=1"):
+        with pytest.raises(ba.ConfigError, match="has an empty part"):
+            apply_override(data, bad)
+    with pytest.raises(ba.ConfigError, match=r"no stage 'trasnfer'; did you mean 'transfer'\?"):
+        apply_override(data, "stages.trasnfer={steps=3}")  # a whole table, not only a dotted key
+    with pytest.raises(ba.ConfigError, match="the base file is named in the experiment file"):
+        apply_override(data, 'extends="base.toml"')
+    assert data == {"stages": {"basic": {"steps": 1}, "transfer": {"steps": 2}}}  # nothing changed
+    apply_override(data, "stages.finetune={steps=4}")  # unlike every stage: a new one
+    assert data["stages"]["finetune"] == {"steps": 4}

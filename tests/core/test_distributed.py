@@ -206,3 +206,17 @@ def test_a_rank_that_fails_alone_ends_the_job_instead_of_hanging(tmp_path):
     assert "error: items/anchor/" in proc.stderr and "cannot read (rank 1 only)" in proc.stderr
     assert "stage basic: stopped before step" in proc.stderr
     assert "exitcode: 2" in proc.stderr or "exitcode  : 2" in proc.stderr  # the rank's own user-error exit
+
+
+def test_a_bad_experiment_file_under_torchrun_is_reported_by_rank_0_only(
+    small_experiment, monkeypatch, capsys
+):
+    from branchadapt.cli import main
+
+    path = str(small_experiment())
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["run", path, "--set", "model.hiden=3"]) == 2  # every rank stops, with exit 2
+        err = capsys.readouterr().err
+        assert ("model.hiden: unknown key" in err) is says, (rank, err)

@@ -142,6 +142,10 @@ def test_local_plugin_module_from_experiment_file(tmp_path, run_cli):
     exp.write_text('plugins = ["not_a_module_anywhere"]\n' + EXPERIMENT)
     out = run_cli("validate", str(exp))
     assert out.returncode == 2 and "plugin module 'not_a_module_anywhere' not found" in out.stderr
+    exp.write_text('plugins = ["../my_local_plugin"]\n' + EXPERIMENT)  # a path, not a module name
+    out = run_cli("validate", str(exp))
+    assert out.returncode == 2 and "plugins: '../my_local_plugin' is not a module name" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_duplicate_names_name_both_origins(tmp_path, run_cli, third_party):
