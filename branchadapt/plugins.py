@@ -118,6 +118,25 @@ class PluginSet:
             module = _import_local(module_path, search_dir, where)
             self.local_modules.append(module_path)
             self._add(module, f"local:{module_path}", f"{module_path} (local module)")
+            self._check_hooks(module, module_path, where)
+
+    def _check_hooks(self, module: ModuleType, module_path: str, where: str) -> None:
+        """A local module named in an experiment must implement branchadapt's hooks, by their names:
+        one with none (a wrong module) or with a misspelt one would otherwise register nothing."""
+        callers = self.pm.get_hookcallers(module) or []
+        unknown = sorted(c.name for c in callers if c.spec is None)
+        known = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
+        at = f"{where}: " if where else ""
+        if unknown:
+            raise UserError(
+                f"{at}plugin module {module_path!r} marks {unknown} with @branchadapt.hookimpl, which "
+                f"are not branchadapt hooks; expected {known}"
+            )
+        if not callers:
+            raise UserError(
+                f"{at}plugin module {module_path!r} implements no branchadapt hook, so it registers "
+                f"nothing; expected functions marked @branchadapt.hookimpl named one of {known}"
+            )
 
     def commands(self, subparsers: Any) -> None:
         self.pm.hook.register_commands(subparsers=subparsers, context=self)

@@ -146,6 +146,20 @@ def test_local_plugin_module_from_experiment_file(tmp_path, run_cli):
     out = run_cli("validate", str(exp))
     assert out.returncode == 2 and "plugins: '../my_local_plugin' is not a module name" in out.stderr
     assert "Traceback" not in out.stderr
+    # a module that registers nothing: the wrong module, or a hook's name misspelt
+    (tmp_path / "misspelt_hooks.py").write_text(
+        "import branchadapt as ba\n\n\n@ba.hookimpl\ndef register_lossez(register):\n    pass\n"
+    )
+    for module, expected in [
+        ("json", "plugin module 'json' implements no branchadapt hook, so it registers nothing"),
+        (
+            "misspelt_hooks",
+            "plugin module 'misspelt_hooks' marks ['register_lossez'] with @branchadapt.hookimpl",
+        ),
+    ]:
+        exp.write_text(f'plugins = ["{module}"]\n' + EXPERIMENT)
+        out = run_cli("validate", str(exp))
+        assert out.returncode == 2 and expected in out.stderr, out.stderr
 
 
 def test_duplicate_names_name_both_origins(tmp_path, run_cli, third_party):
