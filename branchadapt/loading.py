@@ -100,12 +100,13 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         where = f"{_chain[-1]}: extends: " if _chain else ""
         what = "is a folder; expected a .toml file" if path.is_dir() else "not found"
         raise ConfigError(f"{where}experiment file {path} {what}")
+    by = f" (the base of {_chain[-1]})" if _chain else ""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raise ConfigError(f"{path}{by}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc})") from exc
+        raise ConfigError(f"{path}{by}: not a UTF-8 text file ({exc})") from exc
     parent = data.pop("extends", None)
     if parent is None:
         return data

@@ -66,6 +66,10 @@ def test_malformed_toml_and_missing_file(tmp_path):
     bad.write_text("name = \n")
     assert f"{bad.resolve()}: not valid TOML" in error_of(bad)
     assert "not found" in error_of(tmp_path / "missing.toml")
+    child = tmp_path / "sub" / "child.toml"
+    child.parent.mkdir()
+    child.write_text('extends = "../bad.toml"\n')
+    assert f"{bad.resolve()} (the base of {child.resolve()}): not valid TOML" in error_of(child)
 
 
 def test_extends_and_override(small_experiment, tmp_path):
