@@ -123,6 +123,10 @@ def discover_stages(model: nn.Module, cuts: Sequence[str] | None = None) -> dict
         )
     units = _units(model, features)
     ends = [u for u in units if u in set(features)]
+    if cuts is not None and list(cuts) != ends:  # a list the model's order would silently rewrite
+        twice = sorted({c for c in cuts if list(cuts).count(c) > 1})
+        problem = f"names {twice} more than once" if twice else "is not in the model's order"
+        raise UserError(f"model.cuts {problem}; expected each stage end once, input side first: {ends}")
     pieces: list[list[str]] = []
     current: list[str] = []
     for unit in units:

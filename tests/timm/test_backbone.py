@@ -67,6 +67,12 @@ def test_explicit_cuts_and_bad_feature_names():
     }
     with pytest.raises(ba.UserError, match=r"model.cuts names \['layer9'\]"):
         backbone("resnet10t", kwargs=SMALL_RESNET, cuts=["layer9"])
+    with pytest.raises(
+        ba.UserError, match=r"model.cuts is not in the model's order; .*\['layer2', 'layer4'\]"
+    ):
+        backbone("resnet10t", kwargs=SMALL_RESNET, cuts=["layer4", "layer2"])
+    with pytest.raises(ba.UserError, match=r"model.cuts names \['layer2'\] more than once"):
+        backbone("resnet10t", kwargs=SMALL_RESNET, cuts=["layer2", "layer2", "layer4"])
     with pytest.raises(ba.UserError, match="no feature_info"):
         discover_stages(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
