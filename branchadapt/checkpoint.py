@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, CheckpointMismatch
+from .report import replace_folder
 
 FORMAT = 1
 
@@ -250,9 +251,7 @@ def save_checkpoint(
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    replace_folder(tmp, directory)
     return directory
 
 

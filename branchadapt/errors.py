@@ -74,7 +74,7 @@ def _not_options() -> tuple[type[BaseException], ...]:
 
 
 #: exceptions that are the machine's failures (out of memory, the process group), not the options'
-NOT_OPTIONS = _not_options()
+_NOT_OPTIONS = _not_options()
 
 
 #: how allocators other than CUDA's caching one say they ran out, in a plain ``RuntimeError``:
@@ -98,9 +98,9 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def not_options(exc: BaseException) -> bool:
-    """Whether ``exc`` is the machine's failure (:data:`NOT_OPTIONS`, or out of memory on the CPU)
-    rather than a sign that the experiment's options do not fit together."""
-    return isinstance(exc, NOT_OPTIONS) or out_of_memory(exc)
+    """Whether ``exc`` is the machine's failure (out of memory, the process group) rather than a
+    sign that the experiment's options do not fit together."""
+    return isinstance(exc, _NOT_OPTIONS) or out_of_memory(exc)
 
 
 class StepFailed(UserError):

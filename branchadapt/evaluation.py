@@ -24,7 +24,7 @@ from .errors import UserError
 from .interfaces import Task
 from .loading import ResolvedExperiment, resolve
 from .plugins import PluginSet, default_plugins
-from .report import atomic_write_text, write_html_report
+from .report import atomic_write_text, replace_folder, write_html_report
 from .rundir import final_weights
 
 if TYPE_CHECKING:
@@ -119,24 +119,12 @@ def evaluate_run(
         report = {"stage": stage, "split": split, "config_hash": exp.config_hash, "groups": metrics}
         atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
         write_html_report(out_dir, f"{exp.spec.name}: stage {stage}, {split} split", metrics)
-        _replace_folder(out_dir, final)
+        replace_folder(out_dir, final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # gone already when it replaced the earlier one
     report["path"] = str(final / "metrics.json")
     report["html"] = str(final / "report.html")
     return report
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put the folder ``new`` in ``target``'s place, the earlier ``target`` (if any) removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def metrics_table(report: dict[str, Any]) -> Table:

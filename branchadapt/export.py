@@ -99,13 +99,19 @@ def export_onnx(
                 dynamic_shapes=tuple({0: batch} for _ in inputs),
                 verbose=False,
             )
-        data, side = tmp.with_name(f"{tmp.name}.data"), path.with_name(f"{path.name}.data")
-        if data.exists():
+        data, side = onnx_data_file(tmp), onnx_data_file(path)
+        separate = data.exists()
+        if separate:
             os.replace(data, side)
         os.replace(tmp, path)
-        if not data.exists() and side.exists() and not external:  # an earlier, larger export's
+        if not separate and side.exists():  # an earlier, larger export's weights: this model holds its own
             side.unlink()
     return onnx_difference(backbone, path, inputs)
+
+
+def onnx_data_file(path: Path) -> Path:
+    """Where the ONNX exporter puts the weights of a model too large for one file: beside it."""
+    return path.with_name(f"{path.name}.data")
 
 
 def onnx_difference(backbone: nn.Module, path: Path, inputs: tuple[Tensor, ...]) -> float | None:
@@ -148,9 +154,8 @@ def export_run(
     blocker = next((p for p in path.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
-    # the ONNX exporter may write the weights beside the model, in <file>.data
-    side = path.with_name(f"{path.name}.data")
-    taken = [p for p in (path, side)[: 2 if fmt == "onnx" else 1] if p.exists() or p.is_symlink()]
+    outputs = [path, onnx_data_file(path)] if fmt == "onnx" else [path]
+    taken = [p for p in outputs if p.exists() or p.is_symlink()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} exists; pass --overwrite to replace it, or --out another file")
     inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)

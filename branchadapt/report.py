@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +18,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` in ``target``'s place; the earlier ``target`` (if any) is
+    moved aside first and removed last, so that ``target`` is never a half-written folder."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def metric_columns(metrics: Mapping[str, Mapping[str, float]]) -> list[str]:

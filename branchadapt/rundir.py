@@ -11,6 +11,7 @@ import tomli_w
 
 from .errors import UserError
 from .loading import ResolvedExperiment, config_hash
+from .report import atomic_write_text
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -30,12 +31,6 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 #: what a run directory holds once a run has trained (its config alone is not a run yet)
@@ -84,8 +79,8 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.toml", tomli_w.dumps(dump))
-        _write_atomic(saved_path, json.dumps(record, indent=1))
+        atomic_write_text(run_dir / "config.toml", tomli_w.dumps(dump))
+        atomic_write_text(saved_path, json.dumps(record, indent=1))
     except OSError as exc:
         raise UserError(
             f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with --run-dir"
@@ -101,24 +96,23 @@ def forget_logged_steps(metrics: Path, stage: str, step: int) -> None:
     original = metrics.read_text(encoding="utf-8")
     lines = original.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
-        lines[-1] = "" if not _is_json(lines[-1]) else lines[-1] + "\n"
+        lines[-1] = "" if _record(lines[-1]) is _NOT_JSON else lines[-1] + "\n"
 
-    def later(line: str) -> bool:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            return False  # not ours to judge: kept as it is
+    def later(line: str) -> bool:  # a line that is not a record is not ours to judge: kept
+        record = _record(line)
         return isinstance(record, dict) and record.get("stage") == stage and record.get("step", 0) > step
 
-    kept = [line for line in lines if not later(line)]
-    text = "".join(kept)
+    text = "".join(line for line in lines if not later(line))
     if text != original:
-        _write_atomic(metrics, text)
+        atomic_write_text(metrics, text)
 
 
-def _is_json(line: str) -> bool:
+_NOT_JSON = object()
+
+
+def _record(line: str) -> Any:
+    """The JSON value of a metrics line, or ``_NOT_JSON``."""
     try:
-        json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError:
-        return False
-    return True
+        return _NOT_JSON

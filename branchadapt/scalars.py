@@ -109,9 +109,9 @@ def check_scalar(annotation: Any, value: Any) -> Any:
     if kind is None or not entries or any(_takes(e, value) for e in entries):
         return value
     expected = [_NAMES[e] if isinstance(e, type) else _toml(e[0]) for e in entries]
-    said = _NAMES[kind].split(" (")[0]
+    said = _NAMES[kind].split(" (")[0]  # "a string"
     if any(isinstance(e, tuple) and _scalar(e[0]) is kind for e in entries):  # the type, not the value
-        said = said.replace("a ", "another ", 1).replace("an ", "another ", 1)
+        said = f"another {said.split(' ', 1)[1]}"
     raise ValueError(f"expected {' or '.join(expected)}, not {said}")
 
 
