@@ -16,6 +16,7 @@ applied to every decoded photo). With no ``root``, the embedded toonfaces data s
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from branchadapt import DataSource, PluginOptions, UserError
@@ -31,7 +33,7 @@ from branchadapt.augment import Augmenter, check_augment
 
 from .augment import paper_augment
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 STREAMS = ("photo", "cartoon")
 FOLDERS = {
     "streams": {("train", "photo"): "train/photo", ("train", "cartoon"): "train/cartoon",
@@ -100,18 +102,49 @@ def cache_dir(explicit: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "branchadapt"
 
 
+# EXIF orientation (tag 0x0112) -> the array operation that shows the stored pixels upright
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation of an encoded image (1, upright, when it has none or Pillow cannot
+    read its header)."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # OpenCV decodes formats Pillow may not know: no tag then
+        return 1
+    return value if isinstance(value, int) else 1
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image as RGB uint8; RGBA is composited on white, a JPEG turned upright by its EXIF
-    orientation; clear error if unreadable."""
+    """Decode an image as RGB uint8; RGBA is composited on white, and an image with an EXIF
+    orientation (phone photos; JPEG, PNG, WebP, TIFF) turned upright as viewers show it; a clear
+    error if unreadable."""
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise UserError(f"{path}: image file not found")
-    # a JPEG (no alpha, 8 bits) decodes turned upright as its EXIF orientation says, as viewers show
-    # it (phone photos); IMREAD_UNCHANGED, which keeps other formats' alpha and depth, would not
+    # OpenCV turns a JPEG (read without alpha, 8 bits) and a TIFF upright itself; other formats are
+    # decoded with IMREAD_UNCHANGED, which keeps alpha and 16-bit depth but ignores the orientation
     jpeg = data[:2].tobytes() == b"\xff\xd8"
+    oriented = jpeg or data[:4].tobytes() in (b"II*\x00", b"MM\x00*")
     img = cv2.imdecode(data, cv2.IMREAD_COLOR if jpeg else cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
-        raise UserError(f"{path}: cannot decode the image (corrupt or not an image); expected PNG/JPEG")
+        raise UserError(
+            f"{path}: cannot decode the image (corrupt or not an image); expected "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    upright = None if oriented else _UPRIGHT.get(exif_orientation(data))
+    if upright is not None:
+        img = np.ascontiguousarray(upright(img))
     if img.dtype != np.uint8:
         img = (img / (256 if img.dtype == np.uint16 else 1)).astype(np.uint8)
     if img.ndim == 2:

@@ -3,7 +3,8 @@
 INPUT is an image, a folder of images (``--group`` required), or a folder with one sub-folder per
 group (the sub-folder names pick the branches). Outputs mirror the input layout as PNG;
 ``--cam`` also writes the generator's CAM heatmap over each input (``<name>_cam.png``). Files
-from an earlier translation are replaced only with ``--overwrite``.
+from an earlier translation are replaced only with ``--overwrite``, which also removes an earlier
+``--cam``'s heatmap of a replaced output when this run writes none.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .data import IMAGE_SUFFIXES, check_headers, list_images, read_rgb, to_tenso
 from .sampling import heatmap_overlay, save_png
 
 GENERATOR = {"a2b": "gen_a2b", "b2a": "gen_b2a"}
+# image suffixes an output name may carry that OpenCV does not write: refused, not made a folder
+UNWRITABLE = {".gif", ".heic", ".heif", ".avif", ".svg", ".ico", ".jxl"}
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -78,6 +81,11 @@ def plan_jobs(
         raise UserError(f"{source}: no such file or folder")
     if group is not None and group not in groups:
         raise UserError(f"--group {group!r} is not a group of this run; expected one of {list(groups)}")
+    if output.suffix.lower() in UNWRITABLE and not output.is_dir():
+        raise UserError(
+            f"{output}: cannot write {output.suffix} images; expected a folder or an image file ending in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
     if source.is_file():
         if group is None:
             raise UserError(f"{source}: a single image needs --group (one of {list(groups)})")
@@ -163,6 +171,13 @@ def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
             raise UserError(f"{blocker} is a file; the output {folder} must be a folder")
 
 
+def stale_heatmaps(jobs: list[tuple[str, Path, Path]]) -> set[Path]:
+    """Heatmaps an earlier ``--cam`` translation left beside outputs about to be replaced (and that
+    are not outputs of these jobs themselves): removed as each new output is written."""
+    targets = {t for _, _, t in jobs}
+    return {cam_path(t) for t in targets if cam_path(t) not in targets and cam_path(t).is_file()}
+
+
 def _read(path: Path, done: int, output: Path) -> np.ndarray:
     """The input image; one that cannot be decoded says what was written before it."""
     try:
@@ -186,6 +201,7 @@ def run_translate(args: argparse.Namespace) -> int:
     groups = tuple(loaded.experiment.spec.groups)
     size = int(getattr(loaded.experiment.data.options, "size", 256))
     jobs = plan_jobs(args.input, args.output, args.group, groups, args.overwrite, args.cam)
+    stale = stale_heatmaps(jobs) if args.overwrite and not args.cam else set()
     layout = inference_layout(device)
     generator = modules[GENERATOR[args.direction]].to(memory_format=layout)
     columns = [TextColumn("translate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -206,6 +222,8 @@ def run_translate(args: argparse.Namespace) -> int:
                 save_png(target, to_uint8(out[i]))
                 if args.cam:
                     save_png(cam_path(target), to_uint8(heatmap_overlay(x[i], heat[i])))
+                elif cam_path(target) in stale:  # an earlier --cam's heatmap no longer shows this output
+                    cam_path(target).unlink(missing_ok=True)
             bar.advance(task_id, len(chunk))
     print(
         f"translated {len(jobs)} image{'s' if len(jobs) != 1 else ''} ({args.direction}) into {args.output}"

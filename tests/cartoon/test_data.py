@@ -186,6 +186,36 @@ def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
     assert np.abs(rgb.astype(int) - shown.astype(int)).mean() < 3  # the same image, up to decoding
 
 
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_other_formats_are_turned_upright_by_their_exif_orientation(tmp_path, suffix, orientation):
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    pixels = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)  # no symmetry to hide a wrong turn
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone{suffix}"
+    Image.fromarray(pixels).save(path, exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    rgb = read_rgb(path)
+    assert rgb.shape == shown.shape
+    assert np.array_equal(rgb, shown)  # lossless formats: exactly what a viewer shows
+
+
+def test_an_image_with_alpha_is_turned_upright_after_compositing(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((4, 8, 4), np.uint8)  # 8 wide, transparent but for an opaque red top row
+    pixels[0] = (255, 0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png", exif=exif)
+    rgb = read_rgb(tmp_path / "a.png")
+    assert rgb.shape == (8, 4, 3)
+    assert (rgb[:, 0] == (255, 0, 0)).all() and (rgb[:, 1:] == 255).all()  # the red row now on the left
+
+
 def test_messages_name_an_item_by_its_file(tmp_path):
     root = make_folder(tmp_path / "data")
     src = FaceImages(FaceImagesOptions(root=root, size=32), GROUPS, tmp_path, "train")

@@ -76,6 +76,12 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(
     assert again.returncode == 0, again.stderr
     assert (out / "men" / "face.png").read_bytes() == before  # the same translation, written again
     assert cv2.imread(str(out / "kids" / "face.png")).shape == (32, 32, 3)
+    assert not list(out.rglob("*_cam.png"))  # the first run's heatmaps would show the old outputs
+    done = run_cli(
+        "translate", str(run), str(src / "men" / "face.png"), str(out / "one.tif"), "--group", "men"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "one.tif").is_file() and cv2.imread(str(out / "one.tif")).shape == (32, 32, 3)
     done = run_cli(
         "translate", str(run), str(src / "men" / "face.png"), str(out / "b.png"), "--direction", "b2a"
     )

@@ -125,3 +125,26 @@ def test_group_folders_without_images_are_refused(tmp_path):
     (tmp_path / "in" / "men").mkdir(parents=True)
     with pytest.raises(ba.UserError, match=r"no images in its group sub-folders \['men'\]"):
         plan_jobs(tmp_path / "in", tmp_path / "out", None, GROUPS)
+
+
+def test_an_output_in_a_format_that_cannot_be_written_is_refused_not_made_a_folder(tmp_path):
+    photo = image(tmp_path / "in" / "a.png")
+    for name in ("a.gif", "A.HEIC"):
+        with pytest.raises(ba.UserError, match=rf"{name}: cannot write \.\w+ images; expected a folder or"):
+            plan_jobs(photo, tmp_path / name, "men", GROUPS)
+    assert not (tmp_path / "a.gif").exists()
+    (tmp_path / "folder.gif").mkdir()  # an existing folder of that name is a folder
+    assert plan_jobs(photo, tmp_path / "folder.gif", "men", GROUPS)[0][2] == tmp_path / "folder.gif" / "a.png"
+    assert plan_jobs(photo, tmp_path / "a.tiff", "men", GROUPS)[0][2] == tmp_path / "a.tiff"
+
+
+def test_overwriting_without_cam_removes_only_the_replaced_outputs_heatmaps(tmp_path):
+    from branchadapt_cartoon.translate import stale_heatmaps
+
+    image(tmp_path / "in" / "a.png")
+    image(tmp_path / "in" / "b.png")
+    image(tmp_path / "in" / "b_cam.png")  # an input of its own, translated to out/b_cam.png
+    for name in ("a_cam.png", "b_cam.png", "c_cam.png"):
+        image(tmp_path / "out" / name)
+    jobs = plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, overwrite=True)
+    assert stale_heatmaps(jobs) == {tmp_path / "out" / "a_cam.png"}  # c has no output here; b_cam is one
