@@ -296,8 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "run"
             else ""
         )
+        info = distributed.from_env()  # under torchrun, each process runs out on its own: say which
+        where = f" (rank {info.rank} of {info.world})" if info.enabled else ""
         print(
-            f"error: out of memory: {type(exc).__name__}: {first}\nThis machine cannot hold what the "
+            f"error{where}: out of memory: {type(exc).__name__}: {first}\nThis machine cannot hold what the "
             f"experiment asks for: lower the batch, the input size or the model's size{changed}",
             file=sys.stderr,
         )

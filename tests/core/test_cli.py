@@ -234,6 +234,24 @@ def test_running_out_of_memory_is_one_message_not_a_misfit_and_keeps_the_checkpo
     assert all(p.read_bytes() == data for p, data in written.items())  # nothing written is lost
 
 
+def test_under_torchrun_a_process_that_runs_out_of_memory_names_its_rank(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from branchadapt import cli
+
+    def out_of_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "load_experiment", out_of_memory)
+    assert cli.main(["run", str(tmp_path / "x.toml")]) == 1
+    assert capsys.readouterr().err.startswith("error: out of memory: OutOfMemoryError: CUDA out of memory")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["run", str(tmp_path / "x.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 1 of 2): out of memory: OutOfMemoryError: CUDA out of memory"), err
+
+
 def test_running_out_of_memory_in_the_evaluation_after_training_skips_it(
     small_experiment, tmp_path, monkeypatch, capfd
 ):
