@@ -274,7 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command = args.command
         args.context = plugins
-        return int(args.handler(args) or 0)
+        handler = getattr(args, "handler", None)
+        if handler is None:  # a plugin's command that did not say what runs it
+            raise UserError(
+                f"command {command!r} has no handler; its plugin's register_commands hook must call "
+                "parser.set_defaults(handler=fn), fn(args) returning the exit code"
+            )
+        return int(handler(args) or 0)
     except UserError as exc:
         if not exc.quiet:
             if traceback_wanted() and exc.__cause__ is not None:

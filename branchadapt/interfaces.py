@@ -36,9 +36,10 @@ class PluginOptions(TomlTyped):
     scalars must have their field's TOML type (:mod:`branchadapt.scalars`: ``"yes"`` is no boolean).
 
     ``Path`` fields that are relative are taken beside the experiment file when the core
-    validates the options (:mod:`branchadapt.paths`)."""
+    validates the options (:mod:`branchadapt.paths`). Defaults are validated too: a plugin whose
+    default breaks its own field's constraint is refused, not run with it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     @model_validator(mode="after")
     def _anchor_paths(self) -> Self:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import inspect
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Iterator
@@ -84,11 +86,16 @@ class PluginSet:
                     f"{failure(exc)}; {fix}"
                 ) from exc
             self._add(plugin, ep.name, origin, ep.value)
+            # a package's hooks are checked by name as a local module's are
+            self._check_hooks(plugin, f"plugin entry point {ep.name!r} = {ep.value!r} (from {origin})")
 
     def _add(self, plugin: Any, name: str, origin: str, value: str | None = None) -> None:
         if self.pm.is_registered(plugin):
             return
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:  # a hook's arguments are not the hookspec's
+            raise UserError(f"plugin {name!r} (from {origin}) {_hook_mismatch(exc)}") from exc
         self.origins[id(plugin)] = origin
         self.sources[name] = (value or str(getattr(plugin, "__name__", name)), origin)
         for hook_name, kind in HOOK_KINDS.items():
@@ -118,28 +125,55 @@ class PluginSet:
             module = _import_local(module_path, search_dir, where)
             self.local_modules.append(module_path)
             self._add(module, f"local:{module_path}", f"{module_path} (local module)")
-            self._check_hooks(module, module_path, where)
+            self._check_hooks(
+                module,
+                f"{where}: plugin module {module_path!r}" if where else f"plugin module {module_path!r}",
+            )
 
-    def _check_hooks(self, module: ModuleType, module_path: str, where: str) -> None:
-        """A local module named in an experiment must implement branchadapt's hooks, by their names:
-        one with none (a wrong module) or with a misspelt one would otherwise register nothing."""
+    def _check_hooks(self, module: ModuleType, label: str) -> None:
+        """A plugin module (local or an installed entry point) must implement branchadapt's hooks,
+        by their names: one with none (a wrong module, or hooks without ``@branchadapt.hookimpl``)
+        or with a misspelt one would otherwise register nothing."""
         callers = self.pm.get_hookcallers(module) or []
         unknown = sorted(c.name for c in callers if c.spec is None)
         known = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
-        at = f"{where}: " if where else ""
         if unknown:
             raise UserError(
-                f"{at}plugin module {module_path!r} marks {unknown} with @branchadapt.hookimpl, which "
-                f"are not branchadapt hooks; expected {known}"
+                f"{label} marks {unknown} with @branchadapt.hookimpl, which are not branchadapt "
+                f"hooks; expected {known}"
             )
         if not callers:
             raise UserError(
-                f"{at}plugin module {module_path!r} implements no branchadapt hook, so it registers "
-                f"nothing; expected functions marked @branchadapt.hookimpl named one of {known}"
+                f"{label} implements no branchadapt hook, so it registers nothing; expected "
+                f"functions marked @branchadapt.hookimpl named one of {known}"
             )
 
     def commands(self, subparsers: Any) -> None:
-        self.pm.hook.register_commands(subparsers=subparsers, context=self)
+        """Let every plugin add its sub-commands; a hook that fails names its plugin and origin."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            origin = self.origins.get(id(impl.plugin), impl.plugin_name)
+            try:
+                impl.function(subparsers=subparsers, context=self)
+            except UserError:
+                raise
+            except Exception as exc:  # argparse's "conflicting subparser: run" included
+                raise UserError(
+                    f"plugin {impl.plugin_name!r} (from {origin}) failed in its register_commands hook "
+                    f"{failure(exc)}"
+                ) from exc
+
+
+def _hook_mismatch(exc: pluggy.PluginValidationError) -> str:
+    """What pluggy found wrong with a hook's arguments, with the arguments branchadapt passes."""
+    found = re.search(r"for hook '(\w+)'", str(exc))
+    spec = getattr(hookspecs, found.group(1), None) if found else None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    expected = (
+        f"; expected {spec.__name__}({', '.join(inspect.signature(spec).parameters)})"
+        if spec is not None
+        else ""
+    )
+    return f"has a hook branchadapt cannot call: {' '.join(lines[1:]) or exc}{expected}"
 
 
 @contextmanager

@@ -7,6 +7,7 @@ name is an error listing the closest registered names, so a typo in a config is 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,20 @@ class Registry:
             )
         if not name or not isinstance(name, str):
             raise RegistryError(f"{origin} registered a {kind} with an empty or non-string name")
+        if inspect.isabstract(obj):
+            missing = sorted(getattr(obj, "__abstractmethods__", ()))
+            raise RegistryError(
+                f"{origin} registered {kind} {name!r} ({obj.__module__}.{obj.__qualname__}), which is "
+                f"abstract: it does not implement {missing}; expected a class defining them"
+            )
+        options = getattr(obj, "Options", None)
+        wanted = getattr(base, "Options", None)
+        if isinstance(wanted, type) and not (isinstance(options, type) and issubclass(options, wanted)):
+            raise RegistryError(
+                f"{origin} registered {kind} {name!r} with Options = {options!r}; expected a subclass of "
+                f"{wanted.__module__.split('.')[0]}.{wanted.__name__} (it refuses unknown keys and "
+                "values of the wrong TOML type, so a typo in an experiment cannot pass silently)"
+            )
         existing = self._entries[kind].get(name)
         if existing is not None:
             raise RegistryError(

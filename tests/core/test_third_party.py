@@ -201,7 +201,8 @@ def add_dist(site: Path, name: str, entry_points: str, module: str, source: str)
 def test_an_entry_point_name_used_twice_is_an_error_naming_both(tmp_path, run_cli, third_party, taken):
     # silently skipping the second would drop a whole plugin set (cartoon: every face component)
     site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
-    add_dist(site, "ba-clash", f"{taken} = ba_clash", "ba_clash", "import branchadapt as ba\n")
+    hook = "import branchadapt as ba\n@ba.hookimpl\ndef register_commands(subparsers, context):\n    pass\n"
+    add_dist(site, "ba-clash", f"{taken} = ba_clash", "ba_clash", hook)
     out = run_cli("plugins", env=third_party)
     assert out.returncode == 2, out.stdout
     assert f"two plugins use the entry-point name {taken!r}" in out.stderr
@@ -288,3 +289,23 @@ def test_core_never_imports_a_plugin_set():
     offenders = [f"{p.relative_to(core)}:{i}" for p in core.rglob("*.py")
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [  # a misspelt hook, and hooks without @hookimpl: the package would register nothing, unsaid
+        (
+            "import branchadapt as ba\n@ba.hookimpl\ndef register_lossez(register):\n    pass\n",
+            "marks ['register_lossez'] with @branchadapt.hookimpl, which are not branchadapt hooks",
+        ),
+        ("def register_losses(register):\n    pass\n", "implements no branchadapt hook"),
+    ],
+)
+def test_an_installed_plugin_whose_hooks_register_nothing_is_refused(
+    tmp_path, run_cli, third_party, source, expected
+):
+    site = Path(third_party["PYTHONPATH"].split(os.pathsep)[0])
+    add_dist(site, "ba-typo", "typo = ba_typo", "ba_typo", source)
+    out = run_cli("plugins", env=third_party)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "plugin entry point 'typo' = 'ba_typo' (from ba-typo 1.0)" in out.stderr and expected in out.stderr

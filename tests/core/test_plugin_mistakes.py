@@ -1,0 +1,131 @@
+"""A plugin author's usual mistakes are refused when the plugin loads, naming the plugin."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+import pytest
+from pydantic import Field, ValidationError
+
+import branchadapt as ba
+from branchadapt.cli import main
+from branchadapt.plugins import PluginSet
+
+HEADER = """
+import torch
+from torch import nn
+from pydantic import BaseModel, Field
+import branchadapt as ba
+"""
+
+
+def load(tmp_path, name: str, source: str) -> PluginSet:
+    (tmp_path / f"{name}.py").write_text(HEADER + textwrap.dedent(source))
+    plugins = PluginSet(entry_points=False)
+    plugins.load_modules([name], tmp_path, where="exp.toml")
+    return plugins
+
+
+def test_a_hook_with_other_arguments_than_the_hookspec_names_the_expected_ones(tmp_path):
+    source = """
+        @ba.hookimpl
+        def register_losses(reg):
+            pass
+        """
+    with pytest.raises(ba.UserError) as info:
+        load(tmp_path, "wrong_args", source)
+    message = str(info.value)
+    assert message.startswith("plugin 'local:wrong_args' (from wrong_args (local module)) has a hook")
+    assert "{'reg'}" in message and message.endswith("expected register_losses(register)")
+
+
+def test_an_abstract_class_is_refused_naming_what_it_lacks(tmp_path):
+    source = """
+        class NoStages(ba.Backbone):
+            def forward(self, x):
+                return x
+
+        @ba.hookimpl
+        def register_backbones(register):
+            register(NoStages, name="nostages")
+        """
+    with pytest.raises(ba.UserError, match=r"backbone 'nostages' \(abstract_one\.NoStages\), which is abstract: "
+                       r"it does not implement \['stage_names'\]"):  # fmt: skip
+        load(tmp_path, "abstract_one", source)
+
+
+def test_options_that_are_not_plugin_options_are_refused(tmp_path):
+    source = """
+        class Plain(BaseModel):  # would let a typo in the experiment pass silently
+            hidden: int = 3
+
+        class Net(ba.Backbone):
+            Options = Plain
+            def stage_names(self):
+                return []
+            def forward(self, x):
+                return x
+
+        class Loose(ba.LossTerm):
+            Options = ba.PluginOptions  # a loss's options need weight, phase and enabled
+            def forward(self, outputs, batch):
+                return outputs["x"].mean()
+
+        @ba.hookimpl
+        def register_backbones(register):
+            register(Net, name="plain_opts")
+
+        @ba.hookimpl
+        def register_losses(register):
+            register(Loose, name="loose")
+        """
+    with pytest.raises(ba.UserError, match=r"backbone 'plain_opts' with Options = .*Plain'>; expected a "
+                       r"subclass of branchadapt\.PluginOptions"):  # fmt: skip
+        load(tmp_path, "plain_options", source)
+    source = source.replace("register(Net, name=", "pass  # register(Net, name=")
+    with pytest.raises(ba.UserError, match=r"loss 'loose' .*expected a subclass of branchadapt\.LossOptions"):
+        load(tmp_path, "plain_loss_options", source)
+
+
+def test_a_default_that_breaks_its_own_constraint_is_an_error():
+    class Opts(ba.PluginOptions):
+        hidden: int = Field(0, ge=1)
+        name: int = "sixteen"  # type: ignore[assignment]
+
+    with pytest.raises(ValidationError) as info:
+        Opts()
+    assert {e["loc"][0] for e in info.value.errors()} == {"hidden", "name"}
+    assert Opts(hidden=2, name=3).hidden == 2
+
+
+def test_a_plugin_command_that_fails_or_clashes_names_the_plugin(tmp_path, monkeypatch, capsys):
+    plugins = load(
+        tmp_path,
+        "clashing",
+        """
+        @ba.hookimpl
+        def register_commands(subparsers, context):
+            subparsers.add_parser("run")
+        """,
+    )
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run")
+    with pytest.raises(ba.UserError, match=r"plugin 'local:clashing' \(from clashing \(local module\)\) failed "
+                       r"in its register_commands hook at .*: ArgumentError: .*conflicting subparser: run"):  # fmt: skip
+        plugins.commands(sub)
+    # a command without the handler the CLI calls: one message, exit 2
+    no_handler = load(
+        tmp_path,
+        "no_handler",
+        """
+        @ba.hookimpl
+        def register_commands(subparsers, context):
+            subparsers.add_parser("hello").set_defaults(func=print)
+        """,
+    )
+    monkeypatch.setattr("branchadapt.cli.default_plugins", lambda: no_handler)
+    assert main(["hello"]) == 2
+    err = capsys.readouterr().err
+    assert "command 'hello' has no handler" in err and "set_defaults(handler=fn)" in err
