@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import splitting
 from .branched import BranchedModel, GroupBranches, check_group_names
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from .config import Experiment
@@ -136,5 +137,4 @@ def branch(
     problems = split.check_groups(groups)
     if problems:
         raise UserError(f"splitter {splitter!r}: " + "; ".join(problems))
-    policy = {g: split.participation(g, anchor) for g in groups}
-    return BranchedModel(backbone, groups, split.branch_stages(backbone.stage_names()), policy)
+    return splitting.split(split, f"splitter {splitter!r}", backbone, groups, anchor)

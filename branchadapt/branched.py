@@ -91,7 +91,9 @@ class BranchedModel(nn.Module):
                 f"this {type(backbone).__name__} is already branched (a BranchedModel replaced its branch "
                 "stages in place); branch a fresh backbone, or a copy.deepcopy of an unbranched one"
             )
-        stage_names = backbone.stage_names()
+        from .splitting import check_stage_names  # it names the splitter's mistakes, and imports this
+
+        stage_names = check_stage_names(backbone)
         unknown = [s for s in branch_stages if s not in stage_names]
         if unknown:
             raise UserError(

@@ -108,7 +108,15 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_weights(path: str | Path, modules: Mapping[str, nn.Module]) -> None:
-    """Load a :func:`save_weights` file into ``modules``; any key or shape difference is an error."""
+    """Load a :func:`save_weights` file into ``modules``; any key or shape difference is an error,
+    raised before any module is changed."""
+    state = _checked_weights(path, modules)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+
+
+def _checked_weights(path: str | Path, modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
+    """A weights file's state per module, once its keys and shapes match ``modules``'."""
     state = split_state(read_tensors(path), list(modules))
     problems = []
     for name, module in modules.items():
@@ -118,8 +126,7 @@ def load_weights(path: str | Path, modules: Mapping[str, nn.Module]) -> None:
         problems.append(f"modules in the file but not in the model: {extra}")
     if problems:
         raise CheckpointError(f"{path} does not match the model:\n  " + "\n  ".join(problems))
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
+    return state
 
 
 def state_differences(own: Mapping[str, Tensor], other: Mapping[str, Tensor], prefix: str = "") -> list[str]:
@@ -200,6 +207,16 @@ def optimizer_state(
 def load_optimizer_state(
     optimizers: Mapping[str, torch.optim.Optimizer], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
 ) -> None:
+    """Load saved optimiser state into ``optimizers``; every phase is checked before any is changed."""
+    for name, state in _optimizer_states(optimizers, tensors, meta).items():
+        optimizers[name].load_state_dict(state)
+
+
+def _optimizer_states(
+    optimizers: Mapping[str, torch.optim.Optimizer], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each phase's saved state dict, once it is for this phase's optimiser type and parameters."""
+    out: dict[str, dict[str, Any]] = {}
     for name, opt in optimizers.items():
         if name not in meta:
             raise CheckpointError(f"checkpoint has no optimiser state for phase {name!r}")
@@ -221,12 +238,15 @@ def load_optimizer_state(
                 group["betas"] = tuple(group["betas"])
             # the kernels are this run's choice (device, train.fused_optimizers), not the checkpoint's
             group.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
-        try:
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        except ValueError as exc:
+        saved_sizes = [len(g["params"]) for g in groups]
+        live_sizes = [len(g["params"]) for g in opt.param_groups]
+        if saved_sizes != live_sizes:  # what torch's load_state_dict would refuse, checked first
             raise CheckpointError(
-                f"optimiser state of phase {name!r} does not match the model: {exc}"
-            ) from exc
+                f"optimiser state of phase {name!r} does not match the model: parameter groups of "
+                f"{saved_sizes} parameters saved, this run's optimiser has {live_sizes}"
+            )
+        out[name] = {"state": state, "param_groups": groups}
+    return out
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -288,12 +308,15 @@ def load_checkpoint(
                 f"{directory}: checkpoint {key} is {meta.get(key)!r}, this run expects {value!r}; "
                 "it was written by a different experiment"
             )
-    load_weights(directory / "model.safetensors", modules)
+    # everything is checked before anything is loaded: a refused checkpoint changes nothing
+    weights = _checked_weights(directory / "model.safetensors", modules)
     state = read_tensors(directory / "state.safetensors")
-    if optimizers:
-        load_optimizer_state(
-            optimizers, {k: v for k, v in state.items() if not k.startswith("rng.")}, meta["optimizers"]
-        )
+    opt_tensors = {k: v for k, v in state.items() if not k.startswith("rng.")}
+    opt_states = _optimizer_states(optimizers or {}, opt_tensors, meta["optimizers"])
+    for name, module in modules.items():
+        module.load_state_dict(weights[name])
+    for name, opt_state in opt_states.items():
+        (optimizers or {})[name].load_state_dict(opt_state)
     if restore_rng:
         set_rng_state(state, meta["rng"])
     return meta

@@ -9,7 +9,8 @@ reproducible whatever the number of workers.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,18 @@ class StepData(Dataset[Batch]):
         stage: int = 0,
         rank: int = 0,
         world: int = 1,
+        label: str | None = None,
     ) -> None:
         self.source = source
         self.rank, self.world = rank, world
         self.sampler = sampler
+        #: how messages name the sampler (the trainer: its file and key)
+        self.label = label or f"sampler {type(sampler).__name__}"
+        sizes = getattr(sampler, "sizes", None)
+        if not isinstance(sizes, dict):  # a sampler that did not call GroupSampler.__init__
+            every = source.sizes()
+            sizes = {g: every.get(g, {}) for g in groups}
+        self.sizes: dict[str, dict[str, int]] = sizes
         self.group_index = {g: i for i, g in enumerate(groups)}
         self.seed = seed
         self.stage = stage
@@ -47,7 +56,9 @@ class StepData(Dataset[Batch]):
 
     def plan(self, step: int) -> dict[str, list[tuple[str, int]]]:
         """This rank's (group, index) picks of every stream at ``step``."""
-        return shard(self.sampler.plan(step), self.rank, self.world, step)
+        plan = self.sampler.plan(step)
+        check_plan(plan, self.sizes, step, self.label)
+        return shard(plan, self.rank, self.world, step)
 
     def describe(self, step: int) -> list[str]:
         """The data source's names of this rank's items at ``step`` (for messages)."""
@@ -73,6 +84,36 @@ class StepData(Dataset[Batch]):
             collated["group"] = torch.tensor([self.group_index[g] for g, _ in picks], dtype=torch.long)
             batch[stream] = collated
         return batch
+
+
+def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, label: str) -> None:
+    """A user error naming ``label`` unless ``plan`` (a sampler's ``plan(step)``) maps streams to
+    non-empty lists of (group, index), each group one of ``sizes``' and each index in its stream."""
+    at = f"{label}: plan({step})"
+    if not isinstance(plan, Mapping) or not plan:
+        raise UserError(f"{at} returned {plan!r}; expected a dict stream -> [(group, index), ...], not empty")
+    for stream, picks in plan.items():
+        if not isinstance(picks, Sequence) or isinstance(picks, str) or not picks:
+            raise UserError(
+                f"{at} gives stream {stream!r} {picks!r}; expected a non-empty list of (group, index)"
+            )
+        for pick in picks:
+            pair = isinstance(pick, Sequence) and not isinstance(pick, str) and len(pick) == 2
+            group, index = pick if pair else (None, None)
+            if not isinstance(group, str) or group not in sizes:
+                raise UserError(f"{at} picks {pick!r}; expected (group, index) with a group of {list(sizes)}")
+            n = sizes[group].get(stream, 0)
+            if not n:
+                have = sorted(s for s, k in sizes[group].items() if k)
+                raise UserError(
+                    f"{at} picks {pick!r} from stream {stream!r}, in which group {group!r} has no items "
+                    f"(its streams: {have})"
+                )
+            if isinstance(index, bool) or not isinstance(index, Integral) or not 0 <= int(index) < n:
+                raise UserError(
+                    f"{at} picks {pick!r}: index out of range; group {group!r} has {n} items in stream "
+                    f"{stream!r}, so expected an integer 0 <= index < {n}"
+                )
 
 
 class _Guarded(Dataset[Batch | UserError]):

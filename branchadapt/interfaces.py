@@ -172,6 +172,18 @@ class LossTerm(nn.Module, ABC):
         """The unweighted scalar loss from the task's outputs and the batch."""
 
 
+def loss_value(term: LossTerm, value: Any) -> Tensor:
+    """``value``, what ``term`` returned, as a 0-dim float tensor; anything but a one-value tensor
+    (a float, a tuple, a per-sample vector) is a user error naming the term."""
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise UserError(
+            f"loss {term.name!r} ({type(term).__module__}.{type(term).__qualname__}) returned {got}; expected "
+            "a scalar tensor (reduce a per-sample loss with .mean(), say)"
+        )
+    return value.reshape(()).float()
+
+
 class GroupSampler(ABC):
     """Plans which samples of which groups form each step's batch.
 

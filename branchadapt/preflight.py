@@ -20,6 +20,7 @@ from torch import nn
 
 from . import distributed
 from .branched import BranchedModel
+from .data import check_plan
 from .errors import ConfigError, UserError, not_options
 from .interfaces import DataSource, Task
 from .rundir import final_weights
@@ -37,14 +38,22 @@ def check_stages(trainer: Trainer, world: int | None = None) -> DataSource:
     world = trainer.dist.world if world is None else world
     for index, stage in enumerate(trainer.exp.stages):
         sizes = stage_sizes(trainer, stage, source)
-        uneven = distributed.uneven_stream(trainer.sampler(index, stage, sizes).plan(0), world)
+        sampler = trainer.sampler(index, stage, sizes)
+        plan = sampler.plan(0)
+        check_plan(plan, sizes, 0, sampler_label(trainer, stage))  # each step's is checked as it is read
+        uneven = distributed.uneven_stream(plan, world)
         if uneven is not None:
             raise ConfigError(
-                f"{trainer.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type}): the global "
+                f"{sampler_label(trainer, stage)}: the global "
                 f"batch of stream {uneven[0]!r} has {uneven[1]} items, not a multiple of the {world} "
                 f"processes; set its batch (per_group, batch_size) to a multiple of {world}"
             )
     return source
+
+
+def sampler_label(trainer: Trainer, stage: ResolvedStage) -> str:
+    """How messages name a stage's sampler: the experiment file, its key and the sampler's type."""
+    return f"{trainer.exp.source}: stages.{stage.name}.sampler ({stage.sampler.type})"
 
 
 def stage_sizes(

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .branched import BranchedModel
 from .data import StepData
 from .interfaces import Backbone, LossTerm, Phase, Task
 from .loading import Component, ResolvedStage
+from .splitting import split
 
 
 def backbone_factory(model: Component, initial_weights: bool = True) -> Callable[[], Backbone]:
@@ -43,9 +43,9 @@ def wrap_backbones(
     out: dict[str, nn.Module] = {}
     for name, module in modules.items():
         if isinstance(module, Backbone):
-            branches = splitter.branch_stages(module.stage_names())
-            policy = {g: splitter.participation(g, anchor) for g in groups}
-            module = BranchedModel(module, groups, branches, policy)
+            module = split(
+                splitter, f"{stage.splitter.where} (splitter {stage.splitter.type!r})", module, groups, anchor
+            )
         out[name] = module
     return out
 

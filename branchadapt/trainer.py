@@ -33,11 +33,11 @@ from .data import StepData, step_batches, to_device
 from .device import autocast, configure_backend, select_device
 from .divergence import diverged, finite_gradients, nonfinite_names
 from .errors import CheckpointError, ConfigError, UserError, first_step, naming
-from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext
+from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, TaskContext, loss_value
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
-from .preflight import check_inputs, check_stages, stage_sizes
+from .preflight import check_inputs, check_stages, sampler_label, stage_sizes
 from .progress import ProgressReporter
 from .rundir import final_weights, forget_logged_steps, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
@@ -135,7 +135,16 @@ class Trainer:
             optimizers[phase.name] = build_optimizer(spec, params, self.spec.train.fused_optimizers)
             schedulers[phase.name] = build_scheduler(spec, optimizers[phase.name], stage.spec.steps)
         sampler = self.sampler(index, stage, stage_sizes(self, stage, source, notes=False))
-        data = StepData(source, sampler, self.groups, self.spec.seed, index, self.dist.rank, self.dist.world)
+        data = StepData(
+            source,
+            sampler,
+            self.groups,
+            self.spec.seed,
+            index,
+            self.dist.rank,
+            self.dist.world,
+            sampler_label(self, stage),
+        )
         ddp = distributed.wrap_ddp(modules, self.device)  # also gives every rank rank 0's weights
         return StageRuntime(stage, index, task, modules, phases, losses, optimizers, schedulers, data, ddp)
 
@@ -343,7 +352,7 @@ class Trainer:
                 continue
             with autocast(self.device, self.spec.precision):
                 outputs = rt.task.forward(phase.name, rt.forward_modules, batch, scratch)
-                values = {t.name: t(outputs, batch).float() for t in terms}
+                values = {t.name: loss_value(t, t(outputs, batch)) for t in terms}
             total = torch.stack([t.weight * values[t.name] for t in terms]).sum()
             if not distributed.all_finite(total, self.dist):  # every rank stops together
                 bad = [k for k, v in values.items() if not torch.isfinite(v)]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
+from ..errors import UserError
 from ..interfaces import BranchSplitter, Participation, PluginOptions
 
 
@@ -41,6 +42,11 @@ class DepthSplitter(BranchSplitter):
 
     def branch_stages(self, stage_names: Sequence[str]) -> list[str]:
         names = list(stage_names)
+        if not names and (self.options.low or self.options.top):
+            raise UserError(
+                f"splitter 'branches' (low={self.options.low}, top={self.options.top}) asks for branches, "
+                "but the backbone names no stages (its stage_names() is empty); nothing would be branched"
+            )
         low = names[: self.options.low]
         top = names[max(0, len(names) - self.options.top) :] if self.options.top else []
         return [n for n in names if n in low or n in top]

@@ -59,6 +59,38 @@ def test_checkpoints_take_str_paths_and_refuse_another_optimizer(tmp_path):
         ba.load_checkpoint(where, {"model": model}, {"main": sgd})
 
 
+def test_a_refused_checkpoint_changes_nothing(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    adam.step()
+    ba.save_checkpoint(tmp_path / "ckpt", {"model": model}, {"main": adam}, {"step": 1})
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    wrong = {
+        "another optimiser": ({"main": torch.optim.SGD(fresh.parameters(), lr=0.1)}, "is Adam's"),
+        "another phase": (
+            {"gen": torch.optim.Adam(fresh.parameters())},
+            "no optimiser state for phase 'gen'",
+        ),
+        "other parameter groups": (
+            {
+                "main": torch.optim.Adam(
+                    [{"params": fresh[0].parameters()}, {"params": fresh[1].parameters()}]
+                )
+            },
+            r"parameter groups of \[4\] parameters saved, this run's optimiser has \[2, 2\]",
+        ),
+    }
+    for optimizers, message in wrong.values():
+        with pytest.raises(ba.CheckpointError, match=message):
+            ba.load_checkpoint(tmp_path / "ckpt", {"model": fresh}, optimizers)
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # weights untouched
+        assert all(not opt.state for opt in optimizers.values())
+    ba.load_checkpoint(tmp_path / "ckpt", {"model": fresh}, {"main": torch.optim.Adam(fresh.parameters())})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.state_dict().items())
+
+
 def test_a_torch_file_given_as_safetensors_says_what_it_is(tmp_path):
     from branchadapt.checkpoint import is_safetensors, read_tensors, sniff_format
 
