@@ -123,6 +123,7 @@ class BranchedModel(nn.Module):
         self.stacked = stacked
         self.fused = fused
         self._unfusable: str | None = None  # why live and detached rows run as separate calls, once known
+        self._said_unfusable = False
         if not getattr(backbone, "rows_independent", False):
             self._unfusable = f"{type(backbone).__name__} does not declare rows_independent"
         elif any(True for _ in backbone.buffers()):
@@ -163,7 +164,7 @@ class BranchedModel(nn.Module):
             try:
                 return self._run_fused(ids, by_policy[Participation.LIVE], args, kwargs)
             except rowgrad.NotFusable as err:
-                self._unfusable = str(err)
+                self._unfusable, self._said_unfusable = str(err), True
                 warnings.warn(f"live and detached groups run as separate calls: {err}", stacklevel=2)
         if len(by_policy) == 1:
             (policy,) = by_policy
@@ -188,7 +189,15 @@ class BranchedModel(nn.Module):
         self, by_policy: Mapping[Participation, list[int]], args: Any, kwargs: Any, batch: int
     ) -> bool:
         """Whether this batch runs as one call (``fused``; live and detached groups, gradients on)."""
-        if not self.fused or self._unfusable is not None or set(by_policy) != _FUSABLE:
+        if not self.fused or set(by_policy) != _FUSABLE:
+            return False
+        if self._unfusable is not None:
+            if self.fused is True and not self._said_unfusable:  # asked for, and cannot: say so once
+                self._said_unfusable = True
+                warnings.warn(
+                    f"fused = True: live and detached groups run as separate calls: {self._unfusable}",
+                    stacklevel=3,
+                )
             return False
         if not torch.is_grad_enabled():
             return False
@@ -255,6 +264,8 @@ class BranchedModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters outside the branch stages: one set that every group runs through, and
+        that only live groups' losses update."""
         return iter(self._shared.tensors())
 
     def _known(self, group: str) -> None:
@@ -262,6 +273,7 @@ class BranchedModel(nn.Module):
             raise UserError(f"unknown group {group!r}; this model's groups are {list(self.groups)}")
 
     def branch_parameters(self, group: str | None = None) -> Iterator[nn.Parameter]:
+        """The per-group copies' parameters: every group's, or ``group``'s alone."""
         if group is not None:
             self._known(group)
         for path in self.branch_paths:

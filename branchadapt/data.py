@@ -158,6 +158,8 @@ def step_batches(data: StepData, start: int, stop: int, workers: int = 0) -> Ite
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` (stream -> field -> value) with every tensor moved to ``device``, without blocking."""
+
     def move(v: Any) -> Any:
         return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
 

@@ -62,10 +62,12 @@ class LoadedStage:
         return self.trainer.device
 
 
-def load_stage(run_dir: Path, stage: str | None = None, device: str | None = None) -> LoadedStage:
-    """Rebuild a run's modules for ``stage`` (default: the last) in eval mode, on ``device``."""
+def load_stage(run_dir: str | Path, stage: str | None = None, device: str | None = None) -> LoadedStage:
+    """Rebuild a run's modules for ``stage`` (default: the last) in eval mode, on ``device``, with
+    the stage's final weights: ``load_stage("runs/x").modules["model"]`` is the trained model."""
     from .trainer import Trainer
 
+    run_dir = Path(run_dir)
     exp = load_run(run_dir)
     names = [s.name for s in exp.stages]
     stage = stage or names[-1]

@@ -96,12 +96,15 @@ class Registry:
         return self.entry(kind, name, where).obj
 
     def entry(self, kind: str, name: str, where: str | None = None) -> Entry:
+        """The :class:`Entry` (class and origin) registered as ``name``; unknown names list the
+        closest matches, prefixed by ``where`` (the config key)."""
         entries = self._entries[_kind(kind)]
         if name in entries:
             return entries[name]
         raise RegistryError(self.unknown_message(kind, name, where))
 
     def unknown_message(self, kind: str, name: str, where: str | None = None) -> str:
+        """What to say of ``name``, not a registered ``kind``: the closest names and all of them."""
         names = sorted(self._entries[kind])
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
         at = f"{where}: " if where else ""

@@ -40,6 +40,7 @@ class MLPBackbone(Backbone):
 
     Options = MLPOptions
     options: MLPOptions
+    rows_independent = True  # linear layers and ReLUs: each row's output depends on that row alone
 
     def __init__(self, options: MLPOptions | None = None) -> None:
         super().__init__(options)

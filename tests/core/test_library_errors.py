@@ -41,6 +41,10 @@ def test_unknown_kinds_devices_and_precisions():
 def test_a_negative_seed_is_a_config_error(small_experiment):
     with pytest.raises(ba.ConfigError, match=r"seed: Input should be greater than or equal to 0 \(got -1\)"):
         ba.load_experiment(small_experiment(), ["seed=-1"])
+    with pytest.raises(
+        TypeError, match=r"overrides must be a list of 'KEY\.PATH=VALUE' strings, got the string 'seed=1'"
+    ):
+        ba.load_experiment(small_experiment(), "seed=1")  # type: ignore[arg-type]
 
 
 def test_checkpoints_take_str_paths_and_refuse_another_optimizer(tmp_path):
@@ -133,3 +137,18 @@ def test_naming_prefixes_the_experiment_file_once():
     assert str(info.value) == "exp.toml: already named"
     with pytest.raises(ValueError, match=r"^not a user error$"), naming("exp.toml"):
         raise ValueError("not a user error")  # bugs keep their message and traceback
+
+
+def test_a_finished_runs_model_loads_by_its_run_directory(small_experiment, tmp_path):
+    from branchadapt.checkpoint import read_tensors
+    from branchadapt.cli import main
+    from branchadapt.evaluation import load_stage
+
+    run = tmp_path / "run"
+    assert main(["run", str(small_experiment()), "--run-dir", str(run), "--no-eval"]) == 0
+    loaded = load_stage(str(run))  # a str, as a script writes it
+    model = loaded.modules["model"]
+    assert loaded.stage == "transfer" and isinstance(model, ba.BranchedModel) and not model.training
+    saved = read_tensors(run / "stages" / "transfer" / "final.safetensors")
+    assert all(torch.equal(saved[f"model.{k}"], v) for k, v in model.state_dict().items())
+    assert load_stage(run, "basic").modules["model"].state_dict().keys() != model.state_dict().keys()

@@ -378,3 +378,14 @@ def test_no_one_call_without_the_backbones_promise_or_with_buffers():
     for backbone, reason in ((Undeclared(), "does not declare rows_independent"), (Buffered(), "buffers")):
         model = BranchedModel(backbone, ["anchor", "b"], ["low"], {"b": Participation.DETACHED}, fused=True)
         assert model._unfusable is not None and reason in model._unfusable
+        # asked for and impossible: one warning at the first batch that would have fused, not silence
+        x, ids = torch.randn(4, 2, 5, 5), torch.tensor([0, 0, 1, 1])
+        with pytest.warns(
+            UserWarning, match=f"fused = True: live and detached groups run as separate calls: .*{reason}"
+        ):
+            model(x, groups=ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x, groups=ids)  # said once
+            model.fused = "auto"
+            model(x, groups=ids)  # "auto" promised nothing
