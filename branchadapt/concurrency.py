@@ -24,6 +24,8 @@ from typing import Literal, TypeVar
 
 import torch
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 #: name prefix of the worker threads (profilers and debuggers that record one thread can check for them)
@@ -52,11 +54,19 @@ def concurrency_applies(
     *,
     distributed: bool = False,
     compiled: bool = False,
+    name: str = "concurrent",
 ) -> bool:
     """Whether to run independent work concurrently: ``True``/``False`` as given, ``"auto"`` on a CPU
     device with at least two intra-op threads, outside a distributed run (whose gradient hooks
     expect one backward per forward) and without compiled modules (their graphs are specialised
-    to the thread count, so worker threads would recompile them)."""
+    to the thread count, so worker threads would recompile them). ``True`` in a distributed run is
+    a user error naming the setting (``name``): DDP cannot reduce a split backward pass."""
+    if setting is True and distributed:
+        raise UserError(
+            f"{name} = true cannot run under torchrun: DistributedDataParallel expects one backward "
+            f'pass per forward, and a concurrent step splits it; set {name} = "auto" (serial in a '
+            "distributed run) or false"
+        )
     if setting != "auto":
         return bool(setting)
     return (

@@ -32,6 +32,7 @@ from branchadapt import Phase, PluginOptions, Task
 from branchadapt.compiling import has_compiled
 from branchadapt.concurrency import concurrency_applies, run_concurrently
 from branchadapt.data import first_input
+from branchadapt.distributed import from_env
 from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
@@ -95,6 +96,10 @@ class Translate(Task):
         super().__init__(options, context)
         self._clamp_slots: weakref.WeakKeyDictionary[nn.Module, ParamSlots] = weakref.WeakKeyDictionary()
         self._concurrent = False  # decided by each forward (device, threads, distributed, compiled)
+        if self.options.concurrent is True:  # refused under torchrun before a run writes anything
+            concurrency_applies(
+                True, torch.device("cpu"), distributed=from_env().enabled, name="task.concurrent"
+            )
         self._compiled: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def build(self) -> dict[str, nn.Module]:
@@ -152,7 +157,11 @@ class Translate(Task):
         if compiled is None:  # a stage's modules are compiled (or not) before its first step
             compiled = self._compiled[modules["gen_a2b"]] = any(has_compiled(m) for m in modules.values())
         self._concurrent = concurrency_applies(
-            self.options.concurrent, device, distributed=distributed, compiled=compiled
+            self.options.concurrent,
+            device,
+            distributed=distributed,
+            compiled=compiled,
+            name="task.concurrent",
         )
         if phase == "discriminator":
             if self.options.reuse_fakes:

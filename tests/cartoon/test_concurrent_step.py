@@ -65,3 +65,13 @@ def test_concurrent_step_gives_the_serial_gradients(tiny_cartoon, tmp_path, monk
 def test_a_wrong_value_is_named(tiny_cartoon):
     with pytest.raises(ba.ConfigError, match=r"task\.concurrent.*'sometimes'"):
         ba.load_experiment(tiny_cartoon(steps=2), ["task.concurrent=sometimes"])
+
+
+def test_the_cartoon_task_refuses_it_when_built_under_torchrun(monkeypatch):
+    from branchadapt_cartoon.task import Translate, TranslateOptions
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    context = ba.TaskContext(groups=("a",), anchor="a", build_backbone=lambda: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ba.UserError, match=r"task\.concurrent = true cannot run under torchrun"):
+        Translate(TranslateOptions(concurrent=True), context)
+    Translate(TranslateOptions(concurrent="auto"), context)  # serial there: allowed

@@ -101,8 +101,9 @@ def test_concurrent_backward_passes_accumulate_like_one(two_threads):
 @pytest.mark.parametrize(
     ("setting", "where", "distributed", "expected"),
     [
-        (True, "meta", True, True),
+        (True, "meta", False, True),
         (False, "cpu", False, False),
+        (False, "cpu", True, False),
         ("auto", "cpu", False, True),
         ("auto", "cpu", True, False),
         ("auto", "cuda", False, False),
@@ -110,6 +111,12 @@ def test_concurrent_backward_passes_accumulate_like_one(two_threads):
 )
 def test_when_concurrency_applies(two_threads, setting, where, distributed, expected):
     assert concurrency_applies(setting, torch.device(where), distributed=distributed) is expected
+
+
+def test_true_under_torchrun_is_refused_naming_the_setting():
+    with pytest.raises(ba.UserError, match=r'task\.concurrent = true cannot run under torchrun: .* set '
+                       r'task\.concurrent = "auto" \(serial in a distributed run\) or false'):  # fmt: skip
+        concurrency_applies(True, torch.device("cpu"), distributed=True, name="task.concurrent")
 
 
 def test_auto_is_off_with_compiled_modules(two_threads):
