@@ -152,7 +152,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if close:
             raise ConfigError(
                 f"--set {assignment!r}: there is no stage {parts[1]!r}; did you mean {close[0]!r}? "
-                f"Stages: {', '.join(map(str, stages))} (a new stage belongs in the file)"
+                f"Stages: {', '.join(map(str, stages))} (a new stage from --set needs a name unlike theirs)"
             )
     node: Any = data
     for i, part in enumerate(parts[:-1]):

@@ -85,6 +85,15 @@ def check_reads(trainer: Trainer) -> None:
     declares for its phase (:meth:`~branchadapt.interfaces.Task.outputs`; undeclared: unchecked)."""
     exp = trainer.exp
     task = trainer.build_task(initial_weights=False)  # constructed only: no module is built
+    phases = [p.name for p in task.phases()]
+    tables = [("optim", exp.spec.optim)] + [(f"stages.{s.name}.optim", s.spec.optim) for s in exp.stages]
+    for key, table in tables:  # an optimiser for a phase the task lacks would be silently unused
+        strangers = [name for name in table if name != "default" and name not in phases]
+        if strangers:
+            raise ConfigError(
+                f"{exp.source}: {key}.{strangers[0]}: {strangers[0]!r} is not a phase of task "
+                f"{exp.task.type!r}; expected one of {phases} or 'default'"
+            )
     for stage in exp.stages:
         for comp in stage.losses.values():
             phase = getattr(comp.options, "phase", None) or comp.cls.default_phase

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from branchadapt.cli import main
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),
@@ -160,6 +162,21 @@ def test_a_loss_reading_what_the_task_does_not_give_is_refused_before_anything_i
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key", ["optim.mian", "stages.transfer.optim.mian"])
+def test_an_optimiser_for_a_phase_the_task_lacks_is_refused_before_anything_is_written(
+    small_experiment, tmp_path, capsys, key
+):
+    path = small_experiment()
+    assert main(["validate", str(path), "--set", f"{key}.lr=0.5"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: {key}: 'mian' is not a phase of task 'supervised'; expected one of ['main'] or "
+        "'default'\n"
+    )
+    assert main(["run", str(path), "--set", f"{key}.lr=0.5", "--run-dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    assert main(["validate", str(path), "--set", "optim.main.lr=0.5"]) == 0  # the phase's own name
+
+
 def test_initial_weights_options_must_name_options_with_defaults(small_experiment, monkeypatch):
     import branchadapt as ba
     from branchadapt.builtin.example import MLPBackbone
@@ -208,7 +225,6 @@ def test_running_out_of_memory_is_one_message_not_a_misfit_and_keeps_the_checkpo
     small_experiment, tmp_path, monkeypatch, capsys
 ):
     import branchadapt as ba
-    from branchadapt.cli import main
 
     path = small_experiment()
     run_dir = tmp_path / "run"
@@ -256,7 +272,6 @@ def test_running_out_of_memory_in_the_evaluation_after_training_skips_it(
     small_experiment, tmp_path, monkeypatch, capfd
 ):
     from branchadapt.builtin.example import SupervisedTask
-    from branchadapt.cli import main
 
     def full(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
