@@ -144,6 +144,13 @@ def export_run(
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
+    suffix = "" if out is None else Path(out).suffix.lower()
+    other = next((f for f in FORMATS if f != fmt and suffix == f".{f}"), None)
+    if other is not None:  # a file named for the other format would be misread by every tool
+        raise UserError(
+            f"--out {out}: the name says {other}, but --format is {fmt}; name it "
+            f"{Path(str(out)).stem}.{fmt} or pass --format {other}"
+        )
     loaded = load_stage(run_dir, stage, "cpu")
     name, backbone = group_backbone(loaded.modules, group, module)
     default_name = f"{name}-{group}.{fmt}"

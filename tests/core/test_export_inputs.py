@@ -83,3 +83,11 @@ def test_overwriting_an_onnx_export_removes_an_earlier_one_s_weights_file(finish
     unrelated.write_bytes(b"not ours")
     export_run(finished, "b", fmt="safetensors", out=str(finished / "weights.safetensors"))
     assert unrelated.read_bytes() == b"not ours"
+
+
+def test_an_output_named_for_the_other_format_is_refused_before_anything_is_read(tmp_path):
+    for fmt, out, other in (("safetensors", "x.onnx", "onnx"), ("onnx", "X.SafeTensors", "safetensors")):
+        with pytest.raises(ba.UserError, match=rf"--out .*{out}: the name says {other}, but --format is {fmt}; "
+                           rf"name it .*\.{fmt} or pass --format {other}"):  # fmt: skip
+            export_run(tmp_path / "no-run", "b", fmt, out=tmp_path / out)
+    assert not list(tmp_path.iterdir())
