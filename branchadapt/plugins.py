@@ -203,6 +203,13 @@ def failure(exc: BaseException) -> str:
     return f"at {raised_at(exc)}: {type(exc).__name__}: {exc}"
 
 
+def import_beside(module_path: str, directory: Path | None, where: str = "") -> ModuleType:
+    """Import ``module_path`` as a local plugin module is imported: from ``directory`` (the
+    experiment file's folder) or ``sys.path``; a module that is missing, lacks a dependency or
+    fails to import is a user error prefixed with ``where`` (the config key)."""
+    return _import_local(module_path, directory, where)
+
+
 def _import_local(module_path: str, search_dir: Path | None, where: str) -> ModuleType:
     at = f"{where}: " if where else ""
     with _on_path(search_dir):

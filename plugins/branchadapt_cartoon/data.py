@@ -15,7 +15,6 @@ applied to every decoded photo). With no ``root``, the embedded toonfaces data s
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from branchadapt import DataSource, PluginOptions, UserError
 from branchadapt.augment import Augmenter, check_augment
+from branchadapt.plugins import import_beside
 
 from .augment import paper_augment
 
@@ -187,12 +187,16 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def load_hook(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+def load_hook(spec: str, base_dir: Path | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The function ``spec`` ("module:function") names, its module imported from ``base_dir`` (the
+    experiment file's folder) or ``sys.path``, as local plugin modules are."""
     module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"data.preprocess: cannot load {spec!r} ({exc}); expected 'module:function'") from exc
+    module = import_beside(module_name, base_dir, "data.preprocess")
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UserError(
+            f"data.preprocess: {spec!r}: module {module_name!r} ({module.__file__}) has no {attr!r}"
+        )
     if not callable(fn):
         raise UserError(f"data.preprocess: {spec!r} is not callable")
     return fn  # type: ignore[no-any-return]
@@ -239,7 +243,7 @@ class FaceImages(DataSource):
                     )
                 else:
                     self.files[group][stream] = []
-        self.hooks = [load_hook(s) for s in opts.preprocess]
+        self.hooks = [load_hook(s, self.base_dir) for s in opts.preprocess]
         self.augment = Augmenter(
             opts.augment or paper_augment(opts.size, opts.effective_load_size()), opts.size
         )

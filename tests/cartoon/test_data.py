@@ -87,14 +87,32 @@ def test_augmentations_are_validated_with_their_index():
         FaceImagesOptions(augment=[{"name": "Resize", "heigth": 8}])
 
 
-def test_preprocess_hook_runs_on_photos(tmp_path, monkeypatch):
+def test_preprocess_hook_runs_on_photos(tmp_path):
     root = make_folder(tmp_path / "data")
-    (tmp_path / "myalign.py").write_text("def black(rgb):\n    return rgb * 0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    opts = FaceImagesOptions(root=root, size=32, preprocess=["myalign:black"])
+    # beside the experiment file (base_dir), as a local plugin module may be: not on sys.path
+    (tmp_path / "myalign_beside.py").write_text("def black(rgb):\n    return rgb * 0\n")
+    opts = FaceImagesOptions(root=root, size=32, preprocess=["myalign_beside:black"])
     src = FaceImages(opts, GROUPS, tmp_path, "test")
     assert float(src.get("a", "photo", 0, None)["image"].max()) == -1.0
     assert float(src.get("a", "cartoon", 0, None)["image"].max()) > -1.0  # cartoons untouched
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("nosuch_align_mod:f", r"data\.preprocess: plugin module 'nosuch_align_mod' not found"),
+        (
+            "align_typo:algn",
+            r"data\.preprocess: 'align_typo:algn': module 'align_typo' \(.*align_typo\.py\) has no 'algn'",
+        ),
+        ("align_typo:VALUE", r"data\.preprocess: 'align_typo:VALUE' is not callable"),
+    ],
+)
+def test_a_preprocess_hook_that_cannot_be_loaded_says_why(tmp_path, spec, expected):
+    root = make_folder(tmp_path / "data")
+    (tmp_path / "align_typo.py").write_text("VALUE = 3\ndef align(rgb):\n    return rgb\n")
+    with pytest.raises(ba.UserError, match=expected):
+        FaceImages(FaceImagesOptions(root=root, size=32, preprocess=[spec]), GROUPS, tmp_path, "test")
 
 
 def test_unknown_augment_in_experiment_is_a_clean_cli_error(tmp_path):
