@@ -19,7 +19,7 @@ from torch import Tensor
 import branchadapt as ba
 from branchadapt import LossOptions, LossTerm
 
-from .recognizers import anchor_weights
+from .recognizers import check_recognizer
 
 D_PHASE = "discriminator"
 G_PHASE = "generator"
@@ -115,9 +115,9 @@ class FaceIdOptions(LossOptions):
 
     @field_validator("recognizer")
     @classmethod
-    def _anchor(cls, value: dict[str, Any]) -> dict[str, Any]:
-        """A relative weights path is taken beside the experiment file."""
-        return anchor_weights(value) or value
+    def _recognizer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Checked as the experiment loads (:func:`.recognizers.check_recognizer`)."""
+        return check_recognizer(value) or value
 
 
 class FaceId(LossTerm):

@@ -19,13 +19,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+import branchadapt as ba
 from branchadapt.checkpoint import read_state, state_differences
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt.interfaces import Backbone, PluginOptions
+from branchadapt.loading import describe
 from branchadapt.paths import anchor
 
 __all__ = [
@@ -120,6 +122,34 @@ def anchor_weights(table: dict[str, Any] | None) -> dict[str, Any] | None:
     if not table or table.get("weights") is None:
         return table
     return {**table, "weights": str(anchor(str(table["weights"])))}
+
+
+def check_recognizer(table: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recognizer table checked as the experiment loads, not when a stage or the evaluation
+    first builds it: a registered backbone ``type``, options valid for it and a weights file that
+    exists (a relative one taken beside the experiment file). Problems are a ``ValueError`` that
+    the experiment's validation reports under the table's key."""
+    table = anchor_weights(table)
+    if table is None:
+        return None
+    options = dict(table)
+    kind = options.pop("type", None)
+    if not kind or not isinstance(kind, str):
+        raise ValueError(
+            "needs a 'type': a registered recognizer backbone (toonfaces_id, mobilefacenet, ...)"
+        )
+    try:
+        cls: Any = ba.registry().get("backbone", kind)
+    except ba.RegistryError as exc:
+        raise ValueError(f"type: {exc}") from None
+    try:
+        cls.Options.model_validate(options)
+    except ValidationError as exc:
+        raise ValueError("; ".join(describe(e, cls.Options) for e in exc.errors())) from None
+    weights = options.get("weights")
+    if weights is not None and not Path(str(weights)).is_file():
+        raise ValueError(f"weights: file {weights} does not exist")
+    return table
 
 
 class RecognizerOptions(PluginOptions):

@@ -36,7 +36,7 @@ from branchadapt.distributed import from_env
 from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
-from .recognizers import anchor_weights
+from .recognizers import check_recognizer
 
 GENERATORS = ("gen_a2b", "gen_b2a")
 DISCRIMINATORS = {"GA": "dis_ga", "LA": "dis_la", "GB": "dis_gb", "LB": "dis_lb"}
@@ -70,14 +70,9 @@ class TranslateOptions(PluginOptions):
 
     @field_validator("eval_recognizer")
     @classmethod
-    def _recognizer_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A weights file that is not there is found when the experiment loads, not after training;
-        a relative one is taken beside the experiment file."""
-        value = anchor_weights(value)
-        weights = (value or {}).get("weights")
-        if weights is not None and not Path(str(weights)).is_file():
-            raise ValueError(f"weights file {weights} does not exist")
-        return value
+    def _recognizer(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Checked as the experiment loads, not after training (:func:`.recognizers.check_recognizer`)."""
+        return check_recognizer(value)
 
     photo2cartoon: Path | None = Field(
         None,

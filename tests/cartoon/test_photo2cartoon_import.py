@@ -93,7 +93,9 @@ def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path
 
 def test_relative_weight_paths_are_taken_beside_the_experiment_file(tiny_cartoon, tmp_path, monkeypatch):
     exp_file = tiny_cartoon()
-    (tmp_path / "id.safetensors").write_bytes(b"")  # the evaluation recognizer's file must exist
+    (tmp_path / "id.safetensors").write_bytes(b"")  # the recognizers' files must exist
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "face.pt").write_bytes(b"")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -132,8 +132,33 @@ def test_an_evaluation_recognizer_without_its_file_is_found_when_the_experiment_
     from branchadapt_cartoon.evaluation import _recognizer
 
     spec = f'task.eval_recognizer={{type="mobilefacenet", weights="{(tmp_path / "x.pth").as_posix()}"}}'
-    with pytest.raises(ba.ConfigError, match=r"task\.eval_recognizer: weights file .*x\.pth does not exist"):
+    with pytest.raises(ba.ConfigError, match=r"task\.eval_recognizer: weights: file .*x\.pth does not exist"):
         ba.load_experiment(tiny_cartoon(), [spec])
     # built later (the file gone since): the message names the evaluation's own key
     with pytest.raises(ba.UserError, match=r"^task\.eval_recognizer: .*set task\.eval_recognizer\.weights"):
         _recognizer({"type": "mobilefacenet", "weights": str(tmp_path / "x.pth")})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ('task.eval_recognizer={type="nosuch"}', r"task\.eval_recognizer: type: unknown backbone 'nosuch'"),
+        ('task.eval_recognizer={weights="x"}', r"task\.eval_recognizer: needs a 'type'"),
+        ('losses.face_id.recognizer={type="nosuch"}', r"losses\.face_id\.recognizer: type: unknown backbone"),
+        (
+            'losses.face_id.recognizer={type="toonfaces_id", foo=1}',
+            r"losses\.face_id\.recognizer: foo: unknown key",
+        ),
+        (  # a later stage's own: found before the first stage trains, under its own key
+            'stages.transfer.losses.face_id.recognizer={type="mobilefacenet", weights="gone.pth"}',
+            r"stages\.transfer\.losses\.face_id\.recognizer: weights: file .*gone\.pth does not exist",
+        ),
+    ],
+)
+def test_a_recognizer_table_is_checked_when_the_experiment_loads_under_its_key(
+    tiny_cartoon, override, expected
+):
+    exp = tiny_cartoon()
+    with pytest.raises(ba.ConfigError, match=expected) as info:
+        ba.load_experiment(exp, [override])
+    assert str(info.value).startswith(f"{exp}: 1 problem")
