@@ -185,8 +185,24 @@ class CrossEntropy(LossTerm):
     Options = CrossEntropyOptions
     options: CrossEntropyOptions
     reads = ("logits", "target")
+    _checked = False  # the targets' range against the logits, on the first call only (no sync after)
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
-        return F.cross_entropy(
-            outputs["logits"], outputs["target"], label_smoothing=self.options.label_smoothing
-        )
+        logits, target = outputs["logits"], outputs["target"]
+        if not self._checked:  # the first batch's targets, also where a bad one is no catchable error
+            self._checked = True
+            self._check(int(target.max()) if target.numel() else -1, logits.shape[-1])
+        try:
+            return F.cross_entropy(logits, target, label_smoothing=self.options.label_smoothing)
+        except IndexError:  # a later batch's class beyond the logits (torch: "Target 7 is out of bounds")
+            self._check(int(target.max()), logits.shape[-1])
+            raise
+
+    def _check(self, top: int, classes: int) -> None:
+        """A user error when a class index ``top`` has no logit among ``classes``."""
+        if top >= classes:
+            raise UserError(
+                f"loss {self.name!r}: the data has class index {top}, but the model gives {classes} "
+                f"logits per sample; its output size (model.num_classes or model.out_features, say) "
+                f"must be at least {top + 1}"
+            )

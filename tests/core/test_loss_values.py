@@ -50,3 +50,19 @@ def test_a_run_with_a_per_sample_loss_stops_naming_it(small_experiment, tmp_path
         "error: loss 'cross_entropy' (branchadapt.builtin.example.CrossEntropy) returned a tensor of " in err
     )
     assert "shape (4,)" in err and "Traceback" not in err
+
+
+def test_a_model_with_fewer_logits_than_the_data_has_classes_is_named(small_experiment, tmp_path, capsys):
+    path = small_experiment()  # 3 classes
+    assert main(["run", str(path), "--set", "model.out_features=2", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "error: loss 'cross_entropy': the data has class index 2, but the model gives 2 logits per " in err
+    assert "must be at least 3" in err and "Traceback" not in err
+
+
+def test_a_later_batchs_class_beyond_the_logits_is_named_too():
+    term = CrossEntropy(name="ce")
+    logits = torch.zeros(2, 3)
+    assert float(term({"logits": logits, "target": torch.tensor([0, 1])}, {})) > 0  # checked: fine
+    with pytest.raises(ba.UserError, match=r"loss 'ce': the data has class index 5, but the model gives 3"):
+        term({"logits": logits, "target": torch.tensor([0, 5])}, {})  # caught from torch's IndexError
