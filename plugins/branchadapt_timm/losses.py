@@ -7,6 +7,7 @@ groups only and never need group indices.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -90,6 +91,7 @@ class FeatureAlignment(LossTerm):
     Options = AlignmentOptions
     options: AlignmentOptions
     reads = ("features", "anchor", "group")
+    _said_no_anchor = False
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
         _needs(outputs, self.reads, self.name)
@@ -97,6 +99,14 @@ class FeatureAlignment(LossTerm):
         anchor_mask: Tensor = outputs["anchor"]
         zero = features.sum() * 0.0
         if int(anchor_mask.sum()) < 2:
+            if not self._said_no_anchor:  # it would train nothing, silently
+                self._said_no_anchor = True
+                warnings.warn(
+                    f"loss {self.name!r}: a batch with fewer than 2 anchor samples, so the term adds "
+                    "nothing for it; a stage using it needs the anchor group among its groups and a "
+                    "sampler giving it at least 2 samples per batch",
+                    stacklevel=2,
+                )
             return zero
         target = features[anchor_mask].detach()
         distance = coral if self.options.method == "coral" else moments

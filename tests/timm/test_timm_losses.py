@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -80,7 +81,11 @@ def test_alignment_moves_few_shot_features_only(method):
     assert float(term(outputs(features=same, group=(0,) * 4 + (1,) * 4 + (2,) * 4), {})) == pytest.approx(
         0.0, abs=1e-6
     )
-    assert float(term(outputs(features=torch.randn(3, 5), group=(0, 1, 1)), {})) == 0.0  # one anchor sample
+    with pytest.warns(UserWarning, match="fewer than 2 anchor samples, so the term adds nothing"):
+        assert float(term(outputs(features=torch.randn(3, 5), group=(0, 1, 1)), {})) == 0.0  # one anchor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert float(term(outputs(features=torch.randn(3, 5), group=(1, 1, 2)), {})) == 0.0
 
 
 def test_classify_task_outputs_logits_features_and_anchor_mask():
