@@ -8,6 +8,7 @@ generator's CAM pieces, grouped under ``cam.`` (``cam.gap_fc.weight`` <- ``gap_f
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,12 @@ def read_checkpoint(path: Path) -> dict[str, dict[str, Tensor]]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            raise UserError(  # a pickle of Python objects: torch's safe loader refuses what it names
+                f"{path}: holds Python objects besides tensors, which branchadapt does not unpickle "
+                "(torch's weights_only loader refused it); expected photo2cartoon's .pt file of state "
+                "dicts (save the modules' state_dict()s alone)"
+            ) from None
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:200] if str(exc) else ""
         raise UserError(
             f"{path}: not a photo2cartoon checkpoint torch can load safely ({type(exc).__name__}: {first}); "

@@ -109,7 +109,10 @@ class Translate(Task):
         if o.photo2cartoon is not None and self.context.initial_weights:  # not read to be overwritten
             from .photo2cartoon import import_weights
 
-            import_weights(o.photo2cartoon, modules)
+            try:
+                import_weights(o.photo2cartoon, modules)
+            except ba.UserError as exc:  # the file is the experiment's: name its key
+                raise type(exc)(f"task.photo2cartoon: {exc}") from exc
         return modules
 
     def phases(self) -> list[Phase]:

@@ -77,6 +77,14 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path):
         read_checkpoint(bad)
     message = str(caught.value)
     assert "\n" not in message and "\x1b" not in message and message.endswith("file of state dicts")
+    # a pickle of Python objects: refused unread, without torch's advice to load it unsafely
+    torch.save({"genA2B": tmp_path}, tmp_path / "objects.pt")  # a Path object
+    with pytest.raises(ba.UserError) as caught:
+        read_checkpoint(tmp_path / "objects.pt")
+    assert "objects.pt: holds Python objects besides tensors, which branchadapt does not unpickle" in str(
+        caught.value
+    )
+    assert "weights_only set to False" not in str(caught.value) and "two options" not in str(caught.value)
 
 
 def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path):
@@ -86,7 +94,9 @@ def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path
 
     exp = ba.load_experiment(tiny_cartoon(), [f'task.photo2cartoon="{(tmp_path / "gone.pt").as_posix()}"'])
     trainer = Trainer(exp, run_dir=tmp_path / "run", device="cpu")
-    with pytest.raises(ba.UserError, match=r"gone\.pt: photo2cartoon checkpoint not found"):
+    with pytest.raises(
+        ba.UserError, match=r"^task\.photo2cartoon: .*gone\.pt: photo2cartoon checkpoint not found"
+    ):
         trainer.build_task().build()  # the first stage's fresh modules: read
     assert "gen_a2b" in trainer.build_task(initial_weights=False).build()  # weights to follow: not read
 
