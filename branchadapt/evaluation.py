@@ -23,6 +23,7 @@ from .config import Experiment
 from .errors import UserError
 from .interfaces import Task
 from .loading import ResolvedExperiment, resolve
+from .paths import files_not_required
 from .plugins import PluginSet, default_plugins
 from .report import atomic_write_text, replace_folder, write_html_report
 from .rundir import final_weights
@@ -44,7 +45,8 @@ def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperim
     plugins = plugins or default_plugins()
     source = Path(saved.get("source", path))
     plugins.load_modules(spec.plugins, search_dir=source.resolve().parent, where=f"{path}: plugins")
-    return resolve(spec, source, plugins, saved["experiment"])
+    with files_not_required():  # files the inference needs are checked where they are read
+        return resolve(spec, source, plugins, saved["experiment"])
 
 
 @dataclass

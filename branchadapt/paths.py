@@ -22,6 +22,25 @@ from pathlib import Path
 from typing import Any
 
 _BASE: ContextVar[Path | None] = ContextVar("branchadapt_paths_base", default=None)
+_FILES_REQUIRED: ContextVar[bool] = ContextVar("branchadapt_files_required", default=True)
+
+
+@contextmanager
+def files_not_required() -> Iterator[None]:
+    """Validate in here to skip checks that files named by options exist: a finished run's
+    experiment re-read for inference needs only some of them (a training loss's weights are not
+    among them), and those it uses are checked where they are read."""
+    token = _FILES_REQUIRED.set(False)
+    try:
+        yield
+    finally:
+        _FILES_REQUIRED.reset(token)
+
+
+def files_required() -> bool:
+    """Whether option validators should check that the files they name exist (outside
+    :func:`files_not_required`: an experiment about to run)."""
+    return _FILES_REQUIRED.get()
 
 
 @contextmanager
@@ -56,4 +75,4 @@ def anchor_values(value: Any) -> Any:
     return value
 
 
-__all__ = ["anchor", "anchor_values", "relative_to"]
+__all__ = ["anchor", "anchor_values", "files_not_required", "files_required", "relative_to"]

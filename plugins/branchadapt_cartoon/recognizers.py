@@ -28,7 +28,7 @@ from branchadapt.checkpoint import read_state, state_differences
 from branchadapt.errors import CheckpointError, UserError
 from branchadapt.interfaces import Backbone, PluginOptions
 from branchadapt.loading import describe
-from branchadapt.paths import anchor
+from branchadapt.paths import anchor, files_required
 
 __all__ = [
     "WEIGHTS_OPTION",
@@ -143,11 +143,16 @@ def check_recognizer(table: dict[str, Any] | None) -> dict[str, Any] | None:
     except ba.RegistryError as exc:
         raise ValueError(f"type: {exc}") from None
     try:
-        cls.Options.model_validate(options)
+        opts = cls.Options.model_validate(options)
     except ValidationError as exc:
         raise ValueError("; ".join(describe(e, cls.Options) for e in exc.errors())) from None
-    weights = options.get("weights")
-    if weights is not None and not Path(str(weights)).is_file():
+    weights = getattr(opts, "weights", None)
+    if weights is None and getattr(cls, "needs_weights", False) and not getattr(opts, "allow_random", False):
+        raise ValueError(
+            f'weights: {cls.__name__} needs a weights file and none is set; set weights = "PATH" '
+            "(nothing is downloaded)"
+        )
+    if weights is not None and files_required() and not Path(str(weights)).is_file():
         raise ValueError(f"weights: file {weights} does not exist")
     return table
 
@@ -213,6 +218,8 @@ class MobileFaceNet(Backbone):
     Needs photo2cartoon's ``model_mobilefacenet.pth`` (or a safetensors copy) in ``weights``.
     """
 
+    needs_weights = True  # checked when the experiment loads (check_recognizer)
+
     Options = MobileFaceNetOptions
     options: MobileFaceNetOptions
     input_size = 112
@@ -277,6 +284,8 @@ class TimmRecognizer(Backbone):
     The input is mapped from [-1, 1] to the model's own mean/std (``pretrained_cfg``). A
     classifier head in the weights file is ignored: the model is built with ``num_classes=0``.
     """
+
+    needs_weights = True  # checked when the experiment loads (check_recognizer)
 
     Options = TimmRecognizerOptions
     options: TimmRecognizerOptions

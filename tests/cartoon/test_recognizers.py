@@ -162,3 +162,28 @@ def test_a_recognizer_table_is_checked_when_the_experiment_loads_under_its_key(
     with pytest.raises(ba.ConfigError, match=expected) as info:
         ba.load_experiment(exp, [override])
     assert str(info.value).startswith(f"{exp}: 1 problem")
+
+
+@pytest.mark.parametrize("key", ["task.eval_recognizer", "losses.face_id.recognizer"])
+def test_a_recognizer_that_needs_weights_and_has_none_is_refused_at_load(tiny_cartoon, key):
+    with pytest.raises(
+        ba.ConfigError, match=rf"{key}: weights: MobileFaceNet needs a weights file and none is set"
+    ):
+        ba.load_experiment(tiny_cartoon(), [f'{key}={{type="mobilefacenet"}}'])
+    exp = ba.load_experiment(tiny_cartoon(), [f'{key}={{type="mobilefacenet", allow_random=true}}'])
+    assert exp.spec.name  # random weights asked for: allowed (tests)
+
+
+def test_a_finished_runs_experiment_loads_without_the_training_losss_recognizer_file(tiny_cartoon, tmp_path):
+    from branchadapt.evaluation import load_run
+    from branchadapt.rundir import prepare_run_dir
+
+    weights = tmp_path / "face.safetensors"
+    weights.write_bytes(b"")
+    spec = f'losses.face_id.recognizer={{type="mobilefacenet", weights="{weights.as_posix()}"}}'
+    prepare_run_dir(tmp_path / "run", ba.load_experiment(tiny_cartoon(), [spec]))
+    weights.unlink()  # the run copied to another machine, or the file moved since training
+    with pytest.raises(ba.ConfigError, match=r"weights: file .*face\.safetensors does not exist"):
+        ba.load_experiment(tiny_cartoon(), [spec])  # a run about to train needs it
+    loaded = load_run(tmp_path / "run")  # inference (export, translate, evaluate) does not
+    assert loaded.stages[0].losses["face_id"].options.recognizer["weights"] == str(weights)
