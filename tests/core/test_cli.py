@@ -101,15 +101,32 @@ def test_validate_checks_and_builds_what_a_run_would_without_writing(small_exper
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]
 
 
+BAD_LOSS = """
+import torch
+import branchadapt as ba
+
+class Misfit(ba.LossTerm):
+    \"\"\"Multiplies the logits by a vector of another length: torch's error, at the first step.\"\"\"
+    def forward(self, outputs, batch):
+        return (outputs["logits"] @ torch.ones(5)).mean()
+
+@ba.hookimpl
+def register_losses(register):
+    register(Misfit, name="misfit")
+"""
+
+
 def test_a_first_step_that_fails_is_one_message_with_its_cause(small_experiment, tmp_path, run_cli):
+    (tmp_path / "misfit_loss.py").write_text(BAD_LOSS)
     exp = small_experiment(steps=2)
-    few = ["--set", "model.out_features=2"]  # 3 classes in the data: the loss fails, not the model
-    out = run_cli("run", str(exp), *few, cwd=tmp_path)
+    exp.write_text('plugins = ["misfit_loss"]\n' + exp.read_text())
+    bad = ["--set", "losses.misfit.weight=1"]
+    out = run_cli("run", str(exp), *bad, cwd=tmp_path)
     assert out.returncode == 2
-    assert "error: stage basic: step 1 failed: IndexError: Target 2 is out of bounds" in out.stderr
+    assert "error: stage basic: step 1 failed: RuntimeError: size mismatch" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "set BRANCHADAPT_TRACEBACK=1" in out.stderr
-    shown = run_cli("run", str(exp), *few, cwd=tmp_path, env={"BRANCHADAPT_TRACEBACK": "1"})
-    assert shown.returncode == 2 and "Traceback" in shown.stderr and "cross_entropy" in shown.stderr
+    shown = run_cli("run", str(exp), *bad, cwd=tmp_path, env={"BRANCHADAPT_TRACEBACK": "1"})
+    assert shown.returncode == 2 and "Traceback" in shown.stderr and "misfit_loss.py" in shown.stderr
     fixed = run_cli("run", str(exp), "--no-eval", cwd=tmp_path)  # the same run directory takes the fix
     assert fixed.returncode == 0, fixed.stderr
 
