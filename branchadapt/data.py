@@ -8,9 +8,9 @@ reproducible whatever the number of workers.
 
 from __future__ import annotations
 
+import operator
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -86,20 +86,29 @@ class StepData(Dataset[Batch]):
         return batch
 
 
+def _listlike(value: Any) -> bool:
+    """A list, tuple or array of items (not a string, not a mapping)."""
+    return (
+        hasattr(value, "__len__")
+        and hasattr(value, "__iter__")
+        and not isinstance(value, str | bytes | Mapping)
+    )
+
+
 def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, label: str) -> None:
     """A user error naming ``label`` unless ``plan`` (a sampler's ``plan(step)``) maps streams to
-    non-empty lists of (group, index), each group one of ``sizes``' and each index in its stream."""
+    non-empty lists of (group, index), each group one of ``sizes``' and each index an integer
+    (anything ``operator.index`` takes: numpy integers, 0-d integer tensors) in its stream."""
     at = f"{label}: plan({step})"
     if not isinstance(plan, Mapping) or not plan:
         raise UserError(f"{at} returned {plan!r}; expected a dict stream -> [(group, index), ...], not empty")
     for stream, picks in plan.items():
-        if not isinstance(picks, Sequence) or isinstance(picks, str) or not picks:
+        if not _listlike(picks) or not len(picks):
             raise UserError(
                 f"{at} gives stream {stream!r} {picks!r}; expected a non-empty list of (group, index)"
             )
         for pick in picks:
-            pair = isinstance(pick, Sequence) and not isinstance(pick, str) and len(pick) == 2
-            group, index = pick if pair else (None, None)
+            group, index = pick if _listlike(pick) and len(pick) == 2 else (None, None)
             if not isinstance(group, str) or group not in sizes:
                 raise UserError(f"{at} picks {pick!r}; expected (group, index) with a group of {list(sizes)}")
             n = sizes[group].get(stream, 0)
@@ -109,10 +118,18 @@ def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, lab
                     f"{at} picks {pick!r} from stream {stream!r}, in which group {group!r} has no items "
                     f"(its streams: {have})"
                 )
-            if isinstance(index, bool) or not isinstance(index, Integral) or not 0 <= int(index) < n:
+            try:
+                position = None if index is None or isinstance(index, bool) else operator.index(index)
+            except TypeError:
+                position = None
+            if position is None:
+                raise UserError(
+                    f"{at} picks {pick!r}: the index is not an integer; expected 0 <= index < {n}"
+                )
+            if not 0 <= position < n:
                 raise UserError(
                     f"{at} picks {pick!r}: index out of range; group {group!r} has {n} items in stream "
-                    f"{stream!r}, so expected an integer 0 <= index < {n}"
+                    f"{stream!r}, so expected 0 <= index < {n}"
                 )
 
 

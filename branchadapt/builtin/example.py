@@ -191,11 +191,13 @@ class CrossEntropy(LossTerm):
         logits, target = outputs["logits"], outputs["target"]
         if not self._checked:  # the first batch's targets, also where a bad one is no catchable error
             self._checked = True
-            self._check(int(target.max()) if target.numel() else -1, logits.shape[-1])
+            self._check(
+                int(target.max()) if target.numel() else -1, logits.shape[1 if logits.ndim > 1 else 0]
+            )
         try:
             return F.cross_entropy(logits, target, label_smoothing=self.options.label_smoothing)
         except IndexError:  # a later batch's class beyond the logits (torch: "Target 7 is out of bounds")
-            self._check(int(target.max()), logits.shape[-1])
+            self._check(int(target.max()), logits.shape[1 if logits.ndim > 1 else 0])
             raise
 
     def _check(self, top: int, classes: int) -> None:

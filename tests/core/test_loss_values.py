@@ -66,3 +66,12 @@ def test_a_later_batchs_class_beyond_the_logits_is_named_too():
     assert float(term({"logits": logits, "target": torch.tensor([0, 1])}, {})) > 0  # checked: fine
     with pytest.raises(ba.UserError, match=r"loss 'ce': the data has class index 5, but the model gives 3"):
         term({"logits": logits, "target": torch.tensor([0, 5])}, {})  # caught from torch's IndexError
+
+
+def test_class_indices_are_checked_against_the_class_dimension_of_k_dimensional_logits():
+    term = CrossEntropy(name="ce")
+    logits = torch.randn(2, 10, 3)  # (N, C, d1): classes on dim 1
+    target = torch.tensor([[7, 1, 2], [0, 9, 3]])
+    assert float(term({"logits": logits, "target": target}, {})) > 0
+    with pytest.raises(ba.UserError, match="class index 12, but the model gives 10 logits"):
+        CrossEntropy(name="ce")({"logits": logits, "target": target + 3}, {})

@@ -129,3 +129,22 @@ def test_a_plugin_command_that_fails_or_clashes_names_the_plugin(tmp_path, monke
     assert main(["hello"]) == 2
     err = capsys.readouterr().err
     assert "command 'hello' has no handler" in err and "set_defaults(handler=fn)" in err
+
+
+def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
+    plugins = load(
+        tmp_path,
+        "lenient",
+        """
+        @ba.hookimpl
+        def register_commands(subparsers):  # fewer arguments than the hookspec's: pluggy allows it
+            subparsers.add_parser("hello").set_defaults(handler=lambda args: print("hello") or 0)
+
+        @ba.hookimpl(optionalhook=True)  # a hook of a newer branchadapt: skipped, not a typo
+        def register_exporters(register):
+            pass
+        """,
+    )
+    monkeypatch.setattr("branchadapt.cli.default_plugins", lambda: plugins)
+    assert main(["hello"]) == 0
+    assert capsys.readouterr().out == "hello\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import branchadapt as ba
 from branchadapt.cli import main
@@ -50,10 +51,12 @@ def register_samplers(register):
         (
             {"x": [("a", 4)]},
             r"picks \('a', 4\): index out of range; group 'a' has 4 items in stream 'x', so "
-            r"expected an integer 0 <= index < 4",
+            r"expected 0 <= index < 4",
         ),
         ({"x": [("a", -1)]}, r"index out of range"),
-        ({"x": [("a", 1.0)]}, r"index out of range"),
+        ({"x": [("a", 1.0)]}, r"picks \('a', 1\.0\): the index is not an integer; expected 0 <= index < 4"),
+        ({"x": [("a", True)]}, r"the index is not an integer"),
+        ({"x": [("a", torch.tensor(9))]}, r"index out of range"),
         ({"y": [("b", 0)]}, r"from stream 'y', in which group 'b' has no items \(its streams: \['x'\]\)"),
         ({"x": []}, r"gives stream 'x' \[\]; expected a non-empty list of \(group, index\)"),
         ({}, r"returned \{\}; expected a dict stream -> \[\(group, index\), \.\.\.\], not empty"),
@@ -65,8 +68,10 @@ def test_a_plan_that_does_not_fit_the_data_is_named(plan, expected):
         check_plan(plan, SIZES, 7, "S")
 
 
-def test_a_plan_that_fits_passes_with_any_integer_index():
+def test_a_plan_that_fits_passes_with_any_integer_index_and_any_list():
     check_plan({"x": [("a", 3), ("b", np.int64(2))], "y": [("a", 1)]}, SIZES, 0, "S")
+    check_plan({"x": [("a", torch.tensor(3)), ["b", torch.tensor(2, dtype=torch.int32)]]}, SIZES, 0, "S")
+    check_plan({"x": np.array([("a", 3), ("b", 1)], dtype=object), "y": (("a", 0),)}, SIZES, 0, "S")
 
 
 @pytest.mark.parametrize(
