@@ -116,9 +116,13 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 
 def exif_orientation(data: np.ndarray) -> int:
     """The EXIF orientation of an encoded image (1, upright, when it has none or Pillow cannot
-    read its header)."""
+    read its header). Pillow reads a PNG's EXIF by decoding the whole image, so a file without an
+    EXIF chunk's marker (PNG ``eXIf``, WebP ``EXIF``, the ``Exif`` header) is not opened at all."""
+    raw = data.tobytes()
+    if not any(marker in raw for marker in (b"eXIf", b"EXIF", b"Exif")):
+        return 1
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             value = im.getexif().get(0x0112, 1)
     except Exception:  # OpenCV decodes formats Pillow may not know: no tag then
         return 1

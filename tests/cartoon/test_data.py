@@ -248,3 +248,11 @@ def test_a_flat_colour_image_is_refused_by_name(tmp_path):
     with pytest.raises(ba.UserError, match=r"1\.png: the image is one flat colour \(255 everywhere\)"):
         src.get("a", "photo", 1, np.random.default_rng(0))
     assert src.get("a", "photo", 0, np.random.default_rng(0))["image"].shape == (3, 32, 32)
+
+
+def test_an_image_without_exif_is_not_opened_twice(tmp_path, monkeypatch):
+    import branchadapt_cartoon.data as data
+
+    cv2.imwrite(str(tmp_path / "plain.png"), np.full((8, 8, 3), 7, np.uint8))
+    monkeypatch.setattr(data.Image, "open", lambda *a, **k: pytest.fail("Pillow decoded it a second time"))
+    assert read_rgb(tmp_path / "plain.png").shape == (8, 8, 3)
