@@ -23,10 +23,10 @@ def check_stage_names(backbone: Backbone) -> list[str]:
     """``backbone.stage_names()``, once each is a distinct stage whose sub-module paths exist, are
     modules and do not nest in another stage's."""
     kind = type(backbone).__name__
-    names = backbone.stage_names()
-    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-        raise UserError(f"{kind}.stage_names() returned {names!r}; expected a list of non-empty strings")
-    names = list(names)
+    given = backbone.stage_names()
+    names = [] if isinstance(given, str) else list(given)  # a generator is read once, here
+    if isinstance(given, str) or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{kind}.stage_names() returned {given!r}; expected a list of non-empty strings")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"{kind}.stage_names() lists {twice} more than once: {names}")
@@ -57,7 +57,10 @@ def split(
 ) -> BranchedModel:
     """``backbone`` branched for ``groups`` as ``splitter`` (named ``label`` in messages) says."""
     names = check_stage_names(backbone)
-    branches = splitter.branch_stages(names)
+    try:
+        branches = splitter.branch_stages(names)
+    except UserError as exc:  # the splitter's own words: say which stage's splitter and which backbone
+        raise type(exc)(f"{label} on {type(backbone).__name__}: {exc}") from exc
     if isinstance(branches, str) or not all(isinstance(b, str) for b in branches):
         raise UserError(
             f"{label}: branch_stages() returned {branches!r}; expected a list of stage names from {names}"

@@ -44,8 +44,8 @@ class DepthSplitter(BranchSplitter):
         names = list(stage_names)
         if not names and (self.options.low or self.options.top):
             raise UserError(
-                f"splitter 'branches' (low={self.options.low}, top={self.options.top}) asks for branches, "
-                "but the backbone names no stages (its stage_names() is empty); nothing would be branched"
+                f"low={self.options.low}, top={self.options.top} ask for branches, but the backbone "
+                "names no stages (its stage_names() is empty); nothing would be branched"
             )
         low = names[: self.options.low]
         top = names[max(0, len(names) - self.options.top) :] if self.options.top else []

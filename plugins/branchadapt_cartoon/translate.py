@@ -3,8 +3,8 @@
 INPUT is an image, a folder of images (``--group`` required), or a folder with one sub-folder per
 group (the sub-folder names pick the branches). Outputs mirror the input layout as PNG;
 ``--cam`` also writes the generator's CAM heatmap over each input (``<name>_cam.png``). Files
-from an earlier translation are replaced only with ``--overwrite``, which also removes an earlier
-``--cam``'s heatmap of a replaced output when this run writes none.
+from an earlier translation are replaced only with ``--overwrite``; heatmaps an earlier ``--cam``
+left beside replaced outputs are named, not deleted, when this run writes none.
 """
 
 from __future__ import annotations
@@ -172,8 +172,9 @@ def checked(jobs: list[tuple[str, Path, Path]], cam: bool = False) -> None:
 
 
 def stale_heatmaps(jobs: list[tuple[str, Path, Path]]) -> set[Path]:
-    """Heatmaps an earlier ``--cam`` translation left beside outputs about to be replaced (and that
-    are not outputs of these jobs themselves): removed as each new output is written."""
+    """Files named as heatmaps of outputs about to be replaced (and not outputs of these jobs
+    themselves): an earlier ``--cam``'s, which would no longer show their outputs. The command
+    names them; it does not delete them (a file named so may be a translation of its own)."""
     targets = {t for _, _, t in jobs}
     return {cam_path(t) for t in targets if cam_path(t) not in targets and cam_path(t).is_file()}
 
@@ -222,10 +223,16 @@ def run_translate(args: argparse.Namespace) -> int:
                 save_png(target, to_uint8(out[i]))
                 if args.cam:
                     save_png(cam_path(target), to_uint8(heatmap_overlay(x[i], heat[i])))
-                elif cam_path(target) in stale:  # an earlier --cam's heatmap no longer shows this output
-                    cam_path(target).unlink(missing_ok=True)
             bar.advance(task_id, len(chunk))
     print(
         f"translated {len(jobs)} image{'s' if len(jobs) != 1 else ''} ({args.direction}) into {args.output}"
     )
+    if stale:  # kept: a file named so may be a translation of its own, which is never deleted
+        first = sorted(stale)[0]
+        print(
+            f"note: {len(stale)} file(s) named as heatmaps of replaced outputs ({first}"
+            f"{', ...' if len(stale) > 1 else ''}) were left as they were; if an earlier --cam wrote "
+            "them they show the old outputs: pass --cam to rewrite them, or remove them",
+            file=sys.stderr,
+        )
     return 0

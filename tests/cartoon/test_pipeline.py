@@ -76,7 +76,8 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(
     assert again.returncode == 0, again.stderr
     assert (out / "men" / "face.png").read_bytes() == before  # the same translation, written again
     assert cv2.imread(str(out / "kids" / "face.png")).shape == (32, 32, 3)
-    assert not list(out.rglob("*_cam.png"))  # the first run's heatmaps would show the old outputs
+    assert len(list(out.rglob("*_cam.png"))) == 2  # kept (never delete a file), and named:
+    assert "note: 2 file(s) named as heatmaps of replaced outputs" in again.stderr
     done = run_cli(
         "translate", str(run), str(src / "men" / "face.png"), str(out / "one.tif"), "--group", "men"
     )

@@ -138,7 +138,7 @@ def test_an_output_in_a_format_that_cannot_be_written_is_refused_not_made_a_fold
     assert plan_jobs(photo, tmp_path / "a.tiff", "men", GROUPS)[0][2] == tmp_path / "a.tiff"
 
 
-def test_overwriting_without_cam_removes_only_the_replaced_outputs_heatmaps(tmp_path):
+def test_overwriting_without_cam_names_only_the_replaced_outputs_heatmaps(tmp_path):
     from branchadapt_cartoon.translate import stale_heatmaps
 
     image(tmp_path / "in" / "a.png")

@@ -48,7 +48,8 @@ def test_stage_names_that_are_not_disjoint_sub_modules_are_refused(names, expect
 
 def test_a_depth_split_of_a_backbone_without_stages_is_refused():
     with pytest.raises(
-        ba.UserError, match=r"low=1, top=1\) asks for branches, but the backbone names no stages"
+        ba.UserError,
+        match=r"^splitter 'branches' on Net: low=1, top=1 ask for branches, but the backbone names no stages",
     ):
         ba.branch(Net([]), GROUPS, splitter="branches", low=1, top=1)
     assert not list(ba.branch(Net([]), GROUPS, splitter="branches", low=0, top=0).branch_parameters())
@@ -91,3 +92,27 @@ def test_a_splitters_answers_that_are_not_what_branching_takes_name_the_splitter
         split(Answers(stages, participation), "mine", Net(["enc", "head"]), GROUPS, "big")
     model = split(Answers(["head"], "detached"), "mine", Net(["enc", "head"]), GROUPS, "big")
     assert model.branch_stages == ("head",) and model.participation["small"] is ba.Participation.DETACHED
+
+
+def test_stage_names_may_come_from_a_generator():
+    class Lazy(Net):
+        def stage_names(self):
+            return (n for n in ["enc", "head"])
+
+    assert check_stage_names(Lazy([])) == ["enc", "head"]
+    model = ba.branch(Lazy([]), GROUPS, splitter="branches", low=1, top=0)
+    assert model.branch_stages == ("enc",)
+
+
+def test_a_run_names_the_stages_splitter_key_and_the_backbone(small_experiment, monkeypatch, capsys):
+    from branchadapt.builtin.example import MLPBackbone
+    from branchadapt.cli import main
+
+    path = small_experiment()
+    monkeypatch.setattr(MLPBackbone, "stage_names", lambda self: [])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {path}: stages.transfer.splitter (splitter 'branches') on MLPBackbone: low=1, top=1 ask"
+        in err
+    ), err
