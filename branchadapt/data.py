@@ -87,12 +87,11 @@ class StepData(Dataset[Batch]):
 
 
 def _listlike(value: Any) -> bool:
-    """A list, tuple or array of items (not a string, not a mapping)."""
-    return (
-        hasattr(value, "__len__")
-        and hasattr(value, "__iter__")
-        and not isinstance(value, str | bytes | Mapping)
-    )
+    """An ordered sequence of items: a list, a tuple, or an array or tensor of at least one
+    dimension (a set's order would change the batch from run to run)."""
+    if isinstance(value, list | tuple):
+        return True
+    return isinstance(value, np.ndarray | Tensor) and value.ndim >= 1
 
 
 def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, label: str) -> None:
@@ -119,7 +118,10 @@ def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, lab
                     f"(its streams: {have})"
                 )
             try:
-                position = None if index is None or isinstance(index, bool) else operator.index(index)
+                boolean = isinstance(index, bool | np.bool_) or (
+                    isinstance(index, Tensor) and index.dtype == torch.bool
+                )
+                position = None if index is None or boolean else operator.index(index)
             except TypeError:
                 position = None
             if position is None:

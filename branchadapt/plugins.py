@@ -146,7 +146,7 @@ class PluginSet:
                 f"{label} marks {unknown} with @branchadapt.hookimpl, which are not branchadapt "
                 f"hooks; expected {known}"
             )
-        if not callers:
+        if not any(c.spec is not None for c in callers):  # optional hooks alone register nothing here
             raise UserError(
                 f"{label} implements no branchadapt hook, so it registers nothing; expected "
                 f"functions marked @branchadapt.hookimpl named one of {known}"
@@ -158,7 +158,7 @@ class PluginSet:
             origin = self.origins.get(id(impl.plugin), impl.plugin_name)
             offered = {"subparsers": subparsers, "context": self}  # a hook may take fewer, as pluggy allows
             try:
-                impl.function(**{k: v for k, v in offered.items() if k in impl.argnames})
+                impl.function(**{k: v for k, v in offered.items() if k in (*impl.argnames, *impl.kwargnames)})
             except UserError:
                 raise
             except Exception as exc:  # argparse's "conflicting subparser: run" included

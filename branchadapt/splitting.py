@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .branched import BranchedModel
-from .errors import UserError
+from .errors import UserError, naming
 from .interfaces import Backbone, BranchSplitter, Participation
 
 __all__ = ["check_stage_names", "split"]
@@ -26,7 +26,8 @@ def check_stage_names(backbone: Backbone) -> list[str]:
     given = backbone.stage_names()
     names = [] if isinstance(given, str) else list(given)  # a generator is read once, here
     if isinstance(given, str) or not all(isinstance(n, str) and n for n in names):
-        raise UserError(f"{kind}.stage_names() returned {given!r}; expected a list of non-empty strings")
+        shown = given if isinstance(given, str | list | tuple) else names  # a generator: what it gave
+        raise UserError(f"{kind}.stage_names() returned {shown!r}; expected a list of non-empty strings")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"{kind}.stage_names() lists {twice} more than once: {names}")
@@ -57,10 +58,8 @@ def split(
 ) -> BranchedModel:
     """``backbone`` branched for ``groups`` as ``splitter`` (named ``label`` in messages) says."""
     names = check_stage_names(backbone)
-    try:
+    with naming(f"{label} on {type(backbone).__name__}"):  # the splitter's own words, placed
         branches = splitter.branch_stages(names)
-    except UserError as exc:  # the splitter's own words: say which stage's splitter and which backbone
-        raise type(exc)(f"{label} on {type(backbone).__name__}: {exc}") from exc
     if isinstance(branches, str) or not all(isinstance(b, str) for b in branches):
         raise UserError(
             f"{label}: branch_stages() returned {branches!r}; expected a list of stage names from {names}"

@@ -114,12 +114,17 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+#: where Pillow finds an orientation: EXIF (PNG ``eXIf``, WebP ``EXIF``, the ``Exif`` header), a
+#: PNG text chunk of raw EXIF, XMP (PNG ``XML:com.adobe.xmp``, WebP ``XMP ``)
+_ORIENTATION_MARKERS = (b"eXIf", b"EXIF", b"Exif", b"Raw profile type exif", b"XML:com.adobe.xmp", b"XMP ")
+
+
 def exif_orientation(data: np.ndarray) -> int:
     """The EXIF orientation of an encoded image (1, upright, when it has none or Pillow cannot
-    read its header). Pillow reads a PNG's EXIF by decoding the whole image, so a file without an
-    EXIF chunk's marker (PNG ``eXIf``, WebP ``EXIF``, the ``Exif`` header) is not opened at all."""
+    read its header). Pillow reads a PNG's EXIF by decoding the whole image, so a file without a
+    marker of any place Pillow takes the orientation from is not opened at all."""
     raw = data.tobytes()
-    if not any(marker in raw for marker in (b"eXIf", b"EXIF", b"Exif")):
+    if not any(marker in raw for marker in _ORIENTATION_MARKERS):
         return 1
     try:
         with Image.open(io.BytesIO(raw)) as im:

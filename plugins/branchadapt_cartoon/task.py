@@ -33,6 +33,7 @@ from branchadapt.compiling import has_compiled
 from branchadapt.concurrency import concurrency_applies, run_concurrently
 from branchadapt.data import first_input
 from branchadapt.distributed import from_env
+from branchadapt.errors import naming
 from branchadapt.paramslots import ParamSlots
 
 from .critics import Discriminator
@@ -109,10 +110,8 @@ class Translate(Task):
         if o.photo2cartoon is not None and self.context.initial_weights:  # not read to be overwritten
             from .photo2cartoon import import_weights
 
-            try:
+            with naming("task.photo2cartoon"):  # the file is the experiment's: name its key
                 import_weights(o.photo2cartoon, modules)
-            except ba.UserError as exc:  # the file is the experiment's: name its key
-                raise type(exc)(f"task.photo2cartoon: {exc}") from exc
         return modules
 
     def phases(self) -> list[Phase]:

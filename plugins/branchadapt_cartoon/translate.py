@@ -176,7 +176,9 @@ def stale_heatmaps(jobs: list[tuple[str, Path, Path]]) -> set[Path]:
     themselves): an earlier ``--cam``'s, which would no longer show their outputs. The command
     names them; it does not delete them (a file named so may be a translation of its own)."""
     targets = {t for _, _, t in jobs}
-    return {cam_path(t) for t in targets if cam_path(t) not in targets and cam_path(t).is_file()}
+    return {
+        cam_path(t) for t in targets if t.is_file() and cam_path(t) not in targets and cam_path(t).is_file()
+    }
 
 
 def _read(path: Path, done: int, output: Path) -> np.ndarray:

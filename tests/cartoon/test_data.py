@@ -256,3 +256,24 @@ def test_an_image_without_exif_is_not_opened_twice(tmp_path, monkeypatch):
     cv2.imwrite(str(tmp_path / "plain.png"), np.full((8, 8, 3), 7, np.uint8))
     monkeypatch.setattr(data.Image, "open", lambda *a, **k: pytest.fail("Pillow decoded it a second time"))
     assert read_rgb(tmp_path / "plain.png").shape == (8, 8, 3)
+
+
+def test_an_orientation_in_a_png_text_chunk_or_xmp_is_still_found(tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = b"Exif\x00\x00" + exif.tobytes()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", f"\nexif\n{len(raw)}\n{raw.hex()}\n", zip=True)
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt(
+        "XML:com.adobe.xmp",
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>',
+        zip=True,
+    )
+    for name, info in (("text.png", text), ("xmp.png", xmp)):
+        Image.fromarray(pixels).save(tmp_path / name, pnginfo=info)
+        assert Image.open(tmp_path / name).getexif().get(0x0112) == 6, name  # Pillow sees it
+        assert read_rgb(tmp_path / name).shape == (4, 2, 3), name

@@ -144,7 +144,9 @@ def test_overwriting_without_cam_names_only_the_replaced_outputs_heatmaps(tmp_pa
     image(tmp_path / "in" / "a.png")
     image(tmp_path / "in" / "b.png")
     image(tmp_path / "in" / "b_cam.png")  # an input of its own, translated to out/b_cam.png
-    for name in ("a_cam.png", "b_cam.png", "c_cam.png"):
+    image(tmp_path / "in" / "d.png")
+    for name in ("a.png", "a_cam.png", "b_cam.png", "c_cam.png", "d_cam.png"):
         image(tmp_path / "out" / name)
     jobs = plan_jobs(tmp_path / "in", tmp_path / "out", "men", GROUPS, overwrite=True)
-    assert stale_heatmaps(jobs) == {tmp_path / "out" / "a_cam.png"}  # c has no output here; b_cam is one
+    # c has no output here, b_cam is an output itself, d's output is new (nothing replaced)
+    assert stale_heatmaps(jobs) == {tmp_path / "out" / "a_cam.png"}

@@ -137,8 +137,9 @@ def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
         "lenient",
         """
         @ba.hookimpl
-        def register_commands(subparsers):  # fewer arguments than the hookspec's: pluggy allows it
-            subparsers.add_parser("hello").set_defaults(handler=lambda args: print("hello") or 0)
+        def register_commands(subparsers, context=None):  # a default: pluggy passes it all the same
+            seen = type(context).__name__
+            subparsers.add_parser("hello").set_defaults(handler=lambda args: print("hello", seen) or 0)
 
         @ba.hookimpl(optionalhook=True)  # a hook of a newer branchadapt: skipped, not a typo
         def register_exporters(register):
@@ -147,4 +148,12 @@ def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.setattr("branchadapt.cli.default_plugins", lambda: plugins)
     assert main(["hello"]) == 0
-    assert capsys.readouterr().out == "hello\n"
+    assert capsys.readouterr().out == "hello PluginSet\n"
+    with pytest.raises(
+        ba.UserError, match=r"'only_optional' implements no branchadapt hook, so it registers nothing"
+    ):
+        load(tmp_path, "only_optional", """
+            @ba.hookimpl(optionalhook=True)  # optional and misspelt: nothing of this branchadapt's
+            def register_lossses(register):
+                pass
+            """)  # fmt: skip

@@ -56,6 +56,11 @@ def register_samplers(register):
         ({"x": [("a", -1)]}, r"index out of range"),
         ({"x": [("a", 1.0)]}, r"picks \('a', 1\.0\): the index is not an integer; expected 0 <= index < 4"),
         ({"x": [("a", True)]}, r"the index is not an integer"),
+        ({"x": [("a", torch.tensor(True))]}, r"the index is not an integer"),
+        ({"x": np.array(3)}, r"gives stream 'x' array\(3\); expected a non-empty list"),
+        ({"x": torch.tensor(3)}, r"expected a non-empty list"),
+        ({"x": {("a", 1), ("a", 2)}}, r"expected a non-empty list"),  # a set: no order to replay
+        ({"x": [np.array(3)]}, r"expected \(group, index\)"),
         ({"x": [("a", torch.tensor(9))]}, r"index out of range"),
         ({"y": [("b", 0)]}, r"from stream 'y', in which group 'b' has no items \(its streams: \['x'\]\)"),
         ({"x": []}, r"gives stream 'x' \[\]; expected a non-empty list of \(group, index\)"),

@@ -116,3 +116,25 @@ def test_a_run_names_the_stages_splitter_key_and_the_backbone(small_experiment, 
         f"error: {path}: stages.transfer.splitter (splitter 'branches') on MLPBackbone: low=1, top=1 ask"
         in err
     ), err
+
+
+def test_a_splitters_own_error_keeps_its_class_and_gains_its_place():
+    class StageMissing(ba.UserError):
+        def __init__(self, stage: str, options: object) -> None:
+            super().__init__(f"no stage {stage}")
+
+    class Picky(Answers):
+        def branch_stages(self, stage_names):
+            raise StageMissing("mid", self.options)
+
+    with pytest.raises(StageMissing, match=r"^mine on Net: no stage mid$"):
+        split(Picky(["head"], "live"), "mine", Net(["enc", "head"]), GROUPS, "big")
+
+
+def test_a_bad_generator_of_stage_names_shows_what_it_gave():
+    class Lazy(Net):
+        def stage_names(self):
+            return (n for n in ["enc", ""])
+
+    with pytest.raises(ba.UserError, match=r"returned \['enc', ''\]; expected a list of non-empty strings"):
+        check_stage_names(Lazy([]))
