@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .config import Experiment
-from .errors import UserError
+from .errors import UserError, naming
 from .interfaces import Task
 from .loading import ResolvedExperiment, resolve
 from .paths import files_not_required
@@ -116,7 +116,7 @@ def evaluate_run(
             f"{final} cannot be created ({exc.strerror or exc}); is {run_dir} writable?"
         ) from None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), naming(exp.source):  # as training names it: the file, then the key
             metrics = task.evaluate(modules, source, trainer.device, out_dir)
         if metrics is None:
             raise UserError(f"task {exp.task.type!r} does not define an evaluation")

@@ -55,7 +55,8 @@ def _recognizer(spec: dict[str, Any] | None) -> nn.Module | None:
         return ba.build_backbone(kind, **spec).requires_grad_(False).eval()
     except ba.UserError as exc:  # the recognizers' messages name the face-ID loss's keys
         message = str(exc).replace(WEIGHTS_OPTION, "task.eval_recognizer.weights")
-        raise type(exc)(f"task.eval_recognizer: {message.removeprefix('task.eval_recognizer: ')}") from None
+        exc.args = (f"task.eval_recognizer: {message.removeprefix('task.eval_recognizer: ')}",)
+        raise
 
 
 def _trait_judge(source: ba.DataSource, groups: tuple[str, ...]) -> Any:

@@ -295,6 +295,23 @@ def test_evaluate_reports_per_group_accuracy(small_experiment, tmp_path, run_cli
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing written
 
 
+def test_an_evaluation_that_refuses_an_option_names_the_experiment_file_then_the_key(
+    small_experiment, tmp_path, monkeypatch
+):
+    from branchadapt.builtin.example import SupervisedTask
+    from branchadapt.evaluation import evaluate_run
+
+    path = small_experiment()
+    train(path, tmp_path / "run")
+
+    def refuses(self, modules, source, device, out_dir):  # type: ignore[no-untyped-def]
+        raise ba.UserError("task.judge: weights file /gone.pth does not exist")
+
+    monkeypatch.setattr(SupervisedTask, "evaluate", refuses)
+    with pytest.raises(ba.UserError, match=rf"^{re.escape(str(path))}: task\.judge: weights file /gone\.pth"):
+        evaluate_run(tmp_path / "run", device="cpu")
+
+
 def test_evaluation_reads_its_split_without_training_augmentation(small_experiment, tmp_path, monkeypatch):
     from branchadapt import evaluation
     from branchadapt.builtin.example import ClusterData, SupervisedTask
