@@ -34,6 +34,7 @@ from .errors import CheckpointError, UserError
 from .interfaces import Backbone, Participation
 from .paramslots import ParamSlots
 from .routing import GroupBranches, Router
+from .stagenames import check_stage_names
 from .statekeys import check_shapes, diff_message, plain_from_any
 
 #: ``fused = "auto"`` fuses a CPU batch whose batched inputs take at most this many bytes
@@ -91,8 +92,6 @@ class BranchedModel(nn.Module):
                 f"this {type(backbone).__name__} is already branched (a BranchedModel replaced its branch "
                 "stages in place); branch a fresh backbone, or a copy.deepcopy of an unbranched one"
             )
-        from .splitting import check_stage_names  # it names the splitter's mistakes, and imports this
-
         stage_names = check_stage_names(backbone)
         unknown = [s for s in branch_stages if s not in stage_names]
         if unknown:

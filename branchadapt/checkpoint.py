@@ -312,11 +312,12 @@ def load_checkpoint(
     weights = _checked_weights(directory / "model.safetensors", modules)
     state = read_tensors(directory / "state.safetensors")
     opt_tensors = {k: v for k, v in state.items() if not k.startswith("rng.")}
-    opt_states = _optimizer_states(optimizers or {}, opt_tensors, meta["optimizers"])
+    optimizers = optimizers or {}
+    opt_states = _optimizer_states(optimizers, opt_tensors, meta["optimizers"])
     for name, module in modules.items():
         module.load_state_dict(weights[name])
     for name, opt_state in opt_states.items():
-        (optimizers or {})[name].load_state_dict(opt_state)
+        optimizers[name].load_state_dict(opt_state)
     if restore_rng:
         set_rng_state(state, meta["rng"])
     return meta

@@ -117,10 +117,10 @@ def check_plan(plan: Any, sizes: Mapping[str, Mapping[str, int]], step: int, lab
                     f"{at} picks {pick!r} from stream {stream!r}, in which group {group!r} has no items "
                     f"(its streams: {have})"
                 )
+            boolean = isinstance(index, bool | np.bool_) or (
+                isinstance(index, Tensor) and index.dtype == torch.bool
+            )
             try:
-                boolean = isinstance(index, bool | np.bool_) or (
-                    isinstance(index, Tensor) and index.dtype == torch.bool
-                )
                 position = None if index is None or boolean else operator.index(index)
             except TypeError:
                 position = None

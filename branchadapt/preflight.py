@@ -81,8 +81,10 @@ def stage_sizes(
 
 
 def check_reads(trainer: Trainer) -> None:
-    """Each loss's :attr:`~branchadapt.interfaces.LossTerm.reads` against the outputs the task
-    declares for its phase (:meth:`~branchadapt.interfaces.Task.outputs`; undeclared: unchecked)."""
+    """The experiment against its task, without building a module: every ``optim`` table names one
+    of the task's phases (or ``default``), and each loss's
+    :attr:`~branchadapt.interfaces.LossTerm.reads` are outputs the task declares for its phase
+    (:meth:`~branchadapt.interfaces.Task.outputs`; undeclared: unchecked)."""
     exp = trainer.exp
     task = trainer.build_task(initial_weights=False)  # constructed only: no module is built
     phases = [p.name for p in task.phases()]

@@ -189,15 +189,14 @@ class CrossEntropy(LossTerm):
 
     def forward(self, outputs: Mapping[str, Any], batch: Batch) -> Tensor:
         logits, target = outputs["logits"], outputs["target"]
+        classes = logits.shape[1 if logits.ndim > 1 else 0]  # (C), (N, C) or (N, C, d1, ...)
         if not self._checked:  # the first batch's targets, also where a bad one is no catchable error
             self._checked = True
-            self._check(
-                int(target.max()) if target.numel() else -1, logits.shape[1 if logits.ndim > 1 else 0]
-            )
+            self._check(int(target.max()) if target.numel() else -1, classes)
         try:
             return F.cross_entropy(logits, target, label_smoothing=self.options.label_smoothing)
         except IndexError:  # a later batch's class beyond the logits (torch: "Target 7 is out of bounds")
-            self._check(int(target.max()), logits.shape[1 if logits.ndim > 1 else 0])
+            self._check(int(target.max()), classes)
             raise
 
     def _check(self, top: int, classes: int) -> None:
