@@ -39,10 +39,11 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .rundir import load_for_run
     from .trainer import Trainer
 
     try:
-        exp = load_experiment(args.experiment, args.overrides)
+        exp = load_for_run(args.experiment, args.overrides, args.run_dir)  # finished stages' files unneeded
     except UserError as exc:  # the file reads alike on every rank: under torchrun rank 0 says it once
         exc.quiet = exc.quiet or not distributed.from_env().is_main
         raise

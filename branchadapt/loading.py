@@ -13,7 +13,8 @@ import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from .config import ComponentSpec, Experiment, OptimSpec, StageSpec, deep_merge, inherit_defaults
 from .errors import ConfigError, RegistryError, UserError
 from .interfaces import PluginOptions
-from .paths import relative_to
+from .paths import files_not_required, relative_to
 from .plugins import PluginSet, default_plugins
 
 
@@ -73,13 +74,18 @@ class ResolvedExperiment:
 
     @property
     def run_dir(self) -> Path:
-        if self.spec.run_dir:
-            path = Path(self.spec.run_dir)
-            return path if path.is_absolute() else self.base_dir / path
-        return Path("runs") / self.spec.name
+        return default_run_dir(self.spec, self.source)
 
     def optim_for(self, stage: ResolvedStage, phase: str) -> OptimSpec:
         return stage.optim.get(phase) or stage.optim.get("default") or OptimSpec()
+
+
+def default_run_dir(spec: Experiment, source: Path) -> Path:
+    """The experiment's own run directory: ``run_dir`` (relative: beside the file) or ``runs/<name>``."""
+    if spec.run_dir:
+        path = Path(spec.run_dir)
+        return path if path.is_absolute() else source.parent / path
+    return Path("runs") / spec.name
 
 
 def config_hash(spec: Experiment) -> str:
@@ -222,9 +228,16 @@ def load_experiment(
     path: str | Path,
     overrides: Sequence[str] = (),
     plugins: PluginSet | None = None,
+    *,
+    files_not_needed: Callable[[Experiment, Path], Collection[str]] | None = None,
 ) -> ResolvedExperiment:
     """Read, merge, override and fully validate an experiment file. ``overrides`` are
-    ``"KEY.PATH=VALUE"`` strings (the CLI's ``--set``), applied in order: ``["stages.basic.steps=3"]``."""
+    ``"KEY.PATH=VALUE"`` strings (the CLI's ``--set``), applied in order: ``["stages.basic.steps=3"]``.
+
+    ``files_not_needed``, given the core-validated experiment and its file, names keys (such as
+    ``"stages.basic"`` or ``"data"``) whose options are validated without checking that the files
+    they name exist (:func:`~branchadapt.paths.files_not_required`): parts of a resumed run that
+    will not run again (:func:`branchadapt.rundir.load_for_run`)."""
     if isinstance(overrides, str | bytes):  # one string would be taken as one override per character
         raise TypeError(f"overrides must be a list of 'KEY.PATH=VALUE' strings, got the string {overrides!r}")
     source = Path(path)
@@ -244,7 +257,8 @@ def load_experiment(
         lines = [describe(e, Experiment) for e in exc.errors()]
         lines += _component_problems(inherit_defaults(raw), plugins, source)  # plugin options too, at once
         raise ConfigError(_report(source, sorted({_inherited(line, raw) for line in lines}))) from None
-    return resolve(spec, source, plugins, raw)
+    skipped = frozenset(files_not_needed(spec, source)) if files_not_needed else frozenset()
+    return resolve(spec, source, plugins, raw, skipped)
 
 
 def _component_problems(raw: Any, plugins: PluginSet, source: Path) -> list[str]:
@@ -310,12 +324,21 @@ def _report(source: Path, lines: list[str]) -> str:
     return "\n".join([head, *(f"  {line}" for line in lines)])
 
 
-def resolve(spec: Experiment, source: Path, plugins: PluginSet, raw: dict[str, Any]) -> ResolvedExperiment:
-    """Pass 2: resolve every component and validate its options; all problems reported at once."""
+def resolve(
+    spec: Experiment,
+    source: Path,
+    plugins: PluginSet,
+    raw: dict[str, Any],
+    files_not_needed: Collection[str] = (),
+) -> ResolvedExperiment:
+    """Pass 2: resolve every component and validate its options; all problems reported at once.
+    Components under a key of ``files_not_needed`` skip their file-existence checks."""
     problems: list[str] = []
 
     def component(kind: str, comp: ComponentSpec, where: str) -> Component | None:
-        with relative_to(source.parent):  # relative paths in options: beside the experiment file
+        unneeded = any(where == key or where.startswith(f"{key}.") for key in files_not_needed)
+        # relative paths in options: beside the experiment file
+        with relative_to(source.parent), files_not_required() if unneeded else nullcontext():
             return check_component(plugins, kind, comp, where, problems)
 
     model = component("backbone", spec.model, "model")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from .config import Experiment
 from .errors import UserError
-from .loading import ResolvedExperiment, config_hash
+from .loading import ResolvedExperiment, config_hash, default_run_dir, load_experiment
 from .report import atomic_write_text
 
 
@@ -40,6 +42,24 @@ TRAINED = ("metrics.jsonl", "checkpoints", "stages")
 def final_weights(run_dir: Path, stage: str) -> Path:
     """Where a finished stage's weights are (the file exists once the stage has finished)."""
     return Path(run_dir) / "stages" / stage / "final.safetensors"
+
+
+def load_for_run(
+    path: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None
+) -> ResolvedExperiment:
+    """:func:`~branchadapt.loading.load_experiment` for a run (re-)started in ``run_dir`` (default:
+    the experiment's own): a stage that has finished there needs none of the files its options
+    name (a loss's helper-network weights, say), and once every stage has finished nothing
+    trains, so the model, task and data need none either; evaluation checks what it reads.
+    A directory holding another experiment's run is refused later, by :func:`prepare_run_dir`."""
+
+    def not_needed(spec: Experiment, source: Path) -> list[str]:
+        where = Path(run_dir) if run_dir is not None else default_run_dir(spec, source)
+        stages = [name for name, stage in spec.stages.items() if stage.enabled]
+        done = [f"stages.{name}" for name in stages if final_weights(where, name).exists()]
+        return [*done, "model", "task", "data"] if done and len(done) == len(stages) else done
+
+    return load_experiment(path, overrides, files_not_needed=not_needed)
 
 
 def has_trained(run_dir: Path) -> bool:

@@ -191,6 +191,11 @@ class Trainer:
             return self._run(max_steps)
 
     def _run(self, max_steps: int | None) -> RunResult:
+        names = [stage.name for stage in self.exp.stages]
+        if all(final_weights(self.run_dir, name).exists() for name in names):  # nothing to train:
+            prepare_run_dir(self.run_dir, self.exp, write=False)  # if the run is this experiment's
+            self.progress.message(f"every stage has finished in {self.run_dir}: nothing to train")
+            return RunResult(self.run_dir, completed=names)
         source = check_stages(self)  # every stage's data and batches before anything is written
         check_inputs(self, source)  # and its models on inputs shaped as the data's, where the task can
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes

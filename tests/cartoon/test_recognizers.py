@@ -187,3 +187,17 @@ def test_a_finished_runs_experiment_loads_without_the_training_losss_recognizer_
         ba.load_experiment(tiny_cartoon(), [spec])  # a run about to train needs it
     loaded = load_run(tmp_path / "run")  # inference (export, translate, evaluate) does not
     assert loaded.stages[0].losses["face_id"].options.recognizer["weights"] == str(weights)
+
+
+def test_re_running_a_run_needs_the_recognizer_file_of_a_stage_still_to_train_only(tiny_cartoon, tmp_path):
+    from branchadapt.rundir import final_weights, load_for_run
+
+    gone = (tmp_path / "gone.safetensors").as_posix()
+    spec = f'stages.basic.losses.face_id.recognizer={{type="mobilefacenet", weights="{gone}"}}'
+    run = tmp_path / "run"
+    with pytest.raises(ba.ConfigError, match=r"stages\.basic\.losses\.face_id\.recognizer: weights: file"):
+        load_for_run(tiny_cartoon(), [spec], run)  # stage basic will train
+    final_weights(run, "basic").parent.mkdir(parents=True)
+    final_weights(run, "basic").write_bytes(b"")  # finished: it will not
+    exp = load_for_run(tiny_cartoon(), [spec], run)
+    assert exp.stages[0].losses["face_id"].options.recognizer["weights"] == gone
