@@ -9,24 +9,29 @@ module's plain backbone for ``--group`` (its branches in place of the routers) a
 - ``safetensors``: the plain state dict, loadable into the backbone built from the run's config.
 
 The model is traced with inputs shaped as the training data makes them when the task can say so
-(:meth:`Task.example_inputs`), else with the backbone's own :meth:`Backbone.example_inputs`.
+(:meth:`Task.example_inputs`): the shapes the run recorded with the stage's final weights, else
+(a run that recorded none) the task's inputs from the data; without either, with the backbone's
+own :meth:`Backbone.example_inputs`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .branched import BranchedModel
 from .errors import UserError
 from .evaluation import LoadedStage, load_stage
 from .interfaces import Backbone, Task
+from .rundir import final_weights
 
 FORMATS = ("onnx", "safetensors")
 
@@ -173,11 +178,39 @@ def export_run(
     return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
 
 
+def recorded_inputs(weights: Path, module: str, batch_size: int = 2) -> tuple[Tensor, ...] | None:
+    """Random inputs for ``module`` shaped as the data's inputs a run tried before training and
+    recorded with the stage's final weights (floats in [-1, 1), other dtypes zero); None when
+    the file has no such record (a run of an older branchadapt, or a task that makes none)."""
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            record = json.loads((fh.metadata() or {}).get("inputs", "{}")).get(module)
+        gen = torch.Generator().manual_seed(0)
+        tensors = []
+        for dtype_name, shape in record or ():
+            dtype, size = getattr(torch, dtype_name), (batch_size, *map(int, shape))
+            if not isinstance(dtype, torch.dtype):
+                return None
+            floats = dtype.is_floating_point
+            tensors.append(
+                torch.rand(size, generator=gen).to(dtype) * 2 - 1
+                if floats
+                else torch.zeros(size, dtype=dtype)
+            )
+    except (OSError, SafetensorError, ValueError, TypeError, AttributeError):  # unreadable: not recorded
+        return None
+    return tuple(tensors) or None
+
+
 def _data_inputs(loaded: LoadedStage, module: str) -> tuple[tuple[Tensor, ...] | None, str | None]:
-    """Inputs shaped as the training data's where the task can make them (None: the backbone's
-    own ``example_inputs``), and a note when the data was wanted but could not be read."""
+    """Inputs shaped as the training data's where the task can make them: as the run recorded
+    them with the final weights, else from the data (None: the backbone's own
+    ``example_inputs``), and a note when the data was wanted but could not be read."""
     if type(loaded.task).example_inputs is Task.example_inputs:
         return None, None
+    recorded = recorded_inputs(final_weights(loaded.trainer.run_dir, loaded.stage), module)
+    if recorded is not None:  # no need to read the data (gone, on another machine, a cache to regenerate)
+        return recorded, None
     try:
         return loaded.task.example_inputs(module, loaded.trainer.build_source("train")), None
     except (UserError, OSError) as exc:  # the data has moved, is on another machine, or its cache

@@ -13,7 +13,7 @@ shaped as the data's where the task can make them (:func:`try_inputs`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -125,31 +125,40 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
     return lines
 
 
-def check_inputs(trainer: Trainer, source: DataSource) -> None:
+def check_inputs(trainer: Trainer, source: DataSource) -> InputShapes:
     """What a run checks of :func:`try_inputs` before it writes anything: every stage's models,
     built without weights, on inputs shaped as the data's, for tasks that can make them
     (others build nothing here), finished stages left out. A branching that breaks a model's
-    forward in a later stage is then refused before the earlier stages train, not after."""
+    forward in a later stage is then refused before the earlier stages train, not after.
+    Returns the inputs tried, by module (a run records them with each stage's final weights)."""
     task = trainer.build_task(initial_weights=False)
+    tried: InputShapes = {}
     if type(task).example_inputs is Task.example_inputs:
-        return
+        return tried
     for stage in trainer.exp.stages:
         if final_weights(trainer.run_dir, stage.name).exists():
             continue  # finished already (a resumed run)
-        try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source)
+        tried.update(try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source))
+    return tried
+
+
+#: module name -> each of its inputs as ``[dtype, shape without the batch dimension]``
+InputShapes = dict[str, list[list[Any]]]
 
 
 def try_inputs(
     trainer: Trainer, task: Task, modules: Mapping[str, nn.Module], stage: ResolvedStage, source: DataSource
-) -> None:
+) -> InputShapes:
     """Each module of the stage the task gives inputs for
     (:meth:`~branchadapt.interfaces.Task.example_inputs`), on the experiment's device: a branched
     backbone with one row per group of the stage, another module with its inputs alone. A model
     built for other inputs (image size, channels, features) is found here rather than in the
     stage's first step. The forward runs as training runs it, gradients on (a model may check
     its inputs only then), with the modules in eval mode (batch statistics of so few rows could
-    fail where the real batch does not); the graph is dropped at once."""
+    fail where the real batch does not); the graph is dropped at once. Returns the inputs tried,
+    by module."""
     ids = torch.tensor([trainer.groups.index(g) for g in stage.groups])
+    tried: InputShapes = {}
     for name, module in modules.items():
         try:
             inputs = task.example_inputs(name, source, len(ids))
@@ -160,6 +169,7 @@ def try_inputs(
             ) from exc
         if inputs is None:
             continue
+        tried[name] = [[str(x.dtype).removeprefix("torch."), list(x.shape[1:])] for x in inputs]
         module.to(trainer.device).eval()
         moved = tuple(x.to(trainer.device) for x in inputs)
         extra = {"groups": ids.to(trainer.device)} if isinstance(module, BranchedModel) else {}
@@ -174,10 +184,19 @@ def try_inputs(
                 f"{trainer.exp.source}: stages.{stage.name}: module {name!r} cannot take inputs shaped as "
                 f"the data's ({shape}): {type(exc).__name__}: {exc}"
             ) from exc
+    return tried
 
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-__all__ = ["build_stages", "check_inputs", "check_reads", "check_stages", "stage_sizes", "try_inputs"]
+__all__ = [
+    "InputShapes",
+    "build_stages",
+    "check_inputs",
+    "check_reads",
+    "check_stages",
+    "stage_sizes",
+    "try_inputs",
+]

@@ -197,7 +197,9 @@ class Trainer:
             self.progress.message(f"every stage has finished in {self.run_dir}: nothing to train")
             return RunResult(self.run_dir, completed=names)
         source = check_stages(self)  # every stage's data and batches before anything is written
-        check_inputs(self, source)  # and its models on inputs shaped as the data's, where the task can
+        inputs = check_inputs(
+            self, source
+        )  # and its models on inputs shaped as the data's, where the task can
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
@@ -217,8 +219,10 @@ class Trainer:
             if budget is not None:
                 budget -= stop - start
             if self.dist.is_main:
+                meta = {"stage": stage.name, "config_hash": self.exp.config_hash}
+                # the inputs tried, shaped as the data's: export traces with them without the data
                 save_weights(
-                    final, runtime.modules, {"stage": stage.name, "config_hash": self.exp.config_hash}
+                    final, runtime.modules, {**meta, "inputs": json.dumps(inputs)} if inputs else meta
                 )
             distributed.barrier(self.dist)  # the next stage (and every rank) reads these weights
             result.completed.append(stage.name)

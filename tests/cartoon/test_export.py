@@ -96,3 +96,18 @@ def test_bad_requests_exit_2_and_write_nothing(trained, run_cli):
 
 def _listing(folder):
     return sorted((p.name, p.stat().st_size) for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_export_traces_at_the_recorded_data_size_without_generating_the_data(trained, monkeypatch, tmp_path):
+    from branchadapt.export import export_run, recorded_inputs
+    from branchadapt.rundir import final_weights
+    from branchadapt_toonfaces import ToonFaces
+
+    def regenerate(self):
+        raise AssertionError("export generated the toonfaces data again")
+
+    monkeypatch.setattr(ToonFaces, "ensure", regenerate)  # as if the cache had been deleted
+    (x,) = recorded_inputs(final_weights(trained, "transfer"), "gen_b2a", batch_size=1)
+    assert x.shape == (1, 3, 32, 32)  # the data's size, recorded by the run
+    done = export_run(trained, "elderly", module="gen_b2a", out=tmp_path / "b2a.onnx")
+    assert done.note is None and done.path.is_file()

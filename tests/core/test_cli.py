@@ -270,12 +270,12 @@ def test_running_out_of_memory_is_one_message_not_a_misfit_and_keeps_the_checkpo
 def test_under_torchrun_a_process_that_runs_out_of_memory_names_its_rank(tmp_path, monkeypatch, capsys):
     import torch
 
-    from branchadapt import cli
+    from branchadapt import cli, rundir
 
     def out_of_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cli, "load_experiment", out_of_memory)
+    monkeypatch.setattr(rundir, "load_for_run", out_of_memory)  # what `run` loads the experiment with
     assert cli.main(["run", str(tmp_path / "x.toml")]) == 1
     assert capsys.readouterr().err.startswith("error: out of memory: OutOfMemoryError: CUDA out of memory")
     monkeypatch.setenv("RANK", "1")

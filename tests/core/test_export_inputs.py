@@ -1,12 +1,18 @@
-"""``export``: a group's plain model traced at the data's input size, without the data if need be."""
+"""``export``: a group's plain model traced at the data's input size, as the run recorded it or
+from the data, and without either if need be."""
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import branchadapt as ba
-from branchadapt.export import export_run
+from branchadapt.export import export_run, recorded_inputs
 from branchadapt.trainer import Trainer
 
 
@@ -22,7 +28,31 @@ def _input_dims(path) -> list[object]:
     return [d.dim_param or d.dim_value for d in shape.dim]
 
 
-def test_onnx_is_traced_with_the_data_s_inputs_or_the_backbone_s_without_the_data(finished, monkeypatch):
+def _forget_recorded_inputs(run_dir) -> None:
+    """Re-write the last stage's final weights without the inputs record (a run of an older version)."""
+    path = sorted(run_dir.glob("stages/*/final.safetensors"))[-1]
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta.pop("inputs")) == {"model": [["float32", [6]]]}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+
+
+def test_onnx_is_traced_with_the_inputs_the_run_recorded_without_reading_the_data(finished, monkeypatch):
+    def gone(self, split="train"):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(Trainer, "build_source", gone)
+    done = export_run(finished, "b")
+    assert done.note is None and _input_dims(done.path)[1:] == [6]
+    weights = sorted(finished.glob("stages/*/final.safetensors"))[-1]
+    (x,) = recorded_inputs(weights, "model", batch_size=3)
+    assert x.shape == (3, 6) and x.dtype == torch.float32 and x.min() >= -1 and x.max() < 1
+    assert recorded_inputs(weights, "critic") is None  # a module the task made no inputs for
+    assert recorded_inputs(finished / "config.json", "model") is None  # not a weights file
+
+
+def test_without_a_record_onnx_is_traced_with_the_data_s_inputs_or_the_backbone_s(finished, monkeypatch):
+    _forget_recorded_inputs(finished)
     done = export_run(finished, "b")
     assert done.note is None and _input_dims(done.path)[1:] == [6]
 
