@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def onnx_difference(backbone: nn.Module, path: Path, inputs: tuple[Tensor, ...])
     except ImportError:
         return None
     gen = torch.Generator().manual_seed(0)
-    feeds = [torch.rand(x.shape, generator=gen) * 2 - 1 for x in inputs]
+    feeds = [random_input(tuple(x.shape), x.dtype, gen) for x in inputs]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), feeds, strict=True)})
     with torch.no_grad():
@@ -178,28 +179,56 @@ def export_run(
     return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
 
 
+#: dtypes a recorded input may have: random values for floats, zeros for the others
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OTHERS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: a record asking for more elements than this is not believed (a damaged or foreign file)
+MAX_RECORDED_ELEMENTS = 1 << 28
+
+
+def random_input(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    """An input of ``shape`` and ``dtype``: uniform in [-1, 1) for floats, zeros otherwise."""
+    if dtype.is_floating_point:
+        return (torch.rand(shape, generator=gen) * 2 - 1).to(dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _recorded_specs(record: object, batch_size: int) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
+    """``[(shape with the batch, dtype), ...]`` from a record ``[[dtype name, [dims]], ...]``;
+    None unless every entry is well-formed and the whole stays under MAX_RECORDED_ELEMENTS."""
+    if not isinstance(record, list) or not record:
+        return None
+    specs, total = [], 0
+    for entry in record:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            return None
+        dtype, dims = getattr(torch, entry[0], None), entry[1]
+        if dtype not in _FLOATS + _OTHERS or not isinstance(dims, list):
+            return None
+        if not all(type(d) is int and d > 0 for d in dims):
+            return None
+        shape = (batch_size, *dims)
+        total += math.prod(shape)
+        if total > MAX_RECORDED_ELEMENTS:
+            return None
+        specs.append((shape, dtype))
+    return specs
+
+
 def recorded_inputs(weights: Path, module: str, batch_size: int = 2) -> tuple[Tensor, ...] | None:
-    """Random inputs for ``module`` shaped as the data's inputs a run tried before training and
-    recorded with the stage's final weights (floats in [-1, 1), other dtypes zero); None when
-    the file has no such record (a run of an older branchadapt, or a task that makes none)."""
+    """Inputs for ``module`` shaped as the data's inputs that a run tried before training and
+    recorded with the stage's final weights (:func:`random_input` values); None when the file
+    has no usable record (a run of an older branchadapt, a task that makes none, a damaged one)."""
     try:
         with safe_open(str(weights), "pt") as fh:
-            record = json.loads((fh.metadata() or {}).get("inputs", "{}")).get(module)
-        gen = torch.Generator().manual_seed(0)
-        tensors = []
-        for dtype_name, shape in record or ():
-            dtype, size = getattr(torch, dtype_name), (batch_size, *map(int, shape))
-            if not isinstance(dtype, torch.dtype):
-                return None
-            floats = dtype.is_floating_point
-            tensors.append(
-                torch.rand(size, generator=gen).to(dtype) * 2 - 1
-                if floats
-                else torch.zeros(size, dtype=dtype)
-            )
-    except (OSError, SafetensorError, ValueError, TypeError, AttributeError):  # unreadable: not recorded
+            record = json.loads((fh.metadata() or {}).get("inputs", "{}"))
+    except (OSError, SafetensorError, ValueError):  # unreadable: nothing recorded
         return None
-    return tuple(tensors) or None
+    specs = _recorded_specs(record.get(module) if isinstance(record, dict) else None, batch_size)
+    if specs is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return tuple(random_input(shape, dtype, gen) for shape, dtype in specs)
 
 
 def _data_inputs(loaded: LoadedStage, module: str) -> tuple[tuple[Tensor, ...] | None, str | None]:

@@ -306,16 +306,16 @@ def check_component(
 
 def _inherited(line: str, raw: dict[str, Any]) -> str:
     """Point an error in an inherited stage value at the top-level key it came from."""
-    m = re.match(r"stages\.([^.]+)\.(splitter|sampler|losses|optim)\.([^:]*)(:.*)", line, re.S)
+    m = re.match(r"stages\.([^.]+)\.(splitter|sampler|losses|optim)((?:\.[^:]*)?)(:.*)", line, re.S)
     if not m:
         return line
-    stage, section, rest, tail = m.groups()
+    stage, section, rest, tail = m.groups()  # rest: "" for the table itself (a model validator's error)
     node: Any = raw.get("stages", {}).get(stage, {}).get(section)
-    for key in rest.split("."):
+    for key in rest.split(".")[1:]:
         if not isinstance(node, dict) or key not in node:
-            return f"{section}.{rest}{tail}"
+            return f"{section}{rest}{tail}"
         node = node[key]
-    return line
+    return line if rest or isinstance(node, dict) else f"{section}{tail}"
 
 
 def _report(source: Path, lines: list[str]) -> str:
@@ -349,9 +349,10 @@ def resolve(
         if comp is not None:
             problems.extend(f"{where}.{p}" for p in comp.cls(comp.options).check_groups(spec.groups))
 
-    # checked even where every stage names its own
-    splitter_groups(component("splitter", spec.splitter, "splitter"), "splitter")
-    component("sampler", spec.sampler, "sampler")
+    # checked even where every stage names its own; files only in a stage's merged copy (its key)
+    with files_not_required():
+        splitter_groups(component("splitter", spec.splitter, "splitter"), "splitter")
+        component("sampler", spec.sampler, "sampler")
     stages = []
     for name, stage in spec.stages.items():
         if not stage.enabled:

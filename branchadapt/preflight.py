@@ -125,25 +125,25 @@ def build_stages(trainer: Trainer, source: DataSource) -> list[str]:
     return lines
 
 
-def check_inputs(trainer: Trainer, source: DataSource) -> InputShapes:
+#: module name -> each of its inputs as ``[dtype, shape without the batch dimension]``
+InputShapes = dict[str, list[list[Any]]]
+
+
+def check_inputs(trainer: Trainer, source: DataSource) -> dict[str, InputShapes]:
     """What a run checks of :func:`try_inputs` before it writes anything: every stage's models,
     built without weights, on inputs shaped as the data's, for tasks that can make them
     (others build nothing here), finished stages left out. A branching that breaks a model's
     forward in a later stage is then refused before the earlier stages train, not after.
-    Returns the inputs tried, by module (a run records them with each stage's final weights)."""
+    Returns the inputs tried, by stage (a run records them with each stage's final weights)."""
     task = trainer.build_task(initial_weights=False)
-    tried: InputShapes = {}
+    tried: dict[str, InputShapes] = {}
     if type(task).example_inputs is Task.example_inputs:
         return tried
     for stage in trainer.exp.stages:
         if final_weights(trainer.run_dir, stage.name).exists():
             continue  # finished already (a resumed run)
-        tried.update(try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source))
+        tried[stage.name] = try_inputs(trainer, task, trainer.build_modules(task, stage), stage, source)
     return tried
-
-
-#: module name -> each of its inputs as ``[dtype, shape without the batch dimension]``
-InputShapes = dict[str, list[list[Any]]]
 
 
 def try_inputs(

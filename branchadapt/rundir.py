@@ -13,6 +13,7 @@ import tomli_w
 from .config import Experiment
 from .errors import UserError
 from .loading import ResolvedExperiment, config_hash, default_run_dir, load_experiment
+from .plugins import PluginSet
 from .report import atomic_write_text
 
 
@@ -45,7 +46,10 @@ def final_weights(run_dir: Path, stage: str) -> Path:
 
 
 def load_for_run(
-    path: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    plugins: PluginSet | None = None,
 ) -> ResolvedExperiment:
     """:func:`~branchadapt.loading.load_experiment` for a run (re-)started in ``run_dir`` (default:
     the experiment's own): a stage that has finished there needs none of the files its options
@@ -59,7 +63,7 @@ def load_for_run(
         done = [f"stages.{name}" for name in stages if final_weights(where, name).exists()]
         return [*done, "model", "task", "data"] if done and len(done) == len(stages) else done
 
-    return load_experiment(path, overrides, files_not_needed=not_needed)
+    return load_experiment(path, overrides, plugins, files_not_needed=not_needed)
 
 
 def has_trained(run_dir: Path) -> bool:

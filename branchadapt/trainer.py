@@ -197,9 +197,8 @@ class Trainer:
             self.progress.message(f"every stage has finished in {self.run_dir}: nothing to train")
             return RunResult(self.run_dir, completed=names)
         source = check_stages(self)  # every stage's data and batches before anything is written
-        inputs = check_inputs(
-            self, source
-        )  # and its models on inputs shaped as the data's, where the task can
+        # and its models on inputs shaped as the data's, where the task can make them (recorded below)
+        inputs = check_inputs(self, source)
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
         result = RunResult(self.run_dir)
@@ -220,10 +219,9 @@ class Trainer:
                 budget -= stop - start
             if self.dist.is_main:
                 meta = {"stage": stage.name, "config_hash": self.exp.config_hash}
-                # the inputs tried, shaped as the data's: export traces with them without the data
-                save_weights(
-                    final, runtime.modules, {**meta, "inputs": json.dumps(inputs)} if inputs else meta
-                )
+                if inputs.get(stage.name):  # the inputs tried: export traces with them, without the data
+                    meta["inputs"] = json.dumps(inputs[stage.name])
+                save_weights(final, runtime.modules, meta)
             distributed.barrier(self.dist)  # the next stage (and every rank) reads these weights
             result.completed.append(stage.name)
             self.progress.message(f"stage {stage.name}: done, weights in {final}")

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import branchadapt as ba
-from branchadapt.export import export_run, recorded_inputs
+from branchadapt.export import export_run, random_input, recorded_inputs
 from branchadapt.trainer import Trainer
 
 
@@ -121,3 +121,38 @@ def test_an_output_named_for_the_other_format_is_refused_before_anything_is_read
                            rf"name it .*\.{fmt} or pass --format {other}"):  # fmt: skip
             export_run(tmp_path / "no-run", "b", fmt, out=tmp_path / out)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"model": [["float32", [-3]]]},  # a negative size
+        {"model": [["float32", ["6"]]]},  # a size as text
+        {"model": [["float32", [True]]]},
+        {"model": [["float8_e4m3fn", [6]]]},  # no random values for it
+        {"model": [["Tensor", [6]]]},  # not a dtype
+        {"model": [["float32", [1 << 20, 1 << 20]]]},  # more elements than any input here
+        {"model": [["float32"]]},
+        {"model": "float32"},
+        {"model": []},
+        ["model"],
+    ],
+)
+def test_a_damaged_inputs_record_is_not_believed_and_export_falls_back_to_the_data(finished, record):
+    path = sorted(finished.glob("stages/*/final.safetensors"))[-1]
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "inputs": json.dumps(record)})
+    assert recorded_inputs(path, "model") is None
+    done = export_run(finished, "b")  # traced with the data's inputs instead
+    assert done.note is None and _input_dims(done.path)[1:] == [6]
+
+
+def test_random_inputs_follow_the_recorded_dtype():
+    gen = torch.Generator().manual_seed(0)
+    floats = random_input((2, 3), torch.bfloat16, gen)
+    assert (
+        floats.dtype == torch.bfloat16 and floats.min() >= -1 and floats.max() < 1 and floats.abs().sum() > 0
+    )
+    ids = random_input((4,), torch.int64, gen)
+    assert ids.dtype == torch.int64 and not ids.any()

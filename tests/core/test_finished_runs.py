@@ -9,7 +9,7 @@ import branchadapt as ba
 from branchadapt.rundir import final_weights, load_for_run
 from branchadapt.trainer import Trainer
 
-# a loss whose option names a file that must exist when the experiment will use it
+# a loss and a sampler whose options name a file that must exist when the experiment will use it
 FILE_LOSS = """
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from pydantic import model_validator
 
 import branchadapt as ba
 from branchadapt.builtin.example import CrossEntropy, CrossEntropyOptions
+from branchadapt.builtin.samplers import PerGroupOptions, PerGroupSampler
 from branchadapt.paths import files_required
 
 
@@ -37,6 +38,25 @@ class TableLoss(CrossEntropy):
 @ba.hookimpl
 def register_losses(register):
     register(TableLoss, name="table_ce")
+
+
+class TableSamplerOptions(PerGroupOptions):
+    table: Path
+
+    @model_validator(mode="after")
+    def _exists(self):
+        if files_required() and not self.table.is_file():
+            raise ValueError(f"table: file {self.table} does not exist")
+        return self
+
+
+class TableSampler(PerGroupSampler):
+    Options = TableSamplerOptions
+
+
+@ba.hookimpl
+def register_samplers(register):
+    register(TableSampler, name="table_per_group")
 """
 
 
@@ -109,3 +129,45 @@ def test_a_finished_run_of_another_experiment_is_still_refused(table_experiment,
     out = run_cli("run", str(table_experiment), "--run-dir", str(run_dir), "--set", "seed=4")
     assert out.returncode == 2 and "holds a run of a different experiment" in out.stderr
     assert "seed: 3 -> 4" in out.stderr
+
+
+def test_a_file_of_a_top_level_default_every_stage_inherits_is_needed_until_they_have_finished(
+    small_experiment, tmp_path
+):
+    (tmp_path / "table_loss.py").write_text(FILE_LOSS)
+    (tmp_path / "sampler.txt").write_text("x")
+    path = small_experiment(steps=2)
+    text = path.read_text().replace('sampler = { type = "per_group", per_group = 2 }\n', "")
+    text = text.replace('sampler = { type = "per_group", per_group = 4 }\n', "")
+    text = text.replace(
+        "[train]", '[sampler]\ntype = "table_per_group"\ntable = "sampler.txt"\nper_group = 2\n[train]'
+    )
+    path.write_text('plugins = ["table_loss"]\n' + text)
+    run_dir = tmp_path / "run"
+    Trainer(load_for_run(path, run_dir=run_dir), run_dir=run_dir).run(max_steps=2)  # stage basic only
+    assert final_weights(run_dir, "basic").exists() and not final_weights(run_dir, "transfer").exists()
+    (tmp_path / "sampler.txt").unlink()
+    with pytest.raises(
+        ba.ConfigError, match=r"\n  sampler: table: file .*sampler\.txt does not exist"
+    ) as info:
+        load_for_run(path, run_dir=run_dir)  # stage transfer still samples with it (named where written)
+    assert str(info.value).count("sampler.txt") == 1
+    final_weights(run_dir, "transfer").parent.mkdir(parents=True)
+    final_weights(run_dir, "transfer").write_bytes(b"")  # as if it had finished too
+    assert [s.name for s in load_for_run(path, run_dir=run_dir).stages] == ["basic", "transfer"]
+
+
+def test_without_run_dir_the_experiments_own_relative_run_dir_is_looked_at(
+    table_experiment, tmp_path, monkeypatch
+):
+    table_experiment.write_text('run_dir = "out/here"\n' + table_experiment.read_text())
+    run_dir = tmp_path / "out" / "here"  # beside the experiment file, whatever the working directory
+    Trainer(load_for_run(table_experiment), run_dir=run_dir).run(max_steps=2)
+    (tmp_path / "basic.txt").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp = load_for_run(table_experiment)  # stage basic has finished in out/here: its file is not needed
+    assert exp.run_dir == run_dir
+    with pytest.raises(ba.ConfigError, match=r"stages\.basic\.losses\.table_ce: .*basic\.txt does not exist"):
+        load_for_run(table_experiment, run_dir=elsewhere / "new")  # another run directory: a new run
