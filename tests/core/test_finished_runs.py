@@ -21,37 +21,33 @@ from branchadapt.builtin.samplers import PerGroupOptions, PerGroupSampler
 from branchadapt.paths import files_required
 
 
+def table_exists(options):
+    if files_required() and not options.table.is_file():
+        raise ValueError(f"table: file {options.table} does not exist")
+    return options
+
+
 class TableOptions(CrossEntropyOptions):
     table: Path
+    _exists = model_validator(mode="after")(table_exists)
 
-    @model_validator(mode="after")
-    def _exists(self):
-        if files_required() and not self.table.is_file():
-            raise ValueError(f"table: file {self.table} does not exist")
-        return self
+
+class TableSamplerOptions(PerGroupOptions):
+    table: Path
+    _exists = model_validator(mode="after")(table_exists)
 
 
 class TableLoss(CrossEntropy):
     Options = TableOptions
 
 
+class TableSampler(PerGroupSampler):
+    Options = TableSamplerOptions
+
+
 @ba.hookimpl
 def register_losses(register):
     register(TableLoss, name="table_ce")
-
-
-class TableSamplerOptions(PerGroupOptions):
-    table: Path
-
-    @model_validator(mode="after")
-    def _exists(self):
-        if files_required() and not self.table.is_file():
-            raise ValueError(f"table: file {self.table} does not exist")
-        return self
-
-
-class TableSampler(PerGroupSampler):
-    Options = TableSamplerOptions
 
 
 @ba.hookimpl
