@@ -179,9 +179,9 @@ def export_run(
     return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
 
 
-#: dtypes a recorded input may have: random values for floats, zeros for the others
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OTHERS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: dtypes a recorded input may have (random values for the floats, zeros for the others)
+_RECORDABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.uint8, torch.int8,
+               torch.int16, torch.int32, torch.int64)  # fmt: skip
 #: a record asking for more elements than this is not believed (a damaged or foreign file)
 MAX_RECORDED_ELEMENTS = 1 << 28
 
@@ -203,7 +203,7 @@ def _recorded_specs(record: object, batch_size: int) -> list[tuple[tuple[int, ..
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
             return None
         dtype, dims = getattr(torch, entry[0], None), entry[1]
-        if dtype not in _FLOATS + _OTHERS or not isinstance(dims, list):
+        if dtype not in _RECORDABLE or not isinstance(dims, list):
             return None
         if not all(type(d) is int and d > 0 for d in dims):
             return None

@@ -122,7 +122,7 @@ class PluginSet:
         for module_path in modules:
             if module_path in self.local_modules:
                 continue
-            module = _import_local(module_path, search_dir, where)
+            module = import_beside(module_path, search_dir, where)
             self.local_modules.append(module_path)
             self._add(module, f"local:{module_path}", f"{module_path} (local module)")
             self._check_hooks(
@@ -212,12 +212,8 @@ def import_beside(module_path: str, directory: Path | None, where: str = "") -> 
     """Import ``module_path`` as a local plugin module is imported: from ``directory`` (the
     experiment file's folder) or ``sys.path``; a module that is missing, lacks a dependency or
     fails to import is a user error prefixed with ``where`` (the config key)."""
-    return _import_local(module_path, directory, where)
-
-
-def _import_local(module_path: str, search_dir: Path | None, where: str) -> ModuleType:
     at = f"{where}: " if where else ""
-    with _on_path(search_dir):
+    with _on_path(directory):
         try:
             return importlib.import_module(module_path)
         except ModuleNotFoundError as exc:

@@ -15,7 +15,7 @@ from .errors import UserError, naming
 from .interfaces import Backbone, BranchSplitter, Participation
 from .stagenames import check_stage_names
 
-__all__ = ["check_stage_names", "split"]
+__all__ = ["split"]
 
 
 def split(

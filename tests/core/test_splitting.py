@@ -8,7 +8,8 @@ from torch import nn
 
 import branchadapt as ba
 from branchadapt.builtin.splitters import DepthOptions, DepthSplitter
-from branchadapt.splitting import check_stage_names, split
+from branchadapt.splitting import split
+from branchadapt.stagenames import check_stage_names
 
 GROUPS = ("big", "small")
 
