@@ -32,9 +32,16 @@ FORMAT = 1
 def module_state(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """All modules' state in one flat dict (``<module>.<key>``), detached CPU copies."""
     return {
-        f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+        f"{name}.{key}": value
         for name, module in modules.items()
-        for key, value in module.state_dict().items()
+        for key, value in state_copy(module).items()
+    }
+
+
+def state_copy(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s state dict as detached, contiguous CPU copies (no storage shared with it)."""
+    return {
+        key: value.detach().to("cpu", copy=True).contiguous() for key, value in module.state_dict().items()
     }
 
 
@@ -50,11 +57,19 @@ def split_state(state: Mapping[str, Tensor], names: list[str] | None = None) -> 
 def save_weights(
     path: str | Path, modules: Mapping[str, nn.Module], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Atomically write every module's state to one safetensors file."""
+    """Atomically write every module's state to one safetensors file (keys ``<module>.<key>``)."""
+    save_state(path, module_state(modules), metadata)
+
+
+def save_state(
+    path: str | Path, state: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomically write ``state`` (CPU tensors, none sharing storage: :func:`state_copy`) to one
+    safetensors file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(module_state(modules), str(tmp), metadata=dict(metadata or {}))
+    save_file(dict(state), str(tmp), metadata=dict(metadata or {}))
     os.replace(tmp, path)
 
 

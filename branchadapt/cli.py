@@ -205,6 +205,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table.add_column(column)
     for entry in plugins.registry:
         table.add_row(entry.kind, entry.name, entry.origin, entry.summary)
+    for name, (origin, help_text) in sorted(plugins.command_origins.items()):  # `branchadapt NAME ...`
+        table.add_row("command", name, origin, help_text)
     Console(width=max(120, Console().width)).print(table)
     return 0
 
@@ -222,7 +224,9 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
     run.add_argument(
         "--run-dir", type=Path, default=None, help="default: run_dir of the file, else runs/<name>"
     )
-    run.add_argument("--device", default=None, help="override the experiment's device (auto, cpu, cuda, mps)")
+    run.add_argument(
+        "--device", default=None, help="override the experiment's device (auto, cpu, cuda, cuda:N, mps)"
+    )
     run.add_argument(
         "--max-steps", type=positive_int, default=None, help="pause after N steps (resume by re-running)"
     )
@@ -234,7 +238,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         "--stage", default=None, help="stage whose final weights to evaluate (default: last)"
     )
     evaluate.add_argument("--split", default="test", help="data split (default: test)")
-    evaluate.add_argument("--device", default=None, help="auto, cpu, cuda, mps")
+    evaluate.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N, mps")
     evaluate.set_defaults(handler=cmd_evaluate)
     validate = sub.add_parser("validate", help="check an experiment file without running it")
     _experiment_args(validate)
@@ -256,7 +260,9 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         help="check that every stage's batch splits over N processes (torchrun's world size)",
     )
     validate.set_defaults(handler=cmd_validate)
-    sub.add_parser("plugins", help="list every registered plugin name").set_defaults(handler=cmd_plugins)
+    sub.add_parser("plugins", help="list every registered plugin name and plugin command").set_defaults(
+        handler=cmd_plugins
+    )
     sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(
         handler=cmd_schema
     )

@@ -6,7 +6,8 @@ module's plain backbone for ``--group`` (its branches in place of the routers) a
 
 - ``onnx``: ``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch
   dimension, checked against the eager model with onnxruntime when it is installed;
-- ``safetensors``: the plain state dict, loadable into the backbone built from the run's config.
+- ``safetensors``: the plain state dict (``backbone.load_state_dict(load_file(path))`` into the
+  backbone built from the run's config).
 
 The model is traced with inputs shaped as the training data makes them when the task can say so
 (:meth:`Task.example_inputs`): the shapes the run recorded with the stage's final weights, else
@@ -87,6 +88,10 @@ def export_onnx(
         inputs = inputs or backbone.example_inputs(batch_size)
     except NotImplementedError as exc:
         raise UserError(f"{exc}; the backbone must declare its inputs to be exported") from exc
+    with torch.no_grad():
+        n_outputs = len(_outputs(backbone(*inputs)))
+    input_names = _names(backbone, "input", len(inputs))
+    output_names = _names(backbone, "output", n_outputs)
     batch = torch.export.Dim("batch")
     # one self-contained file unless the weights exceed protobuf's 2 GiB: then "<name>.data" beside it,
     # which the .onnx names; both are written under a temporary folder and moved into place
@@ -101,7 +106,8 @@ def export_onnx(
                 str(tmp),
                 dynamo=True,
                 external_data=external,
-                input_names=[f"input{i}" for i in range(len(inputs))],
+                input_names=input_names,
+                output_names=output_names,
                 dynamic_shapes=tuple({0: batch} for _ in inputs),
                 verbose=False,
             )
@@ -113,6 +119,19 @@ def export_onnx(
         if not separate and side.exists():  # an earlier, larger export's weights: this model holds its own
             side.unlink()
     return onnx_difference(backbone, path, inputs)
+
+
+def _names(backbone: Backbone, kind: str, count: int) -> list[str]:
+    """The graph's ``kind`` ("input"/"output") names: the backbone's declared ones, else numbered."""
+    declared = tuple(getattr(backbone, f"{kind}_names", ()))
+    if not declared:
+        return [f"{kind}{i}" for i in range(count)]
+    if len(declared) != count or len(set(declared)) != count:
+        raise UserError(
+            f"{type(backbone).__name__}.{kind}_names = {declared!r}: expected {count} distinct names, "
+            f"one per {kind} of its forward"
+        )
+    return list(declared)
 
 
 def onnx_data_file(path: Path) -> Path:
@@ -146,7 +165,7 @@ def export_run(
 ) -> Exported:
     """Export ``group``'s plain model from a finished stage of ``run_dir``; an existing file at
     the output path is refused unless ``overwrite``."""
-    from .checkpoint import save_weights
+    from .checkpoint import save_state, state_copy
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
@@ -173,8 +192,8 @@ def export_run(
         raise UserError(f"{taken[0]} exists; pass --overwrite to replace it, or --out another file")
     inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":  # keys "backbone.<plain key>": strip the prefix to load into the backbone
-        save_weights(path, {"backbone": backbone}, {"module": name, "group": group, "stage": loaded.stage})
+    if fmt == "safetensors":  # the plain state dict: backbone.load_state_dict(load_file(path))
+        save_state(path, state_copy(backbone), {"module": name, "group": group, "stage": loaded.stage})
         return Exported(path, name, group)
     return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
 

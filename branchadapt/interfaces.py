@@ -80,6 +80,10 @@ class Backbone(nn.Module, ABC):
     #: for evaluation or export; :attr:`TaskContext.initial_weights`), the engine builds the
     #: backbone with these options at their defaults, so the files need not exist any more
     initial_weights_options: ClassVar[tuple[str, ...]] = ()
+    #: names of the forward's positional inputs and of its flattened outputs in an exported graph
+    #: (``branchadapt export``); empty: ``input0``, ``input1``, ... and ``output0``, ``output1``, ...
+    input_names: ClassVar[tuple[str, ...]] = ()
+    output_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: PluginOptions | None = None) -> None:
         super().__init__()

@@ -54,6 +54,8 @@ class PluginSet:
         self.registry = Registry()
         self.origins: dict[int, str] = {}
         self.local_modules: list[str] = []
+        #: sub-command name -> (its plugin's origin, its help), filled by :meth:`commands`
+        self.command_origins: dict[str, tuple[str, str]] = {}
         #: plugin name -> (its module path, its origin): names a clash's both sides
         self.sources: dict[str, tuple[str, str]] = {}
         from . import builtin
@@ -157,6 +159,7 @@ class PluginSet:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             origin = self.origins.get(id(impl.plugin), impl.plugin_name)
             offered = {"subparsers": subparsers, "context": self}  # a hook may take fewer, as pluggy allows
+            before = set(subparsers.choices)
             try:
                 impl.function(**{k: v for k, v in offered.items() if k in (*impl.argnames, *impl.kwargnames)})
             except UserError:
@@ -166,6 +169,9 @@ class PluginSet:
                     f"plugin {impl.plugin_name!r} (from {origin}) failed in its register_commands hook "
                     f"{failure(exc)}"
                 ) from exc
+            helps = {a.dest: a.help or "" for a in getattr(subparsers, "_choices_actions", [])}
+            for name in set(subparsers.choices) - before:
+                self.command_origins[name] = (origin, helps.get(name, ""))
 
 
 def _hook_mismatch(exc: pluggy.PluginValidationError) -> str:

@@ -214,6 +214,9 @@ class UGATITGenerator(Backbone):
     compile_unit_types = (ConvBlock, ResnetBlock, SoftAdaLINBlock)
     #: instance and layer-instance norms only: rows never mix (live and detached groups share one call)
     rows_independent = True
+    #: the exported graph's names (``branchadapt export``)
+    input_names = ("image",)
+    output_names = ("translated", "cam_logits", "heatmap")
 
     def __init__(self, options: UGATITOptions | None = None) -> None:
         super().__init__(options)

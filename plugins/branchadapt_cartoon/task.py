@@ -47,7 +47,9 @@ CLAMPED = ("rho", "w_gamma", "w_beta")
 class TranslateOptions(PluginOptions):
     dis_width: int = Field(32, ge=1, description="base width of the discriminators")
     global_layers: int = Field(
-        7, ge=3, description="layers of the global discriminators (7: needs >= 128 px)"
+        7,
+        ge=3,
+        description="layers of the global discriminators (n layers need >= 3 * 2**(n - 2) px: 7 need 96)",
     )
     local_layers: int = Field(5, ge=3, description="layers of the local discriminators")
     group_head: bool = Field(True, description="group-classification head on the global discriminators")

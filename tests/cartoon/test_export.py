@@ -41,7 +41,9 @@ def test_onnx_export_matches_the_groups_eager_generator(trained, run_cli, tmp_pa
     women = load_stage(trained).modules["gen_a2b"].extract("women").eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    image = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["translated", "cam_logits", "heatmap"]
+    image = session.run(None, {"image": x.numpy()})[0]
     with torch.no_grad():
         want, other = men(x)[0].numpy(), women(x)[0].numpy()
     assert image.shape == (3, 3, 32, 32)
@@ -56,7 +58,7 @@ def test_safetensors_export_is_the_plain_backbone_state(trained, run_cli):
     assert done.returncode == 0, done.stderr
     state = read_tensors(trained / "export" / "gen_b2a-kids.safetensors")
     plain = ba.build_backbone("ugatit", width=4, image_size=32, n_blocks=1)
-    plain.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})  # strict: same keys
+    plain.load_state_dict(state)  # strict: exactly the plain backbone's keys
     kids = load_stage(trained).modules["gen_b2a"].extract("kids")
     for key, value in kids.state_dict().items():
         assert torch.equal(plain.state_dict()[key], value), key

@@ -156,3 +156,29 @@ def test_random_inputs_follow_the_recorded_dtype():
     )
     ids = random_input((4,), torch.int64, gen)
     assert ids.dtype == torch.int64 and not ids.any()
+
+
+def _graph_names(path) -> tuple[list[str], list[str]]:
+    graph = onnx.load(str(path)).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
+def test_the_onnx_graph_names_its_inputs_and_outputs_as_the_backbone_declares(tmp_path, monkeypatch):
+    from branchadapt.builtin.example import MLPBackbone
+    from branchadapt.export import export_onnx
+
+    net = ba.build_backbone("mlp").eval()
+    export_onnx(net, tmp_path / "plain.onnx")
+    assert _graph_names(tmp_path / "plain.onnx") == (["input0"], ["output0"])  # nothing declared: numbered
+
+    monkeypatch.setattr(MLPBackbone, "input_names", ("features",))
+    monkeypatch.setattr(MLPBackbone, "output_names", ("logits",))
+    export_onnx(net, tmp_path / "named.onnx")
+    assert _graph_names(tmp_path / "named.onnx") == (["features"], ["logits"])
+
+    monkeypatch.setattr(MLPBackbone, "output_names", ("logits", "extra"))  # the forward has one output
+    with pytest.raises(
+        ba.UserError, match=r"MLPBackbone\.output_names = \('logits', 'extra'\): expected 1 distinct"
+    ):
+        export_onnx(net, tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()

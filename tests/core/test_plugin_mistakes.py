@@ -139,7 +139,8 @@ def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
         @ba.hookimpl
         def register_commands(subparsers, context=None):  # a default: pluggy passes it all the same
             seen = type(context).__name__
-            subparsers.add_parser("hello").set_defaults(handler=lambda args: print("hello", seen) or 0)
+            hello = subparsers.add_parser("hello", help="say hello")
+            hello.set_defaults(handler=lambda args: print("hello", seen) or 0)
 
         @ba.hookimpl(optionalhook=True)  # a hook of a newer branchadapt: skipped, not a typo
         def register_exporters(register):
@@ -149,6 +150,9 @@ def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("branchadapt.cli.default_plugins", lambda: plugins)
     assert main(["hello"]) == 0
     assert capsys.readouterr().out == "hello PluginSet\n"
+    assert main(["plugins"]) == 0  # the command is listed with the plugin that added it
+    rows = [line for line in capsys.readouterr().out.splitlines() if " hello " in line]
+    assert len(rows) == 1 and "command" in rows[0] and "lenient" in rows[0] and "say hello" in rows[0], rows
     with pytest.raises(
         ba.UserError, match=r"'only_optional' implements no branchadapt hook, so it registers nothing"
     ):
