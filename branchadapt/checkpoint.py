@@ -169,6 +169,14 @@ def state_differences(own: Mapping[str, Tensor], other: Mapping[str, Tensor], pr
 
 
 # ---------------------------------------------------------------------------- RNG
+def seed_rngs(seed: int) -> None:
+    """Seed every RNG :func:`rng_state` saves: torch (CPU and CUDA), numpy's and Python's global
+    generators, so that a stage draws the same numbers whether it runs straight or resumed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Every RNG the training loop may touch: torch (CPU, CUDA), numpy and python."""
     tensors = {"rng.torch": torch.get_rng_state()}

@@ -25,6 +25,7 @@ from .checkpoint import (
     resume_latest,
     save_checkpoint,
     save_weights,
+    seed_rngs,
     split_state,
     state_differences,
 )
@@ -101,7 +102,7 @@ class Trainer:
     ) -> StageRuntime:
         """The stage ready to train; ``check_only`` (``validate``): without its ``init_from``
         weights, a checkpoint's or compiling."""
-        torch.manual_seed(self.spec.seed + 1000 * index)
+        seed_rngs(self.spec.seed + 1000 * index)
         # an earlier stage's weights or a checkpoint replace the initial ones
         resumes = not check_only and latest_checkpoint(self.run_dir, stage.name) is not None
         task = self.build_task(initial_weights=not (stage.spec.init_from or resumes))

@@ -59,13 +59,49 @@ def test_transfer_stage_starts_from_basic_weights(small_experiment, tmp_path):
             assert torch.equal(value, basic[f"model.{key}"]), key
 
 
-def test_resume_is_bit_identical(small_experiment, tmp_path):
+NOISY_MLP = """
+import random
+
+import numpy as np
+import torch
+
+import branchadapt as ba
+from branchadapt.builtin.example import MLPBackbone
+
+
+class NoisyMLP(MLPBackbone):
+    \"\"\"An mlp whose training forward draws from torch's, numpy's and Python's global generators.\"\"\"
+
+    def forward(self, x):
+        if self.training:
+            noise = torch.randn(x.shape) + float(np.random.randn()) + random.gauss(0.0, 1.0)
+            x = x + 0.1 * noise
+        return super().forward(x)
+
+
+@ba.hookimpl
+def register_backbones(register):
+    register(NoisyMLP, name="noisy_mlp")
+"""
+
+
+@pytest.mark.parametrize("variant", ["plain", "random draws and a decaying schedule"])
+def test_resume_is_bit_identical(small_experiment, tmp_path, capfd, variant):
     path = small_experiment(steps=6, ckpt=3)
+    if variant != "plain":  # what a resume must restore besides weights and optimiser state
+        (tmp_path / "noisy_mlp.py").write_text(NOISY_MLP)
+        text = path.read_text().replace('type = "mlp"', 'type = "noisy_mlp"')
+        path.write_text(
+            'plugins = ["noisy_mlp"]\n' + text + '[optim.default.schedule]\ntype = "linear_decay"\n'
+        )
     train(path, tmp_path / "straight")
     _, first = train(path, tmp_path / "resumed", max_steps=3)
     assert first.paused_at == ("basic", 3)
+    capfd.readouterr()
     _, second = train(path, tmp_path / "resumed", max_steps=5)  # finishes basic, 2 steps into transfer
     assert second.paused_at == ("transfer", 2)
+    assert "stage basic: resuming from " in (said := capfd.readouterr()).out + said.err
+    assert "basic-00000003 (step 3)" in said.out + said.err
     train(path, tmp_path / "resumed")
     for stage in ("basic", "transfer"):
         a, b = final_state(tmp_path / "straight", stage), final_state(tmp_path / "resumed", stage)
