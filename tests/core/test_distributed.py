@@ -5,6 +5,7 @@ under 1 process."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -72,11 +73,13 @@ class _Three(torch.nn.Module):
 def _average_worker(rank: int, store: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     module = _Three()
-    wrapped = wrap_ddp(
-        {"m": module, "frozen": torch.nn.Linear(2, 2).requires_grad_(False)}, torch.device("cpu")
-    )
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with torch.no_grad():  # each rank starts from its own weights: rank 0's must win everywhere
+        frozen.weight.fill_(rank + 1)
+    wrapped = wrap_ddp({"m": module, "frozen": frozen}, torch.device("cpu"))
     assert isinstance(wrapped["m"], DistributedDataParallel)
     assert not isinstance(wrapped["frozen"], DistributedDataParallel)  # nothing to synchronise
+    torch.save(frozen.weight.clone(), f"{out}.frozen.{rank}")
     for _ in range(2):  # a second step: the unused parameters must not stall the reducer
         module.zero_grad(set_to_none=True)
         wrapped["m"](rank).backward()
@@ -97,6 +100,7 @@ def test_ddp_averages_zero_fills_missing_and_keeps_unused_none(tmp_path):
         assert torch.equal(g["both"], torch.full((3,), 1.5))
         assert torch.equal(g["only0"], torch.full((3,), 2.0))
         assert g["none"] is None  # no rank had a gradient: the optimiser must skip it as on one process
+        assert torch.equal(torch.load(f"{out}.frozen.{rank}"), torch.ones(2, 2))  # rank 0's, broadcast
 
 
 def test_one_process_runs_unwrapped():
@@ -149,8 +153,15 @@ def test_two_processes_match_one_and_resume_under_one(tmp_path):
     shared = [k for k in basic if k in a and ".branches." not in k]
     assert shared and any(not torch.equal(basic[k], a[k]) for k in shared)
     # rank 0 alone wrote the metrics: one line per logged step, not one per process
-    lines = (two / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len((one / "metrics.jsonl").read_text().splitlines())
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in logged] == [(r["stage"], r["step"]) for r in alone]
+    # ...and the logged losses are the global batch's: the mean over ranks, as one process computes them
+    for mine, theirs in zip(logged, alone, strict=True):
+        losses = [k for k in theirs if k.startswith(("loss/", "total/"))]
+        assert losses and [k for k in mine if k.startswith(("loss/", "total/"))] == losses
+        for key in losses:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
 
     # a changed experiment in that directory: every rank refuses it, rank 0 alone says so, no rank
     # is left waiting for rank 0 (before, rank 1 died in a barrier with a gloo traceback)
