@@ -59,6 +59,30 @@ def test_references_are_checked(small_experiment):
     anchor = error_of(small_experiment(), ['anchor="q"'])
     assert "\n  anchor: 'q' is not one of the groups" in anchor and "top level" not in anchor
     assert "unique" in error_of(small_experiment(), ['groups=["a", "a"]'])
+    # a disabled stage trains nothing, so it cannot be where a later one starts from
+    disabled = error_of(small_experiment(), ["stages.basic.enabled=false"])
+    assert "stages.transfer.init_from: 'basic' is not an earlier enabled stage (earlier: none)" in disabled
+    alone = small_experiment()
+    alone.write_text(alone.read_text().replace('init_from = "basic"\n', ""))
+    nothing = error_of(alone, ["stages.basic.enabled=false", "stages.transfer.enabled=false"])
+    assert "stages: every stage is disabled; enable at least one" in nothing
+
+
+def test_a_stage_component_of_another_type_replaces_the_top_level_one(small_experiment):
+    """A stage's sampler of another type takes none of the top-level sampler's options (they
+    mean nothing to it); one of the same type merges over them."""
+    path = small_experiment()
+    exp = ba.load_experiment(
+        path,
+        [
+            'sampler={type = "per_group", per_group = 3}',
+            'stages.basic.sampler={type = "mixed", batch_size = 8}',
+            "stages.transfer.sampler={}",
+        ],
+    )
+    basic, transfer = (stage.spec.sampler for stage in exp.stages)
+    assert (basic.type, basic.model_dump(exclude={"type"})) == ("mixed", {"batch_size": 8})
+    assert (transfer.type, transfer.model_dump(exclude={"type"})) == ("per_group", {"per_group": 3})
 
 
 def test_malformed_toml_and_missing_file(tmp_path):
