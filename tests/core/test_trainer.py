@@ -227,8 +227,34 @@ def test_corrupt_checkpoint_is_a_clear_error(small_experiment, tmp_path):
 
 
 def test_bf16_autocast_switch_trains(small_experiment, tmp_path):
-    _, result = train(small_experiment(steps=2), tmp_path / "run", overrides=['precision="bf16"'])
+    path = small_experiment(steps=2)
+    _, result = train(path, tmp_path / "bf16", overrides=['precision="bf16"'])
     assert result.completed == ["basic", "transfer"]
+    train(path, tmp_path / "fp32")
+    low, full = final_state(tmp_path / "bf16"), final_state(tmp_path / "fp32")
+    assert all(torch.isfinite(v).all() for v in low.values())
+    # the same seed and batches: only the forward's precision differs, and it shows in the weights
+    assert any(not torch.equal(low[k], full[k]) for k in full)
+
+
+def test_each_batch_row_carries_the_group_its_item_was_planned_for(small_experiment):
+    from branchadapt.builtin.example import ClusterData
+    from branchadapt.builtin.samplers import PerGroupOptions, PerGroupSampler
+    from branchadapt.data import StepData
+
+    groups = ["a", "b", "c"]
+    source = ClusterData(ClusterData.Options(counts={"a": 8, "b": 5, "c": 6}), groups, Path("."))
+    sampler = PerGroupSampler(PerGroupOptions(per_group=2), source.sizes(), seed=0)
+    data = StepData(source, sampler, groups, seed=0)
+    for step in range(3):
+        picks = data.plan(step)["train"]
+        batch = data[step]["train"]
+        assert (
+            batch["group"].tolist() == [groups.index(g) for g, _ in picks]
+            and len(set(batch["group"].tolist())) == 3
+        )
+        want = torch.stack([source.get(g, "train", i, None)["x"] for g, i in picks])
+        assert torch.equal(batch["x"], want)  # each row is its planned item
 
 
 def test_optimizer_and_schedule_options():
