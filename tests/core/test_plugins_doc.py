@@ -61,3 +61,6 @@ def test_the_documented_package_registers_its_names_and_trains(tmp_path, run_cli
     margins = [m["loss/margin"] for m in metrics if "loss/margin" in m]
     assert margins and all(v >= 0 for v in margins)
     assert {m.get("stage") for m in metrics} >= {"basic", "transfer"}
+    # the example learns: both groups' held-out accuracy well above the 1/3 of chance
+    scores = json.loads((tmp_path / "run" / "eval" / "transfer-test" / "metrics.json").read_text())
+    assert {g: s["accuracy"] > 0.8 for g, s in scores["groups"].items()} == {"a": True, "b": True}, scores
