@@ -18,9 +18,11 @@ from rich.table import Table
 
 from . import distributed
 from .errors import UserError, naming, out_of_memory, traceback_wanted
-from .interfaces import Task
+from .interfaces import PluginOptions, Task
 from .loading import json_schema, load_experiment
+from .optionsdoc import entries_named, markdown, option_rows
 from .plugins import PluginSet, default_plugins
+from .registry import KINDS
 
 if TYPE_CHECKING:
     from .datacheck import DataReport
@@ -200,6 +202,8 @@ def report_items(reports: Sequence[DataReport]) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     plugins: PluginSet = args.context
+    if args.name is not None:
+        return _print_options(plugins, args.name, args.kind, args.markdown)
     table = Table(title="branchadapt plugins")
     for column in ("kind", "name", "from", "description"):
         table.add_column(column)
@@ -208,6 +212,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, (origin, help_text) in sorted(plugins.command_origins.items()):  # `branchadapt NAME ...`
         table.add_row("command", name, origin, help_text)
     Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def _print_options(plugins: PluginSet, name: str, kind: str | None, as_markdown: bool) -> int:
+    entries = entries_named(plugins.registry, name, kind)
+    if as_markdown:
+        print("\n\n".join(markdown(e) for e in entries))
+        return 0
+    console = Console(width=max(120, Console().width))
+    for entry in entries:
+        table = Table(title=f"{entry.kind} {entry.name!r} ({entry.origin}): {entry.summary}")
+        for column in ("key", "default", "meaning"):
+            table.add_column(column)
+        for row in option_rows(getattr(entry.obj, "Options", PluginOptions)):
+            table.add_row(row.key, row.default, row.description)
+        console.print(table if table.row_count else f"{entry.kind} {entry.name!r}: no options")
     return 0
 
 
@@ -260,9 +280,13 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         help="check that every stage's batch splits over N processes (torchrun's world size)",
     )
     validate.set_defaults(handler=cmd_validate)
-    sub.add_parser("plugins", help="list every registered plugin name and plugin command").set_defaults(
-        handler=cmd_plugins
+    listing = sub.add_parser(
+        "plugins", help="list every registered plugin name and plugin command, or one plugin's options"
     )
+    listing.add_argument("name", nargs="?", default=None, help="show the options of the plugins of this name")
+    listing.add_argument("--kind", default=None, choices=KINDS, help="only the plugin of this kind")
+    listing.add_argument("--markdown", action="store_true", help="the options as markdown tables")
+    listing.set_defaults(handler=cmd_plugins)
     sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(
         handler=cmd_schema
     )
