@@ -88,9 +88,13 @@ def default_run_dir(spec: Experiment, source: Path) -> Path:
     return Path("runs") / spec.name
 
 
+#: top-level keys that do not change the maths: a run may resume with them changed
+UNHASHED = frozenset({"run_dir", "train", "device", "name"})
+
+
 def config_hash(spec: Experiment) -> str:
-    """Hash of everything that changes the maths (not run_dir, cadence, device or description)."""
-    payload = spec.model_dump(mode="json", exclude={"run_dir", "train", "device", "name"})
+    """Hash of everything that changes the maths (not the :data:`UNHASHED` keys)."""
+    payload = spec.model_dump(mode="json", exclude=set(UNHASHED))
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import tomli_w
 
 from .config import Experiment
 from .errors import UserError
-from .loading import ResolvedExperiment, config_hash, default_run_dir, load_experiment
+from .loading import UNHASHED, ResolvedExperiment, config_hash, default_run_dir, load_experiment
 from .plugins import PluginSet
 from .report import atomic_write_text
 
@@ -34,6 +34,10 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
+
+
+def _hashed(dump: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dump.items() if k not in UNHASHED}
 
 
 #: what a run directory holds once a run has trained (its config alone is not a run yet)
@@ -91,7 +95,8 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
         except json.JSONDecodeError as exc:
             raise UserError(f"{saved_path}: corrupt run config ({exc}); use another run directory") from exc
         if saved.get("config_hash") != record["config_hash"]:
-            diffs = config_differences(saved.get("experiment", {}), dump)
+            # the keys that made the hashes differ (train.*, device and the like may change freely)
+            diffs = config_differences(_hashed(saved.get("experiment", {})), _hashed(dump))
             more = [f"... and {len(diffs) - 10} more"] if len(diffs) > 10 else []
             shown = "\n  ".join(diffs[:10] + more) or "(hash differs)"
             raise UserError(

@@ -220,7 +220,8 @@ def check_headers(files: list[Path]) -> list[Path]:
     if bad:
         more = f" (and {len(bad) - 1} more in {bad[0].parent})" if len(bad) > 1 else ""
         raise UserError(
-            f"{bad[0]}: not an image OpenCV can read (corrupt or another format){more}; expected PNG/JPEG"
+            f"{bad[0]}: not an image OpenCV can read (corrupt or another format){more}; expected one of "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
         )
     return files
 
