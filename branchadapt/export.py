@@ -21,7 +21,10 @@ import argparse
 import json
 import math
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,9 @@ from .interfaces import Backbone, Task
 from .rundir import final_weights
 
 FORMATS = ("onnx", "safetensors")
+#: what a run keeps at its top level, and the folders of its training results: never an output
+RUN_FILES = ("config.json", "config.toml", "metrics.jsonl")
+RUN_FOLDERS = ("checkpoints", "stages")
 
 
 @dataclass
@@ -187,15 +193,67 @@ def export_run(
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     outputs = [path, onnx_data_file(path)] if fmt == "onnx" else [path]
+    label = str(path) if out is None else f"--out {out}"
+    owner = next((o for o in (belongs_to_run(run_dir, p) for p in outputs) if o is not None), None)
+    if owner is not None:  # even with --overwrite: the run would be lost
+        raise UserError(
+            f"{label}: {owner} belongs to the run (export never replaces its files); choose another "
+            f"--out, e.g. {Path(run_dir) / 'export' / default_name}"
+        )
     taken = [p for p in outputs if p.exists() or p.is_symlink()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} exists; pass --overwrite to replace it, or --out another file")
-    inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":  # the plain state dict: backbone.load_state_dict(load_file(path))
-        save_state(path, state_copy(backbone), {"module": name, "group": group, "stage": loaded.stage})
-        return Exported(path, name, group)
-    return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
+    with _writing(path.parent, label):
+        inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
+        if fmt == "safetensors":  # the plain state dict: backbone.load_state_dict(load_file(path))
+            meta = {"module": name, "group": group, "stage": loaded.stage}
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+                save_state(Path(folder) / path.name, state_copy(backbone), meta)  # its own temp file in there
+                os.replace(Path(folder) / path.name, path)
+            return Exported(path, name, group)
+        return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
+
+
+def belongs_to_run(run_dir: Path | str, path: Path) -> Path | None:
+    """The run's own file or folder (:data:`RUN_FILES`, :data:`RUN_FOLDERS`) that writing ``path``
+    would replace or write into, symlinks and ``..`` resolved; None for anywhere else."""
+    where, run = Path(path).resolve(), Path(run_dir)
+    for name in RUN_FOLDERS:
+        folder = (run / name).resolve()
+        if where == folder or folder in where.parents:
+            return run / name
+    return next((run / n for n in RUN_FILES if where == (run / n).resolve()), None)
+
+
+@contextmanager
+def _writing(folder: Path, label: str) -> Iterator[None]:
+    """Make ``folder`` (and check a file can be made in it) before the body runs; a folder that
+    cannot be written, now or in the body, is a user error naming ``label``, and the folders made
+    here are removed again (a file written before is left as it was: outputs are moved into place)."""
+    made = [p for p in (folder, *folder.parents) if not (p.exists() or p.is_symlink())]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".export-probe.")
+        os.close(fd)
+        os.unlink(probe)
+        yield
+    except BaseException as exc:
+        for p in made:  # deepest first; one holding anything else is kept
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        if not isinstance(exc, (OSError, SafetensorError)):
+            raise
+        raise UserError(f"{label}: cannot write in {folder} ({_reason(exc)}); choose another --out") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words for a failed write (safetensors wraps them in a Rust debug dump)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r'I/O error: (.+?) \(os error \d+\)|message: "([^"]+)"', str(exc))
+    return (found.group(1) or found.group(2)) if found else str(exc)
 
 
 #: dtypes a recorded input may have (random values for the floats, zeros for the others)

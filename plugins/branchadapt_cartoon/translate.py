@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from branchadapt import UserError
 from branchadapt.evaluation import load_stage
+from branchadapt.export import belongs_to_run
 
 from .data import IMAGE_SUFFIXES, check_headers, list_images, read_rgb, to_tensor, to_uint8
 from .sampling import heatmap_overlay, save_png
@@ -74,9 +75,11 @@ def plan_jobs(
     groups: tuple[str, ...],
     overwrite: bool = False,
     cam: bool = False,
+    run_dir: Path | None = None,
 ) -> list[tuple[str, Path, Path]]:
     """(group, input image, output image) for every image to translate; without ``overwrite``
-    an output (or, with ``cam``, a heatmap) that exists already is a user error."""
+    an output (or, with ``cam``, a heatmap) that exists already is a user error, and one in
+    ``run_dir``'s own files or folders (its checkpoints, stages) always is."""
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     if group is not None and group not in groups:
@@ -104,6 +107,14 @@ def plan_jobs(
         jobs = by_group(source, output, groups)
     check_headers([p for _, p, _ in jobs])  # a file that is no image stops it before any is written
     checked(jobs, cam)
+    if run_dir is not None:
+        for target in (p for _, _, t in jobs for p in written(t, cam)):
+            owner = belongs_to_run(run_dir, target)
+            if owner is not None:  # even with --overwrite: the run would be lost
+                raise UserError(
+                    f"{output}: {owner} belongs to the run; translations are never written there "
+                    f"({target} would be); choose another output"
+                )
     existing = [p for _, _, t in jobs for p in written(t, cam) if p.exists()]
     if existing and not overwrite:
         raise UserError(
@@ -203,7 +214,7 @@ def run_translate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.run_dir} is not a translation run (task {loaded.experiment.task.type!r})")
     groups = tuple(loaded.experiment.spec.groups)
     size = int(getattr(loaded.experiment.data.options, "size", 256))
-    jobs = plan_jobs(args.input, args.output, args.group, groups, args.overwrite, args.cam)
+    jobs = plan_jobs(args.input, args.output, args.group, groups, args.overwrite, args.cam, args.run_dir)
     stale = stale_heatmaps(jobs) if args.overwrite and not args.cam else set()
     layout = inference_layout(device)
     generator = modules[GENERATOR[args.direction]].to(memory_format=layout)

@@ -90,7 +90,11 @@ def test_an_existing_output_file_is_refused_unless_overwrite(finished, run_cli):
         weights = sorted(finished.glob("stages/*/final.safetensors"))[-1]
     before = weights.read_bytes()
     out = run_cli("export", str(finished), "--group", "b", "--format", "safetensors", "--out", str(weights))
-    assert out.returncode == 2 and f"error: {weights} exists; pass --overwrite" in out.stderr
+    assert (
+        out.returncode == 2
+        and f"error: --out {weights}: " in out.stderr
+        and "belongs to the run" in out.stderr
+    )
     assert weights.read_bytes() == before  # the run's own weights are not replaced
     first = run_cli("export", str(finished), "--group", "b", "--format", "safetensors")
     assert first.returncode == 0, first.stderr
