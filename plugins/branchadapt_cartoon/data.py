@@ -9,13 +9,14 @@ photo2cartoon's layout is accepted too: ``ROOT/trainA/<group>/`` (photos), ``tra
 ``testA``/``testB``. Faces are expected aligned and background-removed (white background), as
 photo2cartoon's own pre-processing leaves them; RGBA images are composited on white. An alignment
 step can be plugged in with ``preprocess = ["my_module:align"]`` (a function RGB uint8 -> RGB uint8
-applied to every decoded photo). With no ``root``, the embedded toonfaces data set is generated
-(deterministically, once) into the cache folder and used.
+applied to every decoded photo; one that raises, or returns anything but an H x W x 3 uint8 array, is
+a user error naming it and the photo). With no ``root``, the embedded toonfaces data set is
+generated (deterministically, once) into the cache folder and used. Which files are images, and
+decoding them: ``images``.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,16 +25,16 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from branchadapt import DataSource, PluginOptions, UserError
 from branchadapt.augment import Augmenter, check_augment
-from branchadapt.plugins import import_beside
+from branchadapt.plugins import import_beside, raised_at
 
 from .augment import paper_augment
+from .images import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from .images import check_headers, list_images, read_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 STREAMS = ("photo", "cartoon")
 FOLDERS = {
     "streams": {("train", "photo"): "train/photo", ("train", "cartoon"): "train/cartoon",
@@ -102,69 +103,6 @@ def cache_dir(explicit: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "branchadapt"
 
 
-# EXIF orientation (tag 0x0112) -> the array operation that shows the stored pixels upright
-_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
-    8: lambda a: np.rot90(a, 1),
-}
-
-
-#: where Pillow finds an orientation: EXIF (PNG ``eXIf``, WebP ``EXIF``, the ``Exif`` header), a
-#: PNG text chunk of raw EXIF, XMP (PNG ``XML:com.adobe.xmp``, WebP ``XMP ``)
-_ORIENTATION_MARKERS = (b"eXIf", b"EXIF", b"Exif", b"Raw profile type exif", b"XML:com.adobe.xmp", b"XMP ")
-
-
-def exif_orientation(data: np.ndarray) -> int:
-    """The EXIF orientation of an encoded image (1, upright, when it has none or Pillow cannot
-    read its header). Pillow reads a PNG's EXIF by decoding the whole image, so a file without a
-    marker of any place Pillow takes the orientation from is not opened at all."""
-    raw = data.tobytes()
-    if not any(marker in raw for marker in _ORIENTATION_MARKERS):
-        return 1
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            value = im.getexif().get(0x0112, 1)
-    except Exception:  # OpenCV decodes formats Pillow may not know: no tag then
-        return 1
-    return value if isinstance(value, int) else 1
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image as RGB uint8; RGBA is composited on white, and an image with an EXIF
-    orientation (phone photos; JPEG, PNG, WebP, TIFF) turned upright as viewers show it; a clear
-    error if unreadable."""
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise UserError(f"{path}: image file not found")
-    # OpenCV turns a JPEG (read without alpha, 8 bits) and a TIFF upright itself; other formats are
-    # decoded with IMREAD_UNCHANGED, which keeps alpha and 16-bit depth but ignores the orientation
-    jpeg = data[:2].tobytes() == b"\xff\xd8"
-    oriented = jpeg or data[:4].tobytes() in (b"II*\x00", b"MM\x00*")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR if jpeg else cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise UserError(
-            f"{path}: cannot decode the image (corrupt or not an image); expected "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
-        )
-    upright = None if oriented else _UPRIGHT.get(exif_orientation(data))
-    if upright is not None:
-        img = np.ascontiguousarray(upright(img))
-    if img.dtype != np.uint8:
-        img = (img / (256 if img.dtype == np.uint16 else 1)).astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        rgb = img[:, :, 2::-1].astype(np.float32)
-        return np.clip(rgb * alpha + 255.0 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img[:, :, ::-1])
-
-
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float CHW in [-1, 1] (the networks' range)."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
@@ -173,16 +111,6 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """float CHW in [-1, 1] -> uint8 HWC RGB."""
     return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The images directly in ``folder``, by name; hidden files (``.name``, such as macOS's
-    ``._photo.jpg`` metadata) are not images of the data."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
 
 
 def detect_layout(root: Path) -> str:
@@ -208,22 +136,44 @@ def load_hook(spec: str, base_dir: Path | None = None) -> Callable[[np.ndarray],
         )
     if not callable(fn):
         raise UserError(f"data.preprocess: {spec!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
-def check_headers(files: list[Path]) -> list[Path]:
-    """``files``, once OpenCV recognises each one's header (a few bytes each, so every image of a
-    large group too): a corrupt or mislabelled file stops the run before its first step, not when
-    a step first samples it; a file that is damaged further in fails when decoded (``branchadapt
-    validate --data`` decodes them all)."""
-    bad = [p for p in files if not cv2.haveImageReader(str(p))]
-    if bad:
-        more = f" (and {len(bad) - 1} more in {bad[0].parent})" if len(bad) > 1 else ""
+def load_hooks(specs: Sequence[str], base_dir: Path | None) -> list[PreprocessHook]:
+    """The ``data.preprocess`` hooks, each checked as it runs."""
+    return [PreprocessHook(spec, load_hook(spec, base_dir)) for spec in specs]
+
+
+class PreprocessHook:
+    """A photo hook called as ``hook(rgb, path)``: one that raises, or returns anything but an
+    H x W x 3 uint8 array, is a user error naming the hook and the photo. A float array is refused
+    too, not converted: the augmentations and ``to_tensor`` take 0-255 values, and a float image
+    may as well hold 0-1 ones (an all but black photo, trained on without a word). A class, not a
+    closure, so that a source with hooks still pickles (data workers under ``spawn``)."""
+
+    def __init__(self, spec: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.spec, self.fn = spec, fn
+
+    def __call__(self, rgb: np.ndarray, path: Path) -> np.ndarray:
+        try:
+            out = self.fn(rgb)
+        except Exception as exc:
+            raise UserError(
+                f"data.preprocess {self.spec!r} failed on {path}: {type(exc).__name__}: {exc} "
+                f"(at {raised_at(exc)})"
+            ) from exc
+        if isinstance(out, np.ndarray):
+            if out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3 and out.size:
+                return out
+            got = f"a {out.shape} {out.dtype} array"
+        else:
+            kind = type(out)
+            got = "None" if out is None else f"a {kind.__qualname__}"
+            got += "" if out is None or kind.__module__ == "builtins" else f" ({kind.__module__})"
         raise UserError(
-            f"{bad[0]}: not an image OpenCV can read (corrupt or another format){more}; expected one of "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+            f"data.preprocess {self.spec!r} returned {got} for {path}; expected an H x W x 3 uint8 "
+            "array (RGB, values 0-255)"
         )
-    return files
 
 
 class FaceImages(DataSource):
@@ -253,7 +203,7 @@ class FaceImages(DataSource):
                     )
                 else:
                     self.files[group][stream] = []
-        self.hooks = [load_hook(s, self.base_dir) for s in opts.preprocess]
+        self.hooks = load_hooks(opts.preprocess, self.base_dir)
         self.augment = Augmenter(
             opts.augment or paper_augment(opts.size, opts.effective_load_size()), opts.size
         )
@@ -301,7 +251,7 @@ class FaceImages(DataSource):
             )
         if stream == "photo":
             for hook in self.hooks:
-                rgb = hook(rgb)
+                rgb = hook(rgb, path)
         if self.options.cache_decoded:
             self._decoded[path] = rgb
         return rgb

@@ -251,10 +251,10 @@ def test_a_flat_colour_image_is_refused_by_name(tmp_path):
 
 
 def test_an_image_without_exif_is_not_opened_twice(tmp_path, monkeypatch):
-    import branchadapt_cartoon.data as data
+    import branchadapt_cartoon.images as images
 
     cv2.imwrite(str(tmp_path / "plain.png"), np.full((8, 8, 3), 7, np.uint8))
-    monkeypatch.setattr(data.Image, "open", lambda *a, **k: pytest.fail("Pillow decoded it a second time"))
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: pytest.fail("Pillow decoded it a second time"))
     assert read_rgb(tmp_path / "plain.png").shape == (8, 8, 3)
 
 
