@@ -70,6 +70,7 @@ def save_state(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(dict(state), str(tmp), metadata=dict(metadata or {}))
+    as_umask_says(tmp)
     os.replace(tmp, path)
 
 
@@ -110,6 +111,8 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} not found")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: permission denied (the file exists but this user cannot read it)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -166,6 +169,18 @@ def state_differences(own: Mapping[str, Tensor], other: Mapping[str, Tensor], pr
     if shapes:
         problems.append("shape mismatch: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
     return problems
+
+
+#: the process's file-creation mask (read once: reading it means setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def as_umask_says(path: Path) -> None:
+    """Give a file safetensors wrote the permissions any other new file gets: safetensors creates
+    its files readable by their owner alone, which a run shared with a group (or a CI user) cannot
+    read back."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -289,6 +304,8 @@ def save_checkpoint(
     rng_tensors, rng_meta = rng_state()
     save_file(module_state(modules), str(tmp / "model.safetensors"))
     save_file({**opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
+    for name in ("model.safetensors", "state.safetensors"):
+        as_umask_says(tmp / name)
     full_meta = {"format": FORMAT, **dict(meta or {}), "optimizers": opt_meta, "rng": rng_meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     for f in tmp.iterdir():

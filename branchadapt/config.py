@@ -7,6 +7,7 @@ Plugin components (``model``, ``task``, ``data``, ``splitter``, ``sampler``, eac
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -117,8 +118,11 @@ DEFAULT_TYPES = {"splitter": "single", "sampler": "per_group"}
 class Experiment(_Strict):
     """An experiment file after ``extends`` and ``--set`` overrides are applied."""
 
-    name: str = "experiment"
-    seed: int = Field(0, ge=0, description="seeds weights, sampling and augmentation")
+    name: str = Field(
+        "experiment",
+        description="run name: one folder name (letters, digits, '.', '_', '-'), runs/<name> by default",
+    )
+    seed: int = Field(0, ge=0, lt=2**62, description="seeds weights, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 enables autocast")
     run_dir: str | None = Field(
@@ -146,6 +150,16 @@ class Experiment(_Strict):
         if dupes:
             raise ValueError(f"group names must be unique; repeated: {dupes}")
         return groups
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(
+                "expected one folder name (the run directory is runs/<name>): letters, digits, '.', '_' "
+                "and '-', starting with a letter or digit"
+            )
+        return name
 
     @field_validator("device")
     @classmethod

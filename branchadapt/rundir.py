@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+from safetensors import SafetensorError, safe_open
 
 from .config import Experiment
 from .errors import UserError
@@ -47,6 +50,19 @@ TRAINED = ("metrics.jsonl", "checkpoints", "stages")
 def final_weights(run_dir: Path, stage: str) -> Path:
     """Where a finished stage's weights are (the file exists once the stage has finished)."""
     return Path(run_dir) / "stages" / stage / "final.safetensors"
+
+
+def check_final_weights(run_dir: Path, stage: str) -> None:
+    """A :class:`UserError` unless ``stage``'s final weights are a readable safetensors file."""
+    path = final_weights(run_dir, stage)
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except (OSError, SafetensorError) as exc:
+        raise UserError(
+            f"{path}: stage {stage}'s final weights cannot be read ({exc}); delete the file to train "
+            "the stage again from its latest checkpoint"
+        ) from None
 
 
 def load_for_run(
@@ -92,7 +108,7 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
     if saved_path.exists() and has_trained(run_dir):
         try:
             saved = json.loads(saved_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not even UTF-8 text
             raise UserError(f"{saved_path}: corrupt run config ({exc}); use another run directory") from exc
         if saved.get("config_hash") != record["config_hash"]:
             # the keys that made the hashes differ (train.*, device and the like may change freely)
@@ -104,6 +120,11 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
                 "Use --run-dir DIR for a new run (nothing in the existing directory was changed)."
             )
         return
+    if run_dir.is_dir() and not saved_path.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
+        raise UserError(
+            f"run directory {run_dir} is not empty and holds no run (no config.json): its files are not "
+            "branchadapt's to overwrite; choose a new or empty folder with --run-dir"
+        )
     if not write:
         return
     try:
@@ -114,6 +135,42 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
         raise UserError(
             f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with --run-dir"
         ) from None
+
+
+#: the file a training process holds locked in its run directory (:func:`hold`)
+LOCK = ".lock"
+
+
+@contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for one training process: a second one (another terminal, a job started
+    twice) is refused at once instead of training into the same checkpoints and metrics. The
+    lock is the operating system's (``flock``), so a process that died holds nothing; where
+    there is no ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = run_dir / LOCK
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise UserError(
+                f"run directory {run_dir} is in use by {holder}: wait for it to finish (it resumes from "
+                "there when run again), or use another --run-dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"branchadapt run, PID {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def forget_logged_steps(metrics: Path, stage: str, step: int) -> None:

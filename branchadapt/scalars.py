@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     PlainValidator,
     ValidationInfo,
     WrapValidator,
@@ -116,7 +117,11 @@ def check_scalar(annotation: Any, value: Any) -> Any:
 
 
 class TomlTyped(BaseModel):
-    """A model whose scalar fields take only values of their own TOML type (:func:`check_scalar`)."""
+    """A model whose scalar fields take only values of their own TOML type (:func:`check_scalar`)
+    and whose floats are finite (TOML's ``inf`` and ``nan`` are refused; a model may allow them
+    with ``model_config = ConfigDict(allow_inf_nan=True)``)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

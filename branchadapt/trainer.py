@@ -7,6 +7,7 @@ experiment skips finished stages and resumes the current one from its latest che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -38,9 +39,9 @@ from .interfaces import Batch, DataSource, GroupSampler, LossTerm, Phase, Task, 
 from .interrupt import StopRequest
 from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
-from .preflight import check_inputs, check_stages, sampler_label, stage_sizes
+from .preflight import InputShapes, check_inputs, check_stages, sampler_label, stage_sizes
 from .progress import ProgressReporter
-from .rundir import final_weights, forget_logged_steps, prepare_run_dir
+from .rundir import check_final_weights, final_weights, forget_logged_steps, hold, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
 
 
@@ -195,6 +196,8 @@ class Trainer:
         names = [stage.name for stage in self.exp.stages]
         if all(final_weights(self.run_dir, name).exists() for name in names):  # nothing to train:
             prepare_run_dir(self.run_dir, self.exp, write=False)  # if the run is this experiment's
+            for name in names:  # and its weights can be read (evaluation, export, a later stage)
+                check_final_weights(self.run_dir, name)
             self.progress.message(f"every stage has finished in {self.run_dir}: nothing to train")
             return RunResult(self.run_dir, completed=names)
         source = check_stages(self)  # every stage's data and batches before anything is written
@@ -202,6 +205,10 @@ class Trainer:
         inputs = check_inputs(self, source)
         prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
         distributed.barrier(self.dist)
+        with hold(self.run_dir) if self.dist.is_main else contextlib.nullcontext():  # one process trains it
+            return self._stages(source, inputs, max_steps)
+
+    def _stages(self, source: DataSource, inputs: dict[str, InputShapes], max_steps: int | None) -> RunResult:
         result = RunResult(self.run_dir)
         budget = max_steps
         for index, stage in enumerate(self.exp.stages):

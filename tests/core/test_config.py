@@ -349,3 +349,23 @@ def test_an_override_with_an_empty_key_part_a_stage_table_typo_or_extends_is_ref
     assert data == {"stages": {"basic": {"steps": 1}, "transfer": {"steps": 2}}}  # nothing changed
     apply_override(data, "stages.finetune={steps=4}")  # unlike every stage: a new one
     assert data["stages"]["finetune"] == {"steps": 4}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "losses.cross_entropy.weight=inf",
+            "losses.cross_entropy.weight: Input should be a finite number (got inf)",
+        ),
+        ("optim.default.lr=nan", "optim.default.lr: Input should be a finite number (got nan)"),
+        ("data.distortion=-inf", "data.distortion: Input should be a finite number (got -inf)"),
+        ("seed=99999999999999999999", "seed: Input should be less than 4611686018427387904"),
+        ('name=""', "name: expected one folder name"),
+        ('name="../elsewhere"', "name: expected one folder name"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_when_the_file_loads(small_experiment, override, expected):
+    """TOML's inf and nan, a seed torch cannot take, a name that is not one folder: refused at
+    validation, not found by a traceback (or a folder outside runs/) once the run has started."""
+    assert expected in error_of(small_experiment(), [override])

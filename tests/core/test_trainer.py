@@ -624,7 +624,8 @@ def test_an_evaluation_that_cannot_write_its_results_says_so(small_experiment, t
     import branchadapt.evaluation as evaluation
 
     train(small_experiment(), tmp_path / "run")
-    monkeypatch.setattr(evaluation.os, "access", lambda *a: False)  # a read-only run directory
+    # a read-only run directory: readable, not writable
+    monkeypatch.setattr(evaluation.os, "access", lambda path, mode: mode != evaluation.os.W_OK)
     with pytest.raises(ba.UserError, match=r"eval/transfer-test is not writable"):
         evaluation.evaluate_run(tmp_path / "run", device="cpu")
     monkeypatch.undo()
