@@ -305,7 +305,7 @@ class Trainer:
                     and train.sample_every
                     and (done % train.sample_every == 0 or done == rt.steps)
                 ):
-                    self._samples(rt, done)
+                    self._samples(rt, done, saved)
         finally:
             self.progress.end_stage()
         return last
@@ -331,14 +331,17 @@ class Trainer:
         try:
             return next(batches)
         except UserError as exc:
-            kept = self._keep(rt, step, saved)
-            where = f"stage {rt.stage.name}: stopped before step {step + 1} of {rt.steps}"
-            raise UserError(
-                f"{exc}\n{where}; {kept + '; ' if kept else ''}fix the data and run again to resume"
-            ) from exc
+            raise self._halted(rt, step, saved, exc, f"before step {step + 1} of {rt.steps}") from exc
 
-    def _samples(self, rt: StageRuntime, step: int) -> None:
-        """Let the task write its training samples, in eval mode and without gradients."""
+    def _halted(self, rt: StageRuntime, step: int, saved: int, exc: UserError, when: str) -> UserError:
+        """``exc`` (unreadable data) once the ``step`` steps trained are checkpointed, saying so."""
+        kept = self._keep(rt, step, saved)
+        where = f"stage {rt.stage.name}: stopped {when}"
+        return UserError(f"{exc}\n{where}; {kept + '; ' if kept else ''}fix the data and run again to resume")
+
+    def _samples(self, rt: StageRuntime, step: int, saved: int) -> None:
+        """Let the task write its training samples, in eval mode and without gradients; data it
+        cannot read stops the run as a training batch's would, the steps trained kept."""
         modes = {name: m.training for name, m in rt.modules.items()}
         for m in rt.modules.values():
             m.eval()
@@ -346,6 +349,10 @@ class Trainer:
             with torch.no_grad():
                 out = self.run_dir / "samples" / rt.stage.name
                 rt.task.samples(rt.modules, rt.data.source, self.device, out, step)
+        except UserError as exc:
+            raise self._halted(
+                rt, step, saved, exc, f"after step {step} of {rt.steps}, writing its samples"
+            ) from exc
         finally:
             for name, m in rt.modules.items():
                 m.train(modes[name])

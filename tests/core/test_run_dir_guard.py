@@ -72,3 +72,34 @@ def test_weights_files_get_the_permissions_of_any_new_file(small_experiment, tmp
     monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
     with pytest.raises(ba.CheckpointError, match=r"final\.safetensors: permission denied"):
         checkpoint.read_tensors(files[0])
+
+
+SAMPLING_TASK = """
+import branchadapt as ba
+from branchadapt.builtin.example import SupervisedTask
+
+
+class Sampling(SupervisedTask):
+    def samples(self, modules, source, device, out_dir, step):
+        if step >= 4:
+            raise ba.UserError("data/a/3.png: cannot decode the image")
+        return []
+
+
+@ba.hookimpl
+def register_tasks(register):
+    register(Sampling, name="sampling")
+"""
+
+
+def test_data_a_sample_grid_cannot_read_stops_the_run_with_the_steps_kept(small_experiment, tmp_path):
+    path = small_experiment(steps=6, ckpt=100)  # no checkpoint before the stage's end
+    (tmp_path / "sampling.py").write_text(SAMPLING_TASK)
+    text = path.read_text().replace('type = "supervised"', 'type = "sampling"')
+    path.write_text('plugins = ["sampling"]\n' + text.replace("[train]\n", "[train]\nsample_every = 2\n"))
+    with pytest.raises(ba.UserError) as caught:
+        _run(path, tmp_path / "run")
+    message = str(caught.value)
+    assert message.startswith("data/a/3.png: cannot decode the image\nstage basic: stopped after step 4 of 6")
+    assert "steps 1-4 are in" in message and "fix the data and run again to resume" in message
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["basic-00000004"]
