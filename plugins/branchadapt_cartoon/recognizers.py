@@ -127,8 +127,8 @@ def anchor_weights(table: dict[str, Any] | None) -> dict[str, Any] | None:
 def check_recognizer(table: dict[str, Any] | None) -> dict[str, Any] | None:
     """A recognizer table checked as the experiment loads, not when a stage or the evaluation
     first builds it: a registered backbone ``type``, options valid for it and a weights file that
-    exists (a relative one taken beside the experiment file). Problems are a ``ValueError`` that
-    the experiment's validation reports under the table's key."""
+    exists (a relative one taken beside the experiment file) and loads into it. Problems are a
+    ``ValueError`` that the experiment's validation reports under the table's key."""
     table = anchor_weights(table)
     if table is None:
         return None
@@ -152,8 +152,13 @@ def check_recognizer(table: dict[str, Any] | None) -> dict[str, Any] | None:
             f'weights: {cls.__name__} needs a weights file and none is set; set weights = "PATH" '
             "(nothing is downloaded)"
         )
-    if weights is not None and files_required() and not Path(str(weights)).is_file():
-        raise ValueError(f"weights: file {weights} does not exist")
+    if weights is not None and files_required():
+        if not Path(str(weights)).is_file():
+            raise ValueError(f"weights: file {weights} does not exist")
+        try:  # the file the user named is read now, not after a stage's training (the shipped ones are trusted)
+            cls(opts)
+        except UserError as exc:
+            raise ValueError(f"weights: {exc}") from None
     return table
 
 

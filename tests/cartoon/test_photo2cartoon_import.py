@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import branchadapt as ba
 from branchadapt_cartoon.networks import UGATITGenerator
@@ -103,9 +104,10 @@ def test_the_file_is_read_only_where_its_weights_are_used(tiny_cartoon, tmp_path
 
 def test_relative_weight_paths_are_taken_beside_the_experiment_file(tiny_cartoon, tmp_path, monkeypatch):
     exp_file = tiny_cartoon()
-    (tmp_path / "id.safetensors").write_bytes(b"")  # the recognizers' files must exist
+    state = ba.build_backbone("mobilefacenet", allow_random=True).state_dict()
+    save_file(state, str(tmp_path / "id.safetensors"))  # the recognizers' files must exist and load
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "face.pt").write_bytes(b"")
+    torch.save(state, tmp_path / "sub" / "face.pt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

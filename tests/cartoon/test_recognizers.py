@@ -179,7 +179,7 @@ def test_a_finished_runs_experiment_loads_without_the_training_losss_recognizer_
     from branchadapt.rundir import prepare_run_dir
 
     weights = tmp_path / "face.safetensors"
-    weights.write_bytes(b"")
+    save_file(ba.build_backbone("mobilefacenet", allow_random=True).state_dict(), str(weights))
     spec = f'losses.face_id.recognizer={{type="mobilefacenet", weights="{weights.as_posix()}"}}'
     prepare_run_dir(tmp_path / "run", ba.load_experiment(tiny_cartoon(), [spec]))
     weights.unlink()  # the run copied to another machine, or the file moved since training
@@ -201,3 +201,24 @@ def test_re_running_a_run_needs_the_recognizer_file_of_a_stage_still_to_train_on
     final_weights(run, "basic").write_bytes(b"")  # finished: it will not
     exp = load_for_run(tiny_cartoon(), [spec], run)
     assert exp.stages[0].losses["face_id"].options.recognizer["weights"] == gone
+
+
+@pytest.mark.parametrize("key", ["task.eval_recognizer", "losses.face_id.recognizer"])
+def test_a_recognizer_file_that_cannot_be_loaded_is_refused_when_the_experiment_loads(
+    tiny_cartoon, tmp_path, key
+):
+    """Found before any training, under the key that names it: a truncated file or one of
+    another model (the evaluation's recognizer was only built after every stage had trained)."""
+    good = tmp_path / "mfn.pth"
+    torch.save(ba.build_backbone("mobilefacenet", allow_random=True).state_dict(), good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"x": torch.zeros(3)}, tmp_path / "other.pth")
+    for name, problem in (
+        ("cut.pth", "is not a readable safetensors file"),
+        ("other.pth", "does not match the model"),
+    ):
+        spec = f'{key}={{type="mobilefacenet", weights="{(tmp_path / name).as_posix()}"}}'
+        with pytest.raises(ba.ConfigError, match=rf"{key}: weights: MobileFaceNet: .*{name} {problem}"):
+            ba.load_experiment(tiny_cartoon(), [spec])
+    spec = f'{key}={{type="mobilefacenet", weights="{good.as_posix()}"}}'
+    assert ba.load_experiment(tiny_cartoon(), [spec]).spec.name
