@@ -103,7 +103,9 @@ class StageSpec(_Strict):
     steps: int = Field(ge=1)
     enabled: bool = True
     description: str = ""
-    groups: list[GroupName] | None = Field(None, description="groups sampled in this stage (default: all)")
+    groups: list[GroupName] | None = Field(
+        None, min_length=1, description="groups sampled in this stage (default: all)"
+    )
     init_from: str | None = Field(None, description="an earlier stage whose final weights start this one")
     splitter: ComponentSpec
     sampler: ComponentSpec
@@ -202,8 +204,10 @@ class Experiment(_Strict):
 
 def inherit_defaults(data: Any) -> Any:
     """Give every stage the top-level splitter/sampler/losses/optim, overridden by its own."""
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+    if not isinstance(data, dict):
         return data
+    if not isinstance(data.get("stages"), dict):  # reported as such; the top level is still read as usual
+        return {**data, "losses": _typed(data["losses"])} if isinstance(data.get("losses"), dict) else data
     data = dict(data)
     for key, default in DEFAULT_TYPES.items():  # a table without a type (--set sampler.per_group=2)
         table = data.get(key, {})

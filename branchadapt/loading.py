@@ -112,7 +112,9 @@ def read_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{where}experiment file {path} {what}")
     by = f" (the base of {_chain[-1]})" if _chain else ""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(
+            path.read_text(encoding="utf-8-sig")
+        )  # a byte-order mark (Windows editors) is dropped
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}{by}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
@@ -314,6 +316,10 @@ def _inherited(line: str, raw: dict[str, Any]) -> str:
     if not m:
         return line
     stage, section, rest, tail = m.groups()  # rest: "" for the table itself (a model validator's error)
+    own = rest.split(".")[1] if rest else None
+    top = raw.get(section)
+    if section in ("losses", "optim") and own and not (isinstance(top, dict) and own in top):
+        return line  # a loss or phase of the stage's own: nothing at the top level to point to
     node: Any = raw.get("stages", {}).get(stage, {}).get(section)
     for key in rest.split(".")[1:]:
         if not isinstance(node, dict) or key not in node:

@@ -369,3 +369,23 @@ def test_values_no_run_can_use_are_refused_when_the_file_loads(small_experiment,
     """TOML's inf and nan, a seed torch cannot take, a name that is not one folder: refused at
     validation, not found by a traceback (or a folder outside runs/) once the run has started."""
     assert expected in error_of(small_experiment(), [override])
+
+
+def test_a_stage_s_own_loss_is_named_at_its_stage_and_other_slips_once(small_experiment):
+    typo = error_of(small_experiment(), ["stages.basic.losses.cross_entropyy.weight=2"])
+    assert (
+        "\n  stages.basic.losses.cross_entropyy.type: unknown loss 'cross_entropyy'; did you mean 'cross_entropy'"
+        in typo
+    )
+    not_a_table = error_of(small_experiment(), ["stages=3"])
+    assert not_a_table.endswith(
+        "1 problem in the experiment\n  stages: Input should be a valid dictionary (got 3)"
+    )
+    no_groups = error_of(small_experiment(), ["stages.basic.groups=[]"])  # was taken as "every group"
+    assert "stages.basic.groups: List should have at least 1 item" in no_groups
+
+
+def test_a_byte_order_mark_is_read_past(small_experiment):
+    path = small_experiment()
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as some Windows editors save UTF-8
+    assert ba.load_experiment(path).spec.name == "small"
