@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from branchadapt import UserError
@@ -219,8 +221,10 @@ def run_translate(args: argparse.Namespace) -> int:
     layout = inference_layout(device)
     generator = modules[GENERATOR[args.direction]].to(memory_format=layout)
     columns = [TextColumn("translate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=True) as bar, torch.no_grad():
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True) as bar, torch.no_grad():
         task_id = bar.add_task("translate", total=len(jobs))
+        said = time.monotonic()
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
             images = []
@@ -237,6 +241,11 @@ def run_translate(args: argparse.Namespace) -> int:
                 if args.cam:
                     save_png(cam_path(target), to_uint8(heatmap_overlay(x[i], heat[i])))
             bar.advance(task_id, len(chunk))
+            done = start + len(chunk)
+            # no live bar without a terminal (a log file, a job): a line every 10 s and at the end
+            if not console.is_terminal and (time.monotonic() - said >= 10 or done == len(jobs)):
+                print(f"translate: {done}/{len(jobs)} images", file=sys.stderr, flush=True)
+                said = time.monotonic()
     print(
         f"translated {len(jobs)} image{'s' if len(jobs) != 1 else ''} ({args.direction}) into {args.output}"
     )

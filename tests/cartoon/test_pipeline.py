@@ -64,6 +64,7 @@ def test_two_stage_run_trains_samples_evaluates_and_translates(
     out = tmp_path / "out"
     done = run_cli("translate", str(run), str(src), str(out), "--cam")
     assert done.returncode == 0, done.stderr
+    assert "translate: 2/2 images" in done.stderr  # no terminal, no live bar: progress as lines
     for group in ("men", "kids"):
         assert cv2.imread(str(out / group / "face.png")).shape == (32, 32, 3)
         assert (out / group / "face_cam.png").is_file()
