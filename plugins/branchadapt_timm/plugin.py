@@ -30,5 +30,7 @@ def register_losses(register: Register) -> None:
 @hookimpl
 def register_data(register: Register) -> None:
     from .digits import Digits
+    from .folders import ImageFolders
 
     register(Digits, name="digits")
+    register(ImageFolders, name="image_folders")
