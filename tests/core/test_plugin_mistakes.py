@@ -161,3 +161,27 @@ def test_hooks_pluggy_allows_are_not_refused(tmp_path, monkeypatch, capsys):
             def register_lossses(register):
                 pass
             """)  # fmt: skip
+
+
+def test_the_name_given_to_register_wins_then_a_class_s_name_then_its_class_name(tmp_path):
+    plugins = load(
+        tmp_path,
+        "naming",
+        """
+        from branchadapt.builtin.samplers import PerGroupSampler
+
+        class Named(PerGroupSampler):
+            name = "by_attribute"
+
+        class Plain(PerGroupSampler):
+            pass
+
+        @ba.hookimpl
+        def register_samplers(register):
+            register(Named, name="explicit")
+            register(type("Other", (Named,), {}))
+            register(Plain)
+        """,
+    )
+    names = {e.name for e in plugins.registry if e.origin == "naming (local module)"}
+    assert names == {"explicit", "by_attribute", "Plain"}
