@@ -129,6 +129,11 @@ def branch(
 
     ``anchor`` (default: the first group) is the group with many samples. The backbone is branched
     in place: use the returned model (or its ``extract(group)``) from then on."""
+    if not isinstance(backbone, Backbone):
+        raise TypeError(
+            f"ba.branch() takes a branchadapt.Backbone (a module that names its stages), got "
+            f"{type(backbone).__name__}; subclass ba.Backbone and list the stages in stage_names()"
+        )
     check_group_names(groups)
     split: BranchSplitter = build("splitter", splitter, **options)
     anchor = groups[0] if anchor is None else anchor

@@ -59,6 +59,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def check_group_names(groups: Sequence[str]) -> None:
     """At least one group, each a distinct non-empty name without a dot (they name sub-modules)."""
+    if isinstance(groups, str):  # a string is a sequence of one-letter names: never what is meant
+        raise UserError(f"groups: expected a list of group names, got the string {groups!r}")
     if not groups:
         raise UserError("a branched model needs at least one group")
     bad = [g for g in groups if not isinstance(g, str) or not g or "." in g]
@@ -155,6 +157,14 @@ class BranchedModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, groups: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Any:
         """Run the backbone; ``groups`` gives each sample's group index (into ``self.groups``)."""
+        try:
+            return self._forward(args, groups, kwargs)
+        finally:  # the routing is this call's: a later call of the backbone alone must not reuse it
+            self.router.parts = []
+
+    def _forward(
+        self, args: tuple[Any, ...], groups: Tensor | Sequence[int] | None, kwargs: dict[str, Any]
+    ) -> Any:
         ids = self._group_ids(groups, args, kwargs)
         by_policy: dict[Participation, list[int]] = {}
         for g in torch.unique(ids).tolist():
@@ -245,13 +255,18 @@ class BranchedModel(nn.Module):
             ):
                 return torch.zeros(rows.batch_size(args, kwargs), dtype=torch.long)
             raise ValueError("this model has per-group branches: pass groups=<group index per sample>")
+        if isinstance(groups, Sequence) and groups and all(isinstance(g, str) for g in groups):
+            unknown = sorted({str(g) for g in groups} - set(self.groups))
+            if unknown:
+                raise ValueError(f"groups names {unknown} are not groups of this model {list(self.groups)}")
+            groups = [self.groups.index(str(g)) for g in groups]  # names: their indices
         given = torch.as_tensor(groups)
         if given.numel() == 0:  # torch.as_tensor([]) is float
             given = given.to(torch.long)
         if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool or given.dim() != 1:
             raise ValueError(
                 f"groups must be a 1-d sequence of integer group indices, got {given.dtype} of shape "
-                f"{tuple(given.shape)}"
+                f"{tuple(given.shape)} (group names work too: {list(self.groups)})"
             )
         ids = given.to(torch.long).cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.groups)):
@@ -312,6 +327,7 @@ class BranchedModel(nn.Module):
         group is kept, every other branch starts from the anchor's weights. Keys may be this
         module's (``backbone.<key>``) or the backbone's own (``<key>``, an unwrapped backbone's
         ``state_dict()``)."""
+        self._known(anchor)
         if state and not any(k.startswith("backbone.") for k in state):
             state = {f"backbone.{k}": v for k, v in state.items()}
         own = self.state_dict()

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, CheckpointMismatch
 from .report import replace_folder
+from .rng import rng_state, set_rng_state
 
 FORMAT = 1
 
@@ -58,7 +57,7 @@ def save_weights(
     path: str | Path, modules: Mapping[str, nn.Module], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Atomically write every module's state to one safetensors file (keys ``<module>.<key>``)."""
-    save_state(path, module_state(modules), metadata)
+    save_state(path, module_state(modules_mapping(modules)), metadata)
 
 
 def save_state(
@@ -128,6 +127,7 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
 def load_weights(path: str | Path, modules: Mapping[str, nn.Module]) -> None:
     """Load a :func:`save_weights` file into ``modules``; any key or shape difference is an error,
     raised before any module is changed."""
+    modules = modules_mapping(modules)
     state = _checked_weights(path, modules)
     for name, module in modules.items():
         module.load_state_dict(state[name])
@@ -181,42 +181,6 @@ def as_umask_says(path: Path) -> None:
     its files readable by their owner alone, which a run shared with a group (or a CI user) cannot
     read back."""
     os.chmod(path, 0o666 & ~_UMASK)
-
-
-# ---------------------------------------------------------------------------- RNG
-def seed_rngs(seed: int) -> None:
-    """Seed every RNG :func:`rng_state` saves: torch (CPU and CUDA), numpy's and Python's global
-    generators, so that a stage draws the same numbers whether it runs straight or resumed."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Every RNG the training loop may touch: torch (CPU, CUDA), numpy and python."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    py_version, py_state, py_gauss = random.getstate()
-    meta = {
-        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
-        "python": [py_version, list(py_state), py_gauss],
-    }
-    return tensors, meta
-
-
-def set_rng_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    kind, keys, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, state, py_gauss = meta["python"]
-    random.setstate((version, tuple(state), py_gauss))
 
 
 # ---------------------------------------------------------------------------- optimisers
@@ -294,25 +258,59 @@ def save_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint directory (weights, optimiser, RNG, ``meta``)."""
+    """Atomically write a checkpoint directory (weights, optimiser, RNG, ``meta``: JSON values
+    under keys of the caller's, not the reserved :data:`RESERVED_META`). A save that fails
+    leaves nothing behind, and an earlier checkpoint at ``directory`` as it was."""
+    modules = modules_mapping(modules, "modules")
+    optimizers = _mapping(optimizers or {}, torch.optim.Optimizer, "optimizers", "{'main': optimizer}")
+    taken = sorted(RESERVED_META & set(meta or {}))
+    if taken:
+        raise TypeError(f"meta keys {taken} are the checkpoint's own; name yours otherwise")
+    try:
+        meta_text = json.dumps({"format": FORMAT, **dict(meta or {})})
+    except TypeError as exc:  # before anything is written
+        raise TypeError(f"meta must hold JSON values (numbers, strings, lists, dicts): {exc}") from None
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    opt_tensors, opt_meta = optimizer_state(optimizers or {})
-    rng_tensors, rng_meta = rng_state()
-    save_file(module_state(modules), str(tmp / "model.safetensors"))
-    save_file({**opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
-    for name in ("model.safetensors", "state.safetensors"):
-        as_umask_says(tmp / name)
-    full_meta = {"format": FORMAT, **dict(meta or {}), "optimizers": opt_meta, "rng": rng_meta}
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        opt_tensors, opt_meta = optimizer_state(optimizers)
+        rng_tensors, rng_meta = rng_state()
+        save_file(module_state(modules), str(tmp / "model.safetensors"))
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
+        for name in ("model.safetensors", "state.safetensors"):
+            as_umask_says(tmp / name)
+        full_meta = {**json.loads(meta_text), "optimizers": opt_meta, "rng": rng_meta}
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_folder(tmp, directory)
     return directory
+
+
+#: meta.json keys a checkpoint writes itself
+RESERVED_META = frozenset({"format", "optimizers", "rng"})
+
+
+def _mapping(value: Any, kind: type, what: str, example: str) -> Mapping[str, Any]:
+    """``value`` if it maps names to ``kind`` objects, else a :class:`TypeError` saying so."""
+    if not isinstance(value, Mapping) or not all(isinstance(v, kind) for v in value.values()):
+        got = type(value).__name__ if not isinstance(value, Mapping) else "a mapping of other values"
+        raise TypeError(
+            f"{what}: expected a mapping of names to {kind.__name__} objects, e.g. {example}; got {got}"
+        )
+    return value
+
+
+def modules_mapping(value: Any, what: str = "modules") -> Mapping[str, nn.Module]:
+    """``value`` if it maps names to modules (``{"model": module}``), else a :class:`TypeError`."""
+    return _mapping(value, nn.Module, what, "{'model': module}")
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -340,7 +338,11 @@ def load_checkpoint(
     With ``restore_rng`` (the default) the process-wide torch, numpy and Python random states are
     set to the checkpoint's as well, so that a resumed run draws what the uninterrupted one would.
     Returns the checkpoint's metadata."""
+    modules = modules_mapping(modules)
+    optimizers = _mapping(optimizers or {}, torch.optim.Optimizer, "optimizers", "{'main': optimizer}")
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file; expected the checkpoint's folder ({directory.parent})")
     meta = read_meta(directory)
     for key, value in (expect or {}).items():
         if meta.get(key) != value:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import batching, rowgrad, rows
 from .batching import StackedRule
+from .errors import UserError
 from .paramslots import ParamSlots
 
 
@@ -69,6 +70,13 @@ class GroupBranches(nn.Module):
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         parts = self._router.parts
+        if not parts:  # outside its BranchedModel's call: no rows to route
+            raise UserError(
+                "a branch stage ran outside its branched model's call, so it cannot know each row's "
+                "group: call the model ba.branch() returned, with groups=..., not the backbone or the "
+                "stage itself (activation checkpointing that recomputes a branch stage in the backward "
+                "pass is not supported either)"
+            )
         if self.stacked and len(parts) > 1 and self._stackable():
             positions = [ix for _, ix in parts if ix is not None]
             auto_says_no = self.stacked == "auto" and not batching.worth_stacking(

@@ -26,7 +26,6 @@ from .checkpoint import (
     resume_latest,
     save_checkpoint,
     save_weights,
-    seed_rngs,
     split_state,
     state_differences,
 )
@@ -41,6 +40,7 @@ from .loading import ResolvedExperiment, ResolvedStage
 from .optim import build_optimizer, build_scheduler, unique_params
 from .preflight import InputShapes, check_inputs, check_stages, sampler_label, stage_sizes
 from .progress import ProgressReporter
+from .rng import seed_rngs
 from .rundir import check_final_weights, final_weights, forget_logged_steps, hold, prepare_run_dir
 from .runtime import RunResult, StageRuntime, backbone_factory, wrap_backbones
 

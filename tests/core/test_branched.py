@@ -351,3 +351,63 @@ def test_load_flexible_takes_an_unwrapped_backbones_own_state():
         got = model.group_state_dict(group)
         assert got.keys() == {f"backbone.{k}" for k in own}
         assert all(torch.equal(got[f"backbone.{k}"], v) for k, v in own.items())
+
+
+def test_the_routing_is_the_call_s_alone():
+    """After a call, the backbone run on its own (or a branch stage recomputed later, as
+    activation checkpointing would) is refused, instead of silently using the last call's groups."""
+    model = make(Participation.DETACHED)
+    x = torch.randn(4, 4)
+    model(x, groups=torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ba.UserError, match=r"a branch stage ran outside its branched model's call"):
+        model.backbone(x)
+    with pytest.raises(ba.UserError, match=r"outside its branched model's call"):
+        make(Participation.DETACHED).backbone(x)  # never called: the same message
+    # the model's own calls keep working, each routed by its own groups
+    model.eval()
+    with torch.no_grad():
+        model.backbone.low.branches["few"].weight.add_(1.0)  # the two groups' branches now differ
+        for group, index in (("anchor", 0), ("few", 1)):
+            out = model(x, groups=torch.full((4,), index))
+            torch.testing.assert_close(out, model.extract(group).eval()(x))
+
+
+def test_library_misuse_is_named():
+    """What a researcher plausibly passes by mistake gets a message saying what is expected."""
+    with pytest.raises(TypeError, match=r"takes a branchadapt\.Backbone .*got Sequential"):
+        ba.branch(nn.Sequential(nn.Linear(2, 2)), GROUPS)
+    with pytest.raises(ba.UserError, match=r"groups: expected a list of group names, got the string 'abc'"):
+        ba.branch(Tiny(), "abc")
+    model = make(Participation.DETACHED).eval()
+    x = torch.randn(2, 4)
+    by_name = model(x, groups=["few", "anchor"])  # names work as well as indices
+    torch.testing.assert_close(by_name, model(x, groups=torch.tensor([1, 0])))
+    with pytest.raises(ValueError, match=r"groups names \['zz'\] are not groups of this model"):
+        model(x, groups=["few", "zz"])
+    with pytest.raises(ba.UserError, match=r"unknown group 'zzz'"):
+        model.load_flexible(model.state_dict(), "zzz")
+
+
+def test_checkpoint_functions_say_what_they_take(tmp_path):
+    model = make(Participation.DETACHED)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(
+        TypeError,
+        match=r"modules: expected a mapping of names to Module objects, e\.g\. \{'model': module\}; got BranchedModel",
+    ):
+        ba.save_checkpoint(tmp_path / "c", model, {"main": opt})
+    with pytest.raises(TypeError, match=r"optimizers: expected a mapping of names to Optimizer objects"):
+        ba.save_checkpoint(tmp_path / "c", {"model": model}, opt)
+    with pytest.raises(TypeError, match=r"meta keys \['format', 'rng'\] are the checkpoint's own"):
+        ba.save_checkpoint(tmp_path / "c", {"model": model}, {"main": opt}, {"format": 2, "rng": 1})
+    with pytest.raises(TypeError, match=r"meta must hold JSON values"):
+        ba.save_checkpoint(tmp_path / "c", {"model": model}, {"main": opt}, {"loss": torch.tensor(1.0)})
+    assert not list(tmp_path.iterdir())  # a refused save writes nothing, not even a temporary folder
+    ba.save_checkpoint(tmp_path / "c", {"model": model}, {"main": opt}, {"epoch": 3})
+    with pytest.raises(
+        ba.CheckpointError, match=r"model\.safetensors is a file; expected the checkpoint's folder"
+    ):
+        ba.load_checkpoint(tmp_path / "c" / "model.safetensors", {"model": model})
+    with pytest.raises(TypeError, match=r"modules: expected a mapping"):
+        ba.load_weights(tmp_path / "w.safetensors", model)
+    assert ba.load_checkpoint(tmp_path / "c", {"model": model}, {"main": opt})["epoch"] == 3
