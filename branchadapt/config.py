@@ -122,7 +122,7 @@ class Experiment(_Strict):
 
     name: str = Field(
         "experiment",
-        description="run name: one folder name (letters, digits, '.', '_', '-'), runs/<name> by default",
+        description="run name: one folder name, the run directory runs/<name> by default",
     )
     seed: int = Field(0, ge=0, lt=2**62, description="seeds weights, sampling and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -156,10 +156,10 @@ class Experiment(_Strict):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        if name.strip() in ("", ".", "..") or re.search(r"[/\\\x00-\x1f]", name):
             raise ValueError(
-                "expected one folder name (the run directory is runs/<name>): letters, digits, '.', '_' "
-                "and '-', starting with a letter or digit"
+                "expected one folder name (the run directory is runs/<name>): not empty, '.' or '..', "
+                "without '/', '\\' or control characters"
             )
         return name
 

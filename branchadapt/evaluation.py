@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -39,9 +40,21 @@ def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperim
         raise UserError(f"{run_dir} is not a run directory (no config.json); expected the directory of a run")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        spec = Experiment.model_validate(saved["experiment"])
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        experiment = saved["experiment"]
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON or not UTF-8, or not a run's record
         raise UserError(f"{path}: corrupt run config ({exc})") from exc
+    try:
+        spec = Experiment.model_validate(experiment)
+    except ValueError as exc:  # pydantic's ValidationError: written by a branchadapt with other rules
+        problems = (
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        raise UserError(
+            f"{path}: the run's experiment is not valid for this branchadapt version ({problems}); "
+            "edit the value in config.json, or evaluate the run with the version that trained it"
+        ) from exc
     plugins = plugins or default_plugins()
     source = Path(saved.get("source", path))
     plugins.load_modules(spec.plugins, search_dir=source.resolve().parent, where=f"{path}: plugins")

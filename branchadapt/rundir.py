@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,10 @@ def final_weights(run_dir: Path, stage: str) -> Path:
 def check_final_weights(run_dir: Path, stage: str) -> None:
     """A :class:`UserError` unless ``stage``'s final weights are a readable safetensors file."""
     path = final_weights(run_dir, stage)
+    if not os.access(path, os.R_OK):
+        raise UserError(
+            f"{path}: permission denied (stage {stage}'s final weights exist, this user cannot read them)"
+        )
     try:
         with safe_open(str(path), "pt") as fh:
             fh.keys()
@@ -120,17 +125,12 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
                 "Use --run-dir DIR for a new run (nothing in the existing directory was changed)."
             )
         return
-    if run_dir.is_dir() and not saved_path.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
-        raise UserError(
-            f"run directory {run_dir} is not empty and holds no run (no config.json): its files are not "
-            "branchadapt's to overwrite; choose a new or empty folder with --run-dir"
-        )
     if not write:
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_path, json.dumps(record, indent=1))  # first: it makes the folder a run's
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps(dump))
-        atomic_write_text(saved_path, json.dumps(record, indent=1))
     except OSError as exc:
         raise UserError(
             f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with --run-dir"
@@ -141,12 +141,35 @@ def prepare_run_dir(run_dir: Path, exp: ResolvedExperiment, write: bool = True) 
 LOCK = ".lock"
 
 
+def refuse_foreign(run_dir: Path) -> None:
+    """A :class:`UserError` when ``run_dir`` holds files but no run (no ``config.json``): a
+    folder of the user's, whose files are not branchadapt's to overwrite (hidden ones, such as
+    ``.DS_Store`` or this module's lock, do not count)."""
+    if not run_dir.is_dir() or (run_dir / "config.json").exists():
+        return
+    found = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    if found:
+        raise UserError(
+            f"run directory {run_dir} holds files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
+            "but no run (no config.json): they are not branchadapt's to overwrite; choose a new or "
+            "empty folder with --run-dir"
+        )
+
+
 @contextmanager
 def hold(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` for one training process: a second one (another terminal, a job started
-    twice) is refused at once instead of training into the same checkpoints and metrics. The
-    lock is the operating system's (``flock``), so a process that died holds nothing; where
-    there is no ``fcntl`` (Windows) nothing is locked."""
+    """Claim ``run_dir`` for one training process: a folder of the user's is refused
+    (:func:`refuse_foreign`), and a second process (another terminal, a job started twice) is
+    refused at once instead of training into the same checkpoints and metrics. The lock is the
+    operating system's (``flock``), so a process that died holds nothing; where there is no
+    ``fcntl`` (Windows) or the file system cannot lock (some network mounts), nothing is."""
+    refuse_foreign(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"run directory {run_dir} cannot be written ({exc.strerror or exc}); choose another with --run-dir"
+        ) from None
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -156,13 +179,19 @@ def hold(run_dir: Path) -> Iterator[None]:
     with open(path, "a+", encoding="utf-8") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # another process holds it (errors of a file system that cannot lock: below)
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise UserError(
                 f"run directory {run_dir} is in use by {holder}: wait for it to finish (it resumes from "
                 "there when run again), or use another --run-dir"
             ) from None
+        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: a file system without locks
+            warnings.warn(
+                f"{run_dir}: the file system cannot lock ({exc.strerror}); not locked", stacklevel=2
+            )
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"branchadapt run, PID {os.getpid()} on {socket.gethostname()}\n")

@@ -203,9 +203,11 @@ class Trainer:
         source = check_stages(self)  # every stage's data and batches before anything is written
         # and its models on inputs shaped as the data's, where the task can make them (recorded below)
         inputs = check_inputs(self, source)
-        prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)  # every rank checks, rank 0 writes
-        distributed.barrier(self.dist)
         with hold(self.run_dir) if self.dist.is_main else contextlib.nullcontext():  # one process trains it
+            prepare_run_dir(
+                self.run_dir, self.exp, write=self.dist.is_main
+            )  # every rank checks, rank 0 writes
+            distributed.barrier(self.dist)
             return self._stages(source, inputs, max_steps)
 
     def _stages(self, source: DataSource, inputs: dict[str, InputShapes], max_steps: int | None) -> RunResult:

@@ -18,13 +18,30 @@ def test_a_folder_that_holds_no_run_is_not_written_into(small_experiment, tmp_pa
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.toml").write_text("# my own notes\n")
-    with pytest.raises(ba.UserError, match=r"mine is not empty and holds no run \(no config\.json\)"):
+    with pytest.raises(
+        ba.UserError, match=r"mine holds files \(config\.toml\) but no run \(no config\.json\)"
+    ):
         _run(small_experiment(steps=2), folder)
-    assert [p.name for p in folder.iterdir()] == ["config.toml"]
+    assert [p.name for p in folder.iterdir()] == ["config.toml"]  # not even a lock file left
     assert (folder / "config.toml").read_text() == "# my own notes\n"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert _run(small_experiment(steps=2), empty).completed == ["basic", "transfer"]
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"")  # a file manager's: does not make the folder the user's
+    assert _run(small_experiment(steps=2), hidden).completed == ["basic", "transfer"]
+
+
+def test_a_file_system_that_cannot_lock_trains_unlocked_with_a_warning(
+    small_experiment, tmp_path, monkeypatch
+):
+    import errno
+    import fcntl
+
+    def cannot(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", cannot)
+    with pytest.warns(UserWarning, match=r"the file system cannot lock \(No locks available\); not locked"):
+        assert _run(small_experiment(steps=2), tmp_path / "run").completed == ["basic", "transfer"]
 
 
 def test_one_training_process_holds_a_run_directory(small_experiment, tmp_path):
@@ -34,6 +51,11 @@ def test_one_training_process_holds_a_run_directory(small_experiment, tmp_path):
     # another process training there (flock: a second open file of this process conflicts too)
     with hold(run), pytest.raises(ba.UserError, match=in_use):
         _run(path, run)
+    # another experiment started there meanwhile is refused before it writes anything (its config)
+    config = (run / "config.json").read_bytes()
+    with hold(run), pytest.raises(ba.UserError, match=in_use):
+        Trainer(ba.load_experiment(path, ["seed=4"]), run_dir=run, device="cpu").run()
+    assert (run / "config.json").read_bytes() == config
     assert _run(path, run).completed == ["basic", "transfer"]  # released: resumes
     assert (run / LOCK).exists()
 
@@ -103,3 +125,20 @@ def test_data_a_sample_grid_cannot_read_stops_the_run_with_the_steps_kept(small_
     assert message.startswith("data/a/3.png: cannot decode the image\nstage basic: stopped after step 4 of 6")
     assert "steps 1-4 are in" in message and "fix the data and run again to resume" in message
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["basic-00000004"]
+
+
+def test_a_saved_experiment_the_rules_now_refuse_is_named_not_called_corrupt(small_experiment, tmp_path):
+    import json
+
+    from branchadapt.evaluation import load_run
+
+    run = tmp_path / "run"
+    _run(small_experiment(steps=2), run)
+    record = json.loads((run / "config.json").read_text())
+    record["experiment"]["name"] = "../elsewhere"  # what an older branchadapt let through
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(
+        ba.UserError,
+        match=r"config\.json: the run's experiment is not valid for this branchadapt version \(name: ",
+    ):
+        load_run(run)
