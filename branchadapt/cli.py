@@ -204,13 +204,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     plugins: PluginSet = args.context
     if args.name is not None:
         return _print_options(plugins, args.name, args.kind, args.markdown)
+    if args.markdown:
+        raise UserError(
+            "--markdown prints one plugin's options: give its name, e.g. branchadapt plugins ugatit --markdown"
+        )
     table = Table(title="branchadapt plugins")
     for column in ("kind", "name", "from", "description"):
         table.add_column(column)
     for entry in plugins.registry:
-        table.add_row(entry.kind, entry.name, entry.origin, entry.summary)
+        if args.kind in (None, entry.kind):
+            table.add_row(entry.kind, entry.name, entry.origin, entry.summary)
     for name, (origin, help_text) in sorted(plugins.command_origins.items()):  # `branchadapt NAME ...`
-        table.add_row("command", name, origin, help_text)
+        if args.kind is None:
+            table.add_row("command", name, origin, help_text)
     Console(width=max(120, Console().width)).print(table)
     return 0
 
@@ -284,7 +290,7 @@ def build_parser(plugins: PluginSet) -> argparse.ArgumentParser:
         "plugins", help="list every registered plugin name and plugin command, or one plugin's options"
     )
     listing.add_argument("name", nargs="?", default=None, help="show the options of the plugins of this name")
-    listing.add_argument("--kind", default=None, choices=KINDS, help="only the plugin of this kind")
+    listing.add_argument("--kind", default=None, choices=KINDS, help="only plugins of this kind")
     listing.add_argument("--markdown", action="store_true", help="the options as markdown tables")
     listing.set_defaults(handler=cmd_plugins)
     sub.add_parser("schema", help="print the JSON schema of experiment files").set_defaults(

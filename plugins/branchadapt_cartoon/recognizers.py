@@ -12,6 +12,7 @@ Each recognizer does its own crop and resize, so callers pass whole images of an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from pickle import UnpicklingError  # only to report refused files; nothing is unpickled here
@@ -155,11 +156,20 @@ def check_recognizer(table: dict[str, Any] | None) -> dict[str, Any] | None:
     if weights is not None and files_required():
         if not Path(str(weights)).is_file():
             raise ValueError(f"weights: file {weights} does not exist")
+        stat = Path(str(weights)).stat()
         try:  # the file the user named is read now, not after a stage's training (the shipped ones are trusted)
-            cls(opts)
+            _loads(cls, opts.model_dump_json(), stat.st_mtime_ns, stat.st_size)
         except UserError as exc:
             raise ValueError(f"weights: {exc}") from None
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def _loads(cls: type[Backbone], options_json: str, mtime_ns: int, size: int) -> bool:
+    """Build ``cls`` from its options once per file version: an experiment names a recognizer's
+    table in several places (a loss inherited by every stage) and is validated in two passes."""
+    cls(cls.Options.model_validate_json(options_json))
+    return True
 
 
 class RecognizerOptions(PluginOptions):

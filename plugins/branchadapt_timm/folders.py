@@ -51,6 +51,14 @@ class ImageFoldersOptions(PluginOptions):
     def _buildable(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return check_augment(value)
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        twice = sorted({c for c in value or [] if (value or []).count(c) > 1})
+        if twice:
+            raise ValueError(f"class names must be distinct (each is one label); repeated: {twice}")
+        return value
+
 
 def _folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -70,6 +78,8 @@ class ImageFolders(DataSource):
         o = self.options
         self.classes = list(o.classes) if o.classes is not None else self._found_classes()
         self.items = {g: self._list(g) for g in self.groups}
+        if split == "train" and (o.root / "test").exists():  # its mistakes now, not after the training
+            type(self)(o, groups, base_dir, "test")
         self._cache: dict[tuple[str, int], np.ndarray] = {}
         self.augment = Augmenter(o.augment, o.size) if o.augment and split == "train" else None
 
@@ -91,6 +101,12 @@ class ImageFolders(DataSource):
 
     def _list(self, group: str) -> list[tuple[Path, int]]:
         folder = self._folder(self.split, group)
+        loose = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if loose:
+            raise UserError(
+                f"{folder / loose[0]}: a file directly in the group's folder; expected it in a class "
+                f"folder, {folder}/<class>/{loose[0]}"
+            )
         items: list[tuple[Path, int]] = []
         for class_dir in _folders(folder):
             if class_dir.name not in self.classes:
@@ -100,7 +116,11 @@ class ImageFolders(DataSource):
                 )
             files = sorted(p for p in class_dir.iterdir() if not p.name.startswith("."))
             for path in files:
-                if path.is_dir() or path.suffix.lower() not in SUFFIXES:
+                if path.is_dir():
+                    raise UserError(
+                        f"{path}: a folder inside a class folder; expected the class's images only"
+                    )
+                if path.suffix.lower() not in SUFFIXES:
                     raise UserError(f"{path}: not an image file; expected one of {', '.join(SUFFIXES)}")
                 items.append((path, self.classes.index(class_dir.name)))
         if not items:

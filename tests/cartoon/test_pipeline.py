@@ -155,7 +155,7 @@ def test_every_ablation_validates_and_runs(ablation, tiny_cartoon, tmp_path, run
 def test_every_ablation_has_a_cpu_sized_variant_making_the_same_change(ablation, run_cli):
     from pathlib import Path
 
-    from branchadapt.loading import read_toml
+    from branchadapt.reading import read_toml
     from branchadapt.rundir import config_differences
 
     examples = Path(__file__).resolve().parents[2] / "examples"

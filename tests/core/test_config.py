@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import branchadapt as ba
-from branchadapt.loading import apply_override, json_schema
+from branchadapt.loading import json_schema
+from branchadapt.reading import apply_override
 
 
 def error_of(path, overrides=()):

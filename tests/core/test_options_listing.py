@@ -61,3 +61,11 @@ def test_an_unknown_name_is_one_message_and_exit_2(argv, message, capfd):
     assert main(argv) == 2
     err = capfd.readouterr().err
     assert err.startswith(message) and "Traceback" not in err
+
+
+def test_the_listing_takes_kind_and_refuses_markdown_without_a_name(capfd):
+    assert main(["plugins", "--kind", "sampler"]) == 0
+    listed = capfd.readouterr().out
+    assert "per_group" in listed and "mixed" in listed and "mlp" not in listed and "translate" not in listed
+    assert main(["plugins", "--markdown"]) == 2
+    assert "error: --markdown prints one plugin's options: give its name" in capfd.readouterr().err

@@ -315,7 +315,7 @@ def test_trainer_builds_fused_optimizers_unless_switched_off(small_experiment, t
 
 
 def test_resume_keeps_this_runs_optimizer_kernels(tmp_path):
-    from branchadapt.checkpoint import load_optimizer_state, optimizer_state
+    from branchadapt.optimstate import load_optimizer_state, optimizer_state
 
     saved, _ = _adam_run(False)
     tensors, meta = optimizer_state({"main": saved})

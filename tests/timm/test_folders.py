@@ -91,3 +91,21 @@ def test_folder_mistakes_name_the_path(tmp_path):
     (root / "train" / "anchor" / "red" / "000.png").write_bytes(b"not a png")
     with pytest.raises(ba.UserError, match=r"red/000\.png: cannot read the image \(corrupt"):
         _source(root).get("anchor", "train", 2, None)
+
+
+def test_more_folder_mistakes_are_found_before_training(tmp_path):
+    root = make_root(tmp_path / "images", {"anchor": 2, "fewshot": 1})
+    (root / "train" / "anchor" / "loose.png").write_bytes(b"")
+    with pytest.raises(ba.UserError, match=r"anchor/loose\.png: a file directly in the group's folder"):
+        _source(root)
+    (root / "train" / "anchor" / "loose.png").unlink()
+    (root / "train" / "anchor" / "red" / "more").mkdir()
+    with pytest.raises(ba.UserError, match=r"red/more: a folder inside a class folder"):
+        _source(root)
+    (root / "train" / "anchor" / "red" / "more").rmdir()
+    with pytest.raises(ValueError, match=r"class names must be distinct .*\['red'\]"):
+        _source(root, classes=["red", "red", "blue"])
+    # the test split's mistakes are found with the train split (not after the training)
+    (root / "test" / "fewshot").rename(root / "test" / "few")
+    with pytest.raises(ba.UserError, match=r"images/test/fewshot does not exist"):
+        _source(root)
