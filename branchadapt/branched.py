@@ -124,6 +124,7 @@ class BranchedModel(nn.Module):
         self.stacked = stacked
         self.fused = fused
         self._unfusable: str | None = None  # why live and detached rows run as separate calls, once known
+        self._said_bypassed = False  # warned that a forward ran no branch stage
         self._said_unfusable = False
         if not getattr(backbone, "rows_independent", False):
             self._unfusable = f"{type(backbone).__name__} does not declare rows_independent"
@@ -157,10 +158,20 @@ class BranchedModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, groups: Tensor | Sequence[int] | None = None, **kwargs: Any) -> Any:
         """Run the backbone; ``groups`` gives each sample's group index (into ``self.groups``)."""
+        self.router.calls = 0
         try:
-            return self._forward(args, groups, kwargs)
+            out = self._forward(args, groups, kwargs)
         finally:  # the routing is this call's: a later call of the backbone alone must not reuse it
             self.router.parts = []
+        if self.branch_stages and not self.router.calls and not self._said_bypassed:
+            self._said_bypassed = True
+            warnings.warn(
+                f"{type(self.backbone).__name__}'s forward ran none of its branch stages "
+                f"{list(self.branch_stages)}: it must call each stage through its attribute "
+                "(self.stem(x)), or the groups' branches never run nor train",
+                stacklevel=2,
+            )
+        return out
 
     def _forward(
         self, args: tuple[Any, ...], groups: Tensor | Sequence[int] | None, kwargs: dict[str, Any]

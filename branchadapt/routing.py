@@ -27,6 +27,7 @@ class Router:
     def __init__(self, groups: Sequence[str]) -> None:
         self.groups = tuple(groups)
         self.parts: list[tuple[str, Tensor | None]] = []  # (group, positions or None = all)
+        self.calls = 0  # branch-stage calls in the model's current call
 
     def set(self, ids: Tensor, device: torch.device) -> None:
         present = torch.unique(ids).tolist()
@@ -70,6 +71,7 @@ class GroupBranches(nn.Module):
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         parts = self._router.parts
+        self._router.calls += 1
         if not parts:  # outside its BranchedModel's call: no rows to route
             raise UserError(
                 "a branch stage ran outside its branched model's call, so it cannot know each row's "

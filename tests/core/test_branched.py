@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -411,3 +412,25 @@ def test_checkpoint_functions_say_what_they_take(tmp_path):
     with pytest.raises(TypeError, match=r"modules: expected a mapping"):
         ba.load_weights(tmp_path / "w.safetensors", model)
     assert ba.load_checkpoint(tmp_path / "c", {"model": model}, {"main": opt})["epoch"] == 3
+
+
+class Bypassing(Tiny):
+    """Calls its low stage through a reference taken at init: the branch router never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._low = self.low.forward
+
+    def forward(self, x):
+        return self.top(self.mid(self._low(x)))
+
+
+def test_a_forward_that_bypasses_its_branch_stages_is_warned_about_once():
+    model = ba.branch(Bypassing(), GROUPS, low=1, top=0)
+    x = torch.randn(4, 4)
+    with pytest.warns(UserWarning, match=r"Bypassing's forward ran none of its branch stages \['low'\]"):
+        model(x, groups=torch.tensor([0, 0, 1, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        model(x, groups=torch.tensor([0, 0, 1, 1]))
+        make(Participation.DETACHED)(x, groups=torch.tensor([0, 0, 1, 1]))  # a stage-calling forward: silent
