@@ -69,9 +69,13 @@ def save_state(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(dict(state), str(tmp), metadata=dict(metadata or {}))
-    as_umask_says(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(dict(state), str(tmp), metadata=dict(metadata or {}))
+        as_umask_says(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves no temporary file, and an earlier file as it was
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sniff_format(path: str | Path) -> str | None:
@@ -194,13 +198,12 @@ def save_checkpoint(
     """Atomically write a checkpoint directory (weights, optimiser, RNG, ``meta``: JSON values
     under keys of the caller's, not the reserved :data:`RESERVED_META`). A save that fails
     leaves nothing behind, and an earlier checkpoint at ``directory`` as it was."""
-    modules = modules_mapping(modules, "modules")
-    optimizers = _mapping(optimizers or {}, torch.optim.Optimizer, "optimizers", "{'main': optimizer}")
-    taken = sorted(RESERVED_META & set(meta or {}))
+    modules, optimizers, meta = modules_mapping(modules), _optimizers(optimizers), dict(meta or {})
+    taken = sorted(RESERVED_META & set(meta))
     if taken:
         raise TypeError(f"meta keys {taken} are the checkpoint's own; name yours otherwise")
     try:
-        meta_text = json.dumps({"format": FORMAT, **dict(meta or {})})
+        json.dumps(meta)
     except TypeError as exc:  # before anything is written
         raise TypeError(f"meta must hold JSON values (numbers, strings, lists, dicts): {exc}") from None
     directory = Path(directory)
@@ -211,11 +214,9 @@ def save_checkpoint(
     try:
         opt_tensors, opt_meta = optimizer_state(optimizers)
         rng_tensors, rng_meta = rng_state()
-        save_file(module_state(modules), str(tmp / "model.safetensors"))
-        save_file({**opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
-        for name in ("model.safetensors", "state.safetensors"):
-            as_umask_says(tmp / name)
-        full_meta = {**json.loads(meta_text), "optimizers": opt_meta, "rng": rng_meta}
+        save_state(tmp / "model.safetensors", module_state(modules))
+        save_state(tmp / "state.safetensors", {**opt_tensors, **rng_tensors})
+        full_meta = {"format": FORMAT, **meta, "optimizers": opt_meta, "rng": rng_meta}
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -246,6 +247,11 @@ def modules_mapping(value: Any, what: str = "modules") -> Mapping[str, nn.Module
     return _mapping(value, nn.Module, what, "{'model': module}")
 
 
+def _optimizers(value: Any) -> Mapping[str, torch.optim.Optimizer]:
+    """``value`` (None: no optimisers) if it maps names to optimisers, else a :class:`TypeError`."""
+    return _mapping(value or {}, torch.optim.Optimizer, "optimizers", "{'main': optimizer}")
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "meta.json"
     try:
@@ -271,8 +277,7 @@ def load_checkpoint(
     With ``restore_rng`` (the default) the process-wide torch, numpy and Python random states are
     set to the checkpoint's as well, so that a resumed run draws what the uninterrupted one would.
     Returns the checkpoint's metadata."""
-    modules = modules_mapping(modules)
-    optimizers = _mapping(optimizers or {}, torch.optim.Optimizer, "optimizers", "{'main': optimizer}")
+    modules, optimizers = modules_mapping(modules), _optimizers(optimizers)
     directory = Path(directory)
     if directory.is_file():
         raise CheckpointError(f"{directory} is a file; expected the checkpoint's folder ({directory.parent})")
@@ -287,7 +292,6 @@ def load_checkpoint(
     weights = _checked_weights(directory / "model.safetensors", modules)
     state = read_tensors(directory / "state.safetensors")
     opt_tensors = {k: v for k, v in state.items() if not k.startswith("rng.")}
-    optimizers = optimizers or {}
     opt_states = checked_optimizer_states(optimizers, opt_tensors, meta["optimizers"])
     for name, module in modules.items():
         module.load_state_dict(weights[name])

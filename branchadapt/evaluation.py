@@ -23,7 +23,7 @@ from .checkpoint import load_weights
 from .config import Experiment
 from .errors import UserError, naming
 from .interfaces import Task
-from .loading import ResolvedExperiment, resolve
+from .loading import ResolvedExperiment, describe, resolve
 from .paths import files_not_required
 from .plugins import PluginSet, default_plugins
 from .report import atomic_write_text, replace_folder, write_html_report
@@ -45,12 +45,8 @@ def load_run(run_dir: Path, plugins: PluginSet | None = None) -> ResolvedExperim
         raise UserError(f"{path}: corrupt run config ({exc})") from exc
     try:
         spec = Experiment.model_validate(experiment)
-    except ValueError as exc:  # pydantic's ValidationError: written by a branchadapt with other rules
-        problems = (
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            if isinstance(exc, ValidationError)
-            else str(exc)
-        )
+    except ValidationError as exc:  # written by a branchadapt with other rules
+        problems = "; ".join(describe(e, Experiment) for e in exc.errors())
         raise UserError(
             f"{path}: the run's experiment is not valid for this branchadapt version ({problems}); "
             "edit the value in config.json, or evaluate the run with the version that trained it"

@@ -206,10 +206,7 @@ def export_run(
     with _writing(path.parent, label):
         inputs, note = (None, None) if fmt != "onnx" else _data_inputs(loaded, name)
         if fmt == "safetensors":  # the plain state dict: backbone.load_state_dict(load_file(path))
-            meta = {"module": name, "group": group, "stage": loaded.stage}
-            with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
-                save_state(Path(folder) / path.name, state_copy(backbone), meta)  # its own temp file in there
-                os.replace(Path(folder) / path.name, path)
+            save_state(path, state_copy(backbone), {"module": name, "group": group, "stage": loaded.stage})
             return Exported(path, name, group)
         return Exported(path, name, group, export_onnx(backbone, path, inputs=inputs), note)
 

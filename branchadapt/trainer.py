@@ -204,9 +204,8 @@ class Trainer:
         # and its models on inputs shaped as the data's, where the task can make them (recorded below)
         inputs = check_inputs(self, source)
         with hold(self.run_dir) if self.dist.is_main else contextlib.nullcontext():  # one process trains it
-            prepare_run_dir(
-                self.run_dir, self.exp, write=self.dist.is_main
-            )  # every rank checks, rank 0 writes
+            # every rank checks, rank 0 writes
+            prepare_run_dir(self.run_dir, self.exp, write=self.dist.is_main)
             distributed.barrier(self.dist)
             return self._stages(source, inputs, max_steps)
 
